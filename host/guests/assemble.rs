@@ -1,0 +1,34 @@
+// Assembles raw guests (`*.S`, GNU as syntax) with the system C compiler
+// driver at build time, so that no prebuilt guest binary is committed.
+// `include!`d by the build scripts of `host` and `tests`.
+
+/// Assembles `dir/NAME.S` for each name into `$OUT_DIR/NAME.elf`
+/// (long-mode ELF) or, for names ending in `.flat`, `$OUT_DIR/NAME.bin`
+/// (flat real-mode binary).
+fn assemble_guests(dir: &std::path::Path, names: &[&str]) {
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let cc = std::env::var("MSRWASM_GUEST_CC").unwrap_or_else(|_| "cc".into());
+    let ld_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../host/guests");
+    for name in names {
+        let src = dir.join(format!("{name}.S"));
+        let (script, target) = match name.strip_suffix(".flat") {
+            Some(stem) => (ld_dir.join("flat.ld"), out.join(format!("{stem}.bin"))),
+            None => (ld_dir.join("elf.ld"), out.join(format!("{name}.elf"))),
+        };
+        println!("cargo::rerun-if-changed={}", src.display());
+        println!("cargo::rerun-if-changed={}", script.display());
+        let status = std::process::Command::new(&cc)
+            .args(["-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments"])
+            .arg("-I")
+            .arg(&ld_dir)
+            .arg("-T")
+            .arg(&script)
+            .arg("-o")
+            .arg(&target)
+            .arg(&src)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run `{cc}` to assemble {}: {e} (install gcc or set MSRWASM_GUEST_CC)", src.display()));
+        assert!(status.success(), "`{cc}` failed to assemble {}", src.display());
+    }
+    println!("cargo::rerun-if-changed={}", ld_dir.join("guest.inc").display());
+}

@@ -1,0 +1,129 @@
+//! Command-line parsing and the glue from arguments to library calls.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use msrwasm::policy::{PolicySpec, Unhandled};
+use msrwasm::vm::{self, VmConfig};
+
+/// Run KVM guests whose MSR accesses are answered by WebAssembly plugins.
+///
+/// KVM bounces RDMSR/WRMSR of MSRs it does not know, and of MSRs that
+/// plugins claim through the KVM MSR filter, to msrwasm; msrwasm asks the
+/// plugins in order and answers the guest.
+#[derive(Parser)]
+#[command(name = "msrwasm", version, about, long_about, propagate_version = true)]
+struct Cli {
+    /// Host log level (error, warn, info, debug, trace), or a tracing filter
+    /// such as `msrwasm=debug`. Logs go to standard error.
+    #[arg(long, global = true, default_value = "warn", env = "MSRWASM_LOG")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a raw guest image (ELF64 or flat binary) on KVM.
+    ///
+    /// Serial output (COM1) goes to standard output; msrwasm's own messages
+    /// and the closing summary go to standard error. Exit status: the value
+    /// the guest wrote to port 0xf4, 0 when every vCPU halted, 1 when a vCPU
+    /// crashed (triple fault, KVM error), 2 for bad arguments or a refused
+    /// plugin/manifest, 130/143 on SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Boot the built-in demo guest on 2 vCPUs, answered by built-in plugins.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Number of vCPUs, each on its own thread.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(vm::MAX_VCPUS)))]
+    vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = vm::DEFAULT_MEM_MIB, value_parser = clap::value_parser!(u64).range(vm::MIN_MEM_MIB..=vm::MAX_MEM_MIB))]
+    mem: u64,
+    /// VM manifest (TOML) composing the plugins; see shared/spec/manifest.md.
+    #[arg(long, conflicts_with_all = ["plugin", "unhandled"])]
+    manifest: Option<PathBuf>,
+    /// A plugin (.wasm or .wat) to add to the chain; repeat for more, asked
+    /// in the order given.
+    #[arg(long)]
+    plugin: Vec<PathBuf>,
+    /// What happens to an MSR access no plugin answers: gp injects #GP (as
+    /// KVM does), ignore reads 0 and drops writes, log is ignore plus one log
+    /// line per distinct MSR.
+    #[arg(long, value_enum)]
+    unhandled: Option<Unhandled>,
+    /// Write one JSON line per MSR access to this file.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// The guest image.
+    guest: PathBuf,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Write the demo's trace (one JSON line per MSR access) to this file.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+}
+
+/// Exit status for bad input: arguments, files, manifests, plugins.
+const STATUS_USAGE: i32 = 2;
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Demo(args) => demo(args),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("msrwasm: error: {e:#}");
+        STATUS_USAGE
+    })
+}
+
+fn run(args: RunArgs) -> Result<i32> {
+    let policy = match &args.manifest {
+        Some(path) => PolicySpec::from_manifest(path)?,
+        None => PolicySpec::from_paths(&args.plugin, args.unhandled.unwrap_or_default()),
+    };
+    let config = VmConfig {
+        vcpus: args.vcpus,
+        mem_mib: args.mem,
+        guest: args.guest,
+        policy,
+        trace: args.trace,
+        serial: Box::new(std::io::stdout()),
+    };
+    run_vm(config)
+}
+
+fn run_vm(config: VmConfig) -> Result<i32> {
+    vm::install_termination_handlers();
+    let report = vm::run(config)?;
+    if let vm::VmEnd::Crash(crash) = &report.end {
+        eprintln!("msrwasm: {crash}");
+    }
+    eprint!("{}", report.summary());
+    Ok(report.exit_status())
+}
+
+fn demo(args: DemoArgs) -> Result<i32> {
+    let demo = msrwasm::demo::Demo::prepare().context("preparing the demo")?;
+    eprintln!("{}", demo.describe());
+    let config = demo.config(args.trace, Box::new(std::io::stdout()))?;
+    run_vm(config)
+}

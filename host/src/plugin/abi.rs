@@ -1,0 +1,223 @@
+//! The plugin ABI, version 1 (`guest-sdk/ABI.md`): names, signatures and
+//! status codes, and the load-time check of a module's shape against them.
+
+use wasmtime::{ExternType, FuncType, Module};
+
+/// The only ABI version this host speaks.
+pub const ABI_VERSION: i32 = 1;
+/// Import module of every host function.
+pub const IMPORT_MODULE: &str = "msr";
+/// At most this many ranges come from a plugin's `claim` export.
+pub const MAX_CLAIM_RANGES: i32 = 64;
+
+pub const STATUS_HANDLED: i32 = 0;
+pub const STATUS_FAULT: i32 = 1;
+pub const STATUS_PASS: i32 = 2;
+
+/// `msr.reason` values: KVM's own `KVM_MSR_EXIT_REASON_*` bits.
+pub const REASON_INVAL: u32 = 1;
+pub const REASON_UNKNOWN: u32 = 2;
+pub const REASON_FILTER: u32 = 4;
+
+/// Required/optional exports and their signatures, written as the ABI
+/// document writes them.
+pub const EXPORTS: &[(&str, &str)] = &[
+    ("msrwasm_abi_version", "() -> i32"),
+    ("rdmsr", "(i32) -> i32"),
+    ("wrmsr", "(i32, i64) -> i32"),
+    ("init", "() -> i32"),
+    ("claim", "(i32) -> i64"),
+];
+
+/// Every import the host offers, with its signature.
+pub const IMPORTS: &[(&str, &str)] = &[
+    ("reply", "(i64) -> ()"),
+    ("vcpu", "() -> i32"),
+    ("reason", "() -> i32"),
+    ("now_ns", "() -> i64"),
+    ("state_get", "(i32) -> i64"),
+    ("state_set", "(i32, i64) -> ()"),
+    ("state_add", "(i32, i64) -> i64"),
+    ("config", "(i32, i32, i64) -> i64"),
+    ("log", "(i32, i32, i32) -> ()"),
+];
+
+/// What a module offers, once its shape passed [`check_shape`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shape {
+    pub rdmsr: bool,
+    pub wrmsr: bool,
+    pub init: bool,
+    pub claim: bool,
+}
+
+/// Renders a function type the way the ABI document does: `(i32, i64) -> i32`.
+pub fn signature(ty: &FuncType) -> String {
+    let list = |it: &mut dyn Iterator<Item = wasmtime::ValType>| {
+        it.map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
+    };
+    let params = list(&mut ty.params());
+    let results: Vec<String> = ty.results().map(|v| v.to_string()).collect();
+    let results = match results.len() {
+        0 => "()".to_string(),
+        1 => results[0].clone(),
+        _ => format!("({})", results.join(", ")),
+    };
+    format!("({params}) -> {results}")
+}
+
+/// Checks exports and imports against ABI v1. The error text names the
+/// offending export or import; the caller adds the file name.
+pub fn check_shape(module: &Module) -> Result<Shape, String> {
+    let mut shape = Shape::default();
+    let mut has_version = false;
+    let mut has_memory = false;
+    for export in module.exports() {
+        let name = export.name();
+        if name == "memory" {
+            has_memory = matches!(export.ty(), ExternType::Memory(_));
+            if !has_memory {
+                return Err("export `memory` must be a memory".into());
+            }
+            continue;
+        }
+        let Some((_, want)) = EXPORTS.iter().find(|(n, _)| *n == name) else {
+            continue;
+        };
+        let ExternType::Func(ty) = export.ty() else {
+            return Err(format!("export `{name}` must be a function {want}"));
+        };
+        let got = signature(&ty);
+        if got != *want {
+            return Err(format!(
+                "export `{name}` has type {got}, ABI v1 requires {want}"
+            ));
+        }
+        match name {
+            "msrwasm_abi_version" => has_version = true,
+            "rdmsr" => shape.rdmsr = true,
+            "wrmsr" => shape.wrmsr = true,
+            "init" => shape.init = true,
+            "claim" => shape.claim = true,
+            _ => {}
+        }
+    }
+    if !has_version {
+        return Err("missing export `msrwasm_abi_version` () -> i32: not an msrwasm plugin".into());
+    }
+    if !shape.rdmsr && !shape.wrmsr {
+        return Err("exports neither `rdmsr` (i32) -> i32 nor `wrmsr` (i32, i64) -> i32".into());
+    }
+
+    let mut needs_memory = None;
+    for import in module.imports() {
+        let (module_name, name) = (import.module(), import.name());
+        if module_name != IMPORT_MODULE {
+            return Err(format!(
+                "imports `{module_name}.{name}`, which is not part of the msrwasm ABI (only `msr.*` imports exist: no WASI, no file system, no network)"
+            ));
+        }
+        let Some((_, want)) = IMPORTS.iter().find(|(n, _)| *n == name) else {
+            return Err(format!(
+                "imports unknown function `msr.{name}`; ABI v1 offers {}",
+                import_names()
+            ));
+        };
+        let ExternType::Func(ty) = import.ty() else {
+            return Err(format!("import `msr.{name}` must be a function {want}"));
+        };
+        let got = signature(&ty);
+        if got != *want {
+            return Err(format!(
+                "import `msr.{name}` has type {got}, ABI v1 defines {want}"
+            ));
+        }
+        if name == "log" || name == "config" {
+            needs_memory = Some(name);
+        }
+    }
+    if let (Some(name), false) = (needs_memory, has_memory) {
+        return Err(format!(
+            "imports `msr.{name}` but does not export its `memory`"
+        ));
+    }
+    Ok(shape)
+}
+
+fn import_names() -> String {
+    IMPORTS
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Unpacks one `claim` result: `(first << 32) | last`, inclusive.
+pub fn unpack_claim(packed: i64) -> Result<(u32, u32), String> {
+    let first = (packed as u64 >> 32) as u32;
+    let last = packed as u64 as u32;
+    if first > last {
+        return Err(format!(
+            "claim {packed:#x} is reversed ({first:#x} > {last:#x})"
+        ));
+    }
+    Ok((first, last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape_of(wat: &str) -> Result<Shape, String> {
+        check_shape(&Module::new(crate::plugin::engine(), wat).unwrap())
+    }
+
+    #[test]
+    fn accepts_a_minimal_plugin() {
+        let s = shape_of(
+            r#"(module (func (export "msrwasm_abi_version") (result i32) i32.const 1)
+              (func (export "rdmsr") (param i32) (result i32) i32.const 2))"#,
+        )
+        .unwrap();
+        assert!(s.rdmsr && !s.wrmsr && !s.init && !s.claim);
+    }
+
+    #[test]
+    fn names_the_wrong_signature() {
+        let e = shape_of(
+            r#"(module (func (export "msrwasm_abi_version") (result i32) i32.const 1)
+              (func (export "rdmsr") (param i64) (result i32) i32.const 2))"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "export `rdmsr` has type (i64) -> i32, ABI v1 requires (i32) -> i32"
+        );
+    }
+
+    #[test]
+    fn names_foreign_imports_and_missing_memory() {
+        let e = shape_of(r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+              (func (export "msrwasm_abi_version") (result i32) i32.const 1)
+              (func (export "rdmsr") (param i32) (result i32) i32.const 2))"#)
+        .unwrap_err();
+        assert!(e.contains("`wasi_snapshot_preview1.fd_write`"), "{e}");
+        let e = shape_of(
+            r#"(module (import "msr" "log" (func (param i32 i32 i32)))
+              (func (export "msrwasm_abi_version") (result i32) i32.const 1)
+              (func (export "rdmsr") (param i32) (result i32) i32.const 2))"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("does not export its `memory`"), "{e}");
+    }
+
+    #[test]
+    fn claims_unpack_inclusive_ranges() {
+        assert_eq!(unpack_claim((0x606 << 32) | 0x611), Ok((0x606, 0x611)));
+        assert_eq!(
+            unpack_claim(((0xc000_0080u64 << 32) | 0xc000_0080) as i64),
+            Ok((0xc000_0080, 0xc000_0080))
+        );
+        assert!(unpack_claim((5 << 32) | 4).is_err());
+    }
+}

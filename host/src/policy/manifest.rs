@@ -1,0 +1,321 @@
+//! The VM manifest (`manifest.md`): TOML that composes plugins into a VM's
+//! MSR policy. Every refusal names the file, the line and the key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::plugin::{OnError, PluginSettings};
+
+/// What happens to a deflected access that no plugin answers.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Unhandled {
+    /// Inject #GP, as KVM does by default.
+    #[default]
+    Gp,
+    /// Reads return 0, writes are dropped (a per-VM kvm.ignore_msrs).
+    Ignore,
+    /// Like ignore, and log each distinct MSR once.
+    Log,
+}
+
+/// A VM's MSR policy as written: the plugins in order, and `unhandled`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicySpec {
+    pub unhandled: Unhandled,
+    pub plugins: Vec<PluginSettings>,
+}
+
+/// A manifest refused: where, which key, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ManifestError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    #[serde(default)]
+    unhandled: Unhandled,
+    #[serde(default)]
+    plugin: Vec<RawPlugin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    name: Spanned<String>,
+    path: Spanned<String>,
+    msrs: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    on_error: OnError,
+    timeout_us: Option<Spanned<i64>>,
+    memory_max_kib: Option<Spanned<i64>>,
+    sha256: Option<Spanned<String>>,
+    #[serde(default)]
+    config: BTreeMap<String, i64>,
+}
+
+/// Longest per-call budget a manifest may set (one second).
+pub const MAX_TIMEOUT_US: i64 = 1_000_000;
+/// Largest linear-memory cap (4 GiB, all a wasm32 memory can address).
+pub const MAX_MEMORY_KIB: i64 = 4 * 1024 * 1024;
+
+impl PolicySpec {
+    /// Reads and validates a manifest file. Relative plugin paths are
+    /// resolved against the manifest's directory.
+    pub fn from_manifest(file: &Path) -> Result<Self, ManifestError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ManifestError {
+            file: file.to_owned(),
+            line: None,
+            message: format!("cannot read manifest: {e}"),
+        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Parses manifest `text` as if read from `file`.
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ManifestError> {
+        let err = |span: Option<Range<usize>>, message: String| ManifestError {
+            file: file.to_owned(),
+            line: span.map(|s| line_of(text, s.start)),
+            message,
+        };
+        let raw: RawManifest =
+            toml::from_str(text).map_err(|e| err(e.span(), e.message().trim().to_owned()))?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let mut names = HashSet::new();
+        let mut plugins = Vec::new();
+        for p in raw.plugin {
+            let name = p.name.get_ref().trim();
+            if name.is_empty() {
+                return Err(err(
+                    Some(p.name.span()),
+                    "key `plugin.name`: must not be empty".into(),
+                ));
+            }
+            if !names.insert(name.to_owned()) {
+                return Err(err(
+                    Some(p.name.span()),
+                    format!("key `plugin.name`: duplicate plugin name `{name}`"),
+                ));
+            }
+            let path = base.join(p.path.get_ref());
+            if !path.is_file() {
+                return Err(err(
+                    Some(p.path.span()),
+                    format!(
+                        "key `plugin.path` of plugin `{name}`: no such file {}",
+                        path.display()
+                    ),
+                ));
+            }
+            let msrs = p
+                .msrs
+                .map(|list| {
+                    list.iter()
+                        .map(|r| {
+                            parse_msr_range(r.get_ref()).map_err(|m| {
+                                err(
+                                    Some(r.span()),
+                                    format!("key `plugin.msrs` of plugin `{name}`: {m}"),
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?;
+            let bounded =
+                |v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: u64| match v {
+                    None => Ok(default),
+                    Some(s) if (min..=max).contains(s.get_ref()) => Ok(*s.get_ref() as u64),
+                    Some(s) => Err(err(
+                        Some(s.span()),
+                        format!(
+                            "key `plugin.{key}` of plugin `{name}`: {} is outside {min}..={max}",
+                            s.get_ref()
+                        ),
+                    )),
+                };
+            let timeout_us = bounded(
+                &p.timeout_us,
+                "timeout_us",
+                1,
+                MAX_TIMEOUT_US,
+                PluginSettings::DEFAULT_TIMEOUT_US,
+            )?;
+            let memory_max_kib = bounded(
+                &p.memory_max_kib,
+                "memory_max_kib",
+                64,
+                MAX_MEMORY_KIB,
+                PluginSettings::DEFAULT_MEMORY_MAX_KIB,
+            )?;
+            let sha256 = match p.sha256 {
+                Some(s)
+                    if s.get_ref().len() == 64
+                        && s.get_ref().bytes().all(|b| b.is_ascii_hexdigit()) =>
+                {
+                    Some(s.get_ref().to_ascii_lowercase())
+                }
+                Some(s) => {
+                    return Err(err(
+                        Some(s.span()),
+                        format!("key `plugin.sha256` of plugin `{name}`: expected 64 hex digits"),
+                    ));
+                }
+                None => None,
+            };
+            plugins.push(PluginSettings {
+                name: name.to_owned(),
+                path,
+                msrs,
+                on_error: p.on_error,
+                timeout_us,
+                memory_max_kib,
+                sha256,
+                config: p.config,
+            });
+        }
+        Ok(Self {
+            unhandled: raw.unhandled,
+            plugins,
+        })
+    }
+
+    /// The quick form: `--plugin PATH`... in order, named after their file
+    /// stems (`name`, `name-2`, ... when two stems collide).
+    pub fn from_paths(paths: &[PathBuf], unhandled: Unhandled) -> Self {
+        let mut names = HashSet::new();
+        let plugins = paths
+            .iter()
+            .map(|path| {
+                let stem = path
+                    .file_stem()
+                    .map_or("plugin".into(), |s| s.to_string_lossy().into_owned());
+                let mut name = stem.clone();
+                let mut n = 1;
+                while !names.insert(name.clone()) {
+                    n += 1;
+                    name = format!("{stem}-{n}");
+                }
+                PluginSettings::new(name, path.clone())
+            })
+            .collect();
+        Self { unhandled, plugins }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Parses `"0x606"`, `"0x610-0x61f"` or decimal forms into an inclusive range.
+pub fn parse_msr_range(s: &str) -> Result<(u32, u32), String> {
+    let one = |t: &str| -> Result<u32, String> {
+        let t = t.trim();
+        let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => t.parse::<u64>(),
+        };
+        let v = parsed.map_err(|_| format!("`{t}` is not an MSR index (write 0x606 or 1542)"))?;
+        u32::try_from(v).map_err(|_| format!("`{t}` is out of the 32-bit MSR index space"))
+    };
+    let (first, last) = match s.split_once('-') {
+        Some((a, b)) => (one(a)?, one(b)?),
+        None => {
+            let v = one(s)?;
+            (v, v)
+        }
+    };
+    if first > last {
+        return Err(format!("range `{s}` is reversed ({first:#x} > {last:#x})"));
+    }
+    Ok((first, last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<PolicySpec, ManifestError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.wat"), "(module)").unwrap();
+        PolicySpec::parse(&dir.path().join("vm.toml"), text)
+    }
+
+    #[test]
+    fn reads_a_full_manifest() {
+        let spec = parse(
+            "unhandled = \"log\"\n[[plugin]]\nname = \"rapl\"\npath = \"a.wat\"\nmsrs = [\"0x606\", \"0x610-0x61f\"]\non_error = \"pass\"\ntimeout_us = 500\nmemory_max_kib = 2048\n[plugin.config]\ntdp_watts = 95\n",
+        )
+        .unwrap();
+        assert_eq!(spec.unhandled, Unhandled::Log);
+        let p = &spec.plugins[0];
+        assert_eq!(p.msrs, Some(vec![(0x606, 0x606), (0x610, 0x61f)]));
+        assert_eq!(
+            (p.on_error, p.timeout_us, p.memory_max_kib),
+            (OnError::Pass, 500, 2048)
+        );
+        assert_eq!(p.config.get("tdp_watts"), Some(&95));
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\nmsrs = [\"0x20-0x10\"]\n")
+            .unwrap_err();
+        assert_eq!(e.line, Some(4));
+        assert!(
+            e.to_string()
+                .contains("key `plugin.msrs` of plugin `a`: range `0x20-0x10` is reversed"),
+            "{e}"
+        );
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\n[[plugin]]\nname = \"a\"\npath = \"a.wat\"\n").unwrap_err();
+        assert_eq!(e.line, Some(5));
+        assert!(e.to_string().contains("duplicate plugin name `a`"));
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\ncolour = 1\n").unwrap_err();
+        assert_eq!(e.line, Some(4));
+        assert!(e.to_string().contains("unknown field `colour`"), "{e}");
+        let e = parse("unhandled = \"explode\"\n").unwrap_err();
+        assert!(e.to_string().contains("unknown variant `explode`"), "{e}");
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"nope.wasm\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("key `plugin.path` of plugin `a`: no such file"),
+            "{e}"
+        );
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\nmsrs = [\"0x1_0000_0000\"]\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("not an MSR index"), "{e}");
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\nmsrs = [\"0x100000000\"]\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("out of the 32-bit"), "{e}");
+        let e =
+            parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\nsha256 = \"abc\"\n").unwrap_err();
+        assert!(e.to_string().contains("key `plugin.sha256`"), "{e}");
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\ntimeout_us = 0\n").unwrap_err();
+        assert!(e.to_string().contains("key `plugin.timeout_us`"), "{e}");
+    }
+
+    #[test]
+    fn quick_form_names_plugins_by_stem() {
+        let spec = PolicySpec::from_paths(
+            &["x/rapl.wasm".into(), "y/rapl.wat".into()],
+            Unhandled::Ignore,
+        );
+        let names: Vec<_> = spec.plugins.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["rapl", "rapl-2"]);
+    }
+}

@@ -1,0 +1,328 @@
+//! What the host does with each vCPU exit, as plain functions over decoded
+//! exits: the vCPU loop decodes, this module decides, the loop applies.
+//! Nothing here touches KVM, so every path is testable with synthetic exits.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::plugin::abi::{REASON_FILTER, REASON_INVAL, REASON_UNKNOWN};
+use crate::policy::{Access, Decision, KvmMsrs, PluginCounters, PolicyCell, Responder, VcpuChain};
+use crate::trace::{TraceRecord, TraceSender};
+
+use super::io::{IoBus, PortEffect};
+
+/// An exit, decoded and owned (the loop handles the two exits that carry a
+/// buffer to fill, port and MMIO reads, with [`ExitHandler::io_in`] and
+/// [`ExitHandler::mmio_read`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Rdmsr {
+        index: u32,
+        reason: u32,
+    },
+    Wrmsr {
+        index: u32,
+        value: u64,
+        reason: u32,
+    },
+    IoOut {
+        port: u16,
+        data: Vec<u8>,
+    },
+    MmioWrite {
+        addr: u64,
+        len: usize,
+    },
+    Hlt,
+    /// Triple fault.
+    Shutdown,
+    InternalError,
+    FailEntry {
+        reason: u64,
+        cpu: u32,
+    },
+    /// KVM_RUN returned EINTR/EAGAIN: someone kicked this vCPU.
+    Interrupted,
+    /// Anything else KVM reported.
+    Unexpected {
+        what: String,
+    },
+}
+
+/// What the vCPU loop must do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Resume,
+    /// Complete the pending MSR exit: `Some(value)` succeeds (the value is
+    /// read by RDMSR), `None` injects #GP.
+    CompleteMsr(Option<u64>),
+    /// This vCPU halted for good.
+    Halt,
+    /// The guest asked to end the VM with this status.
+    Exit(u8),
+    /// The vCPU cannot go on; report its registers and end the VM.
+    Crash(String),
+}
+
+/// Counters of one vCPU.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VcpuStats {
+    pub exits: u64,
+    pub rdmsr: u64,
+    pub wrmsr: u64,
+    /// MSR accesses answered with #GP.
+    pub gp: u64,
+    /// MSR accesses that fell back to KVM's own MSR.
+    pub kvm_fallback: u64,
+    /// MSR accesses decided by the `unhandled` policy.
+    pub unhandled: u64,
+    pub port_io: u64,
+    /// Accesses to ports nobody decodes.
+    pub unknown_ports: u64,
+    pub mmio: u64,
+    /// Exits the host does not expect (logged as errors).
+    pub unexpected: u64,
+}
+
+/// Per-vCPU exit handling state.
+pub struct ExitHandler {
+    vcpu: u32,
+    cell: Arc<PolicyCell>,
+    generation: u64,
+    chain: VcpuChain,
+    /// Counters of chains left behind by policy switches, by plugin name.
+    retired: Vec<(String, PluginCounters)>,
+    io: Arc<IoBus>,
+    trace: Option<TraceSender>,
+    started: Instant,
+    pub stats: VcpuStats,
+}
+
+impl ExitHandler {
+    pub fn new(
+        vcpu: u32,
+        cell: Arc<PolicyCell>,
+        io: Arc<IoBus>,
+        trace: Option<TraceSender>,
+        started: Instant,
+    ) -> Self {
+        let (generation, policy) = cell.current();
+        Self {
+            vcpu,
+            chain: VcpuChain::new(policy, vcpu),
+            cell,
+            generation,
+            retired: Vec::new(),
+            io,
+            trace,
+            started,
+            stats: VcpuStats::default(),
+        }
+    }
+
+    /// The chain this vCPU answers with now.
+    pub fn chain_mut(&mut self) -> &mut VcpuChain {
+        &mut self.chain
+    }
+
+    /// Decides one exit.
+    pub fn handle(&mut self, exit: Exit, kvm: &mut dyn KvmMsrs) -> Action {
+        self.stats.exits += 1;
+        match exit {
+            Exit::Rdmsr { index, reason } => {
+                self.stats.rdmsr += 1;
+                Action::CompleteMsr(self.msr(
+                    Access {
+                        index,
+                        reason,
+                        write: None,
+                    },
+                    kvm,
+                ))
+            }
+            Exit::Wrmsr {
+                index,
+                value,
+                reason,
+            } => {
+                self.stats.wrmsr += 1;
+                Action::CompleteMsr(self.msr(
+                    Access {
+                        index,
+                        reason,
+                        write: Some(value),
+                    },
+                    kvm,
+                ))
+            }
+            Exit::IoOut { port, data } => {
+                self.stats.port_io += 1;
+                match self.io.write(port, &data) {
+                    Some(PortEffect::Exit(status)) => Action::Exit(status),
+                    Some(PortEffect::None) => Action::Resume,
+                    None => {
+                        self.stats.unknown_ports += 1;
+                        Action::Resume
+                    }
+                }
+            }
+            Exit::MmioWrite { addr, len } => {
+                self.stats.mmio += 1;
+                tracing::debug!(
+                    vcpu = self.vcpu,
+                    "dropped {len}-byte MMIO write to {addr:#x} (no device there)"
+                );
+                Action::Resume
+            }
+            Exit::Hlt => Action::Halt,
+            Exit::Interrupted => {
+                self.stats.exits -= 1;
+                Action::Resume
+            }
+            Exit::Shutdown => Action::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+            Exit::InternalError => {
+                Action::Crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into())
+            }
+            Exit::FailEntry { reason, cpu } => Action::Crash(format!(
+                "VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"
+            )),
+            Exit::Unexpected { what } => {
+                self.stats.unexpected += 1;
+                tracing::error!(vcpu = self.vcpu, "unexpected exit: {what}");
+                Action::Crash(format!("unexpected exit: {what}"))
+            }
+        }
+    }
+
+    /// A port read: COM1 registers, all ones elsewhere.
+    pub fn io_in(&mut self, port: u16, data: &mut [u8]) {
+        self.stats.exits += 1;
+        self.stats.port_io += 1;
+        if !self.io.read(port, data) {
+            self.stats.unknown_ports += 1;
+        }
+    }
+
+    /// A read of unbacked guest-physical memory: all ones, like an empty bus.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        self.stats.exits += 1;
+        self.stats.mmio += 1;
+        data.fill(0xff);
+        tracing::debug!(
+            vcpu = self.vcpu,
+            "MMIO read of {addr:#x} (no device there) reads all ones"
+        );
+    }
+
+    fn msr(&mut self, access: Access, kvm: &mut dyn KvmMsrs) -> Option<u64> {
+        if self.cell.generation() != self.generation {
+            self.switch_policy();
+        }
+        let decision = self.chain.answer(access, kvm);
+        match decision.by {
+            Responder::Kvm => self.stats.kvm_fallback += 1,
+            Responder::Unhandled(_) => self.stats.unhandled += 1,
+            Responder::Plugin { .. } => {}
+        }
+        if decision.result.is_none() {
+            self.stats.gp += 1;
+        }
+        if let Some(trace) = &self.trace {
+            // A closed trace (the writer failed) must not stop the guest.
+            let _ = trace.send(self.record(access, decision));
+        }
+        decision.result
+    }
+
+    /// Moves to fresh instances of the policy now in force.
+    fn switch_policy(&mut self) {
+        let (generation, policy) = self.cell.current();
+        let old = std::mem::replace(&mut self.chain, VcpuChain::new(policy, self.vcpu));
+        for (plugin, counters) in old.policy().plugins().iter().zip(old.counters()) {
+            self.retired.push((plugin.name().to_owned(), *counters));
+        }
+        self.generation = generation;
+    }
+
+    /// Plugin counters by name, including those of replaced policies.
+    pub fn plugin_counters(&self) -> Vec<(String, PluginCounters)> {
+        let mut all = self.retired.clone();
+        for (plugin, counters) in self
+            .chain
+            .policy()
+            .plugins()
+            .iter()
+            .zip(self.chain.counters())
+        {
+            all.push((plugin.name().to_owned(), *counters));
+        }
+        all
+    }
+
+    fn record(&self, access: Access, decision: Decision) -> TraceRecord {
+        let policy = self.chain.policy();
+        let (by, plugin, version, status) = match decision.by {
+            Responder::Plugin { position, error } => {
+                let p = &policy.plugins()[position];
+                let status = match (error, decision.result) {
+                    (true, _) => "error",
+                    (false, Some(_)) => "handled",
+                    (false, None) => "fault",
+                };
+                (
+                    "plugin",
+                    Some(p.name().to_owned()),
+                    Some(p.sha256()[..16].to_owned()),
+                    status.to_owned(),
+                )
+            }
+            Responder::Kvm => ("kvm", None, None, "kvm".to_owned()),
+            Responder::Unhandled(policy) => (
+                "unhandled",
+                None,
+                None,
+                format!("{policy:?}").to_ascii_lowercase(),
+            ),
+        };
+        let value = match access.write {
+            Some(v) => Some(v),
+            None => decision.result,
+        };
+        TraceRecord {
+            t_ns: self.started.elapsed().as_nanos() as u64,
+            vcpu: self.vcpu,
+            op: if access.write.is_some() {
+                "wrmsr"
+            } else {
+                "rdmsr"
+            }
+            .into(),
+            index: format!("{:#x}", access.index),
+            value: value.map(|v| format!("{v:#x}")),
+            reason: reason_name(access.reason).into(),
+            by: by.into(),
+            plugin,
+            version,
+            status,
+            outcome: if decision.result.is_some() {
+                "ok"
+            } else {
+                "gp"
+            }
+            .into(),
+        }
+    }
+}
+
+/// Name of a `KVM_MSR_EXIT_REASON_*` value.
+pub fn reason_name(reason: u32) -> &'static str {
+    match reason {
+        REASON_INVAL => "inval",
+        REASON_UNKNOWN => "unknown",
+        REASON_FILTER => "filter",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests;
