@@ -1,1 +1,115 @@
+//! Shared helpers of the integration tests: real KVM, real guests (assembled
+//! from `tests/guests/*.S` at build time), real plugins (`tests/plugins/`).
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use msrwasm::policy::PolicySpec;
+use msrwasm::trace::TraceRecord;
+use msrwasm::vm::{self, VmConfig, VmReport};
+
+/// Whether KVM tests can run. Under CI (`CI=true`) a missing `/dev/kvm` is
+/// a failure, not a skip; elsewhere the test says why it skips.
+pub fn kvm_available() -> bool {
+    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if !usable {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("/dev/kvm is missing or not accessible, and CI=true: KVM tests must run in CI");
+        }
+        eprintln!("skipping: /dev/kvm is missing or not accessible (set up KVM to run this test)");
+    }
+    usable
+}
+
+/// Path of an assembled test guest: `name.elf`, or `name.bin` for flat ones.
+pub fn guest(file: &str) -> PathBuf {
+    Path::new(env!("MSRWASM_TEST_GUESTS")).join(file)
+}
+
+/// Path of a test plugin in `tests/plugins/`.
+pub fn test_plugin(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins").join(file)
+}
+
+/// Path of a ready-to-use plugin in `plugins/`.
+pub fn shipped_plugin(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins").join(file)
+}
+
+/// A serial sink the test can read afterwards.
+#[derive(Clone, Default)]
+pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The outcome of a test run.
+pub struct Run {
+    pub report: VmReport,
+    pub serial: String,
+    pub trace: Vec<TraceRecord>,
+}
+
+impl Run {
+    /// Panics with the serial output unless the VM exited with `status`.
+    pub fn expect_status(&self, status: i32) -> &Self {
+        assert_eq!(
+            self.report.exit_status(),
+            status,
+            "VM ended with {:?}\nserial output:\n{}\n{}",
+            self.report.end,
+            self.serial,
+            self.report.summary()
+        );
+        self
+    }
+
+    /// The trace records of MSR `index` (as in the trace: `0x1fc`).
+    pub fn traced(&self, op: &str, index: &str) -> Vec<&TraceRecord> {
+        self.trace.iter().filter(|r| r.op == op && r.index == index).collect()
+    }
+}
+
+/// Runs `guest` with `policy` on `vcpus` vCPUs, tracing every MSR access.
+pub fn run(guest: &Path, vcpus: u32, policy: PolicySpec) -> Result<Run, vm::VmError> {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let trace_path = dir.path().join("trace.jsonl");
+    let serial = Captured::default();
+    let report = vm::run(VmConfig {
+        vcpus,
+        mem_mib: 64,
+        guest: guest.to_owned(),
+        policy,
+        trace: Some(trace_path.clone()),
+        serial: Box::new(serial.clone()),
+    })?;
+    let trace = std::fs::read_to_string(&trace_path)
+        .expect("trace file")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
+        .collect();
+    Ok(Run { report, serial: serial.text(), trace })
+}
+
+/// A manifest in a temporary directory (kept alive by the returned guard).
+pub fn manifest(text: &str) -> (tempfile::TempDir, PolicySpec) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("vm.toml");
+    std::fs::write(&path, text).expect("writing the manifest");
+    let spec = PolicySpec::from_manifest(&path).unwrap_or_else(|e| panic!("{e}"));
+    (dir, spec)
+}

@@ -8,7 +8,6 @@ pub mod state;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::{
@@ -19,38 +18,45 @@ pub use abi::Shape;
 use imports::PluginCtx;
 use state::{StateScope, StateStore};
 
-/// Epoch ticks drive the per-call CPU budget.
-pub const EPOCH_TICK: Duration = Duration::from_micros(250);
 /// Bound on the wasm stack, so deep recursion traps instead of overflowing
 /// the vCPU thread.
 pub const MAX_WASM_STACK: usize = 256 * 1024;
 
 /// The one wasmtime `Engine` of the process.
+///
+/// The per-call CPU budget is enforced with fuel rather than epochs: fuel
+/// counts the plugin's own work, so a vCPU thread preempted by the host
+/// scheduler in the middle of a call is not mistaken for a runaway plugin.
 pub fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
         let mut config = Config::new();
-        config.epoch_interruption(true);
+        config.consume_fuel(true);
         config.max_wasm_stack(MAX_WASM_STACK);
         Engine::new(&config).expect("the static wasmtime configuration is valid")
     })
 }
 
-/// Starts the thread that advances the engine's epoch (once per process).
-fn ensure_epoch_ticker() {
-    static TICKER: OnceLock<()> = OnceLock::new();
-    TICKER.get_or_init(|| {
-        let engine = engine().clone();
-        std::thread::Builder::new()
-            .name("msrwasm-epoch".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                }
-            })
-            .expect("spawning the epoch thread");
-    });
+/// Fuel this machine burns per microsecond of plugin CPU time, measured
+/// once per process on a busy loop, so that `timeout_us` means time.
+pub fn fuel_per_us() -> u64 {
+    static RATE: OnceLock<u64> = OnceLock::new();
+    *RATE.get_or_init(|| {
+        const PROBE_FUEL: u64 = 4_000_000;
+        let measure = || -> Option<u64> {
+            let module = Module::new(engine(), "(module (func (export \"spin\") (loop $l (br $l))))").ok()?;
+            let mut store = Store::new(engine(), ());
+            store.set_fuel(PROBE_FUEL).ok()?;
+            let instance = wasmtime::Instance::new(&mut store, &module, &[]).ok()?;
+            let spin = instance.get_typed_func::<(), ()>(&mut store, "spin").ok()?;
+            let started = std::time::Instant::now();
+            let _ = spin.call(&mut store, ());
+            let us = started.elapsed().as_micros().max(1) as u64;
+            Some(PROBE_FUEL / us)
+        };
+        // Bounds keep a disturbed measurement from making budgets absurd.
+        measure().unwrap_or(1000).clamp(100, 20_000)
+    })
 }
 
 /// What a plugin does when it fails (trap, timeout, bad status, ...).
@@ -242,7 +248,7 @@ impl Plugin {
                 })?;
             let mut ranges = Vec::new();
             for n in 0..=abi::MAX_CLAIM_RANGES {
-                store.set_epoch_deadline(self.deadline_ticks());
+                set_fuel(&mut store, self.fuel());
                 let packed = claim.call(&mut store, n).map_err(|e| LoadError::Claim {
                     path: path.clone(),
                     reason: describe_trap(&e),
@@ -271,18 +277,15 @@ impl Plugin {
         Ok(())
     }
 
-    fn deadline_ticks(&self) -> u64 {
-        self.settings
-            .timeout_us
-            .div_ceil(EPOCH_TICK.as_micros() as u64)
-            + 1
+    /// The per-call budget in fuel.
+    fn fuel(&self) -> u64 {
+        self.settings.timeout_us.saturating_mul(fuel_per_us())
     }
 
     fn instantiate_raw(
         &self,
         vcpu: u32,
     ) -> Result<(Store<PluginCtx>, wasmtime::Instance), LoadError> {
-        ensure_epoch_ticker();
         let limits = self.store_limits();
         let ctx = PluginCtx::new(
             &self.settings.name,
@@ -293,9 +296,8 @@ impl Plugin {
         );
         let mut store = Store::new(engine(), ctx);
         store.limiter(|ctx| &mut ctx.limits);
-        store.epoch_deadline_trap();
         // A start function runs during instantiation: it gets the same budget.
-        store.set_epoch_deadline(self.deadline_ticks());
+        set_fuel(&mut store, self.fuel());
         let instance = self
             .pre
             .instantiate(&mut store)
@@ -327,7 +329,7 @@ impl Plugin {
             return Ok(());
         }
         let path = &self.settings.path;
-        store.set_epoch_deadline(self.deadline_ticks());
+        set_fuel(store, self.fuel());
         let code = instance
             .get_typed_func::<(), i32>(&mut *store, "init")
             .and_then(|f| f.call(&mut *store, ()))
@@ -370,7 +372,7 @@ impl Plugin {
             store,
             rdmsr,
             wrmsr,
-            deadline_ticks: self.deadline_ticks(),
+            fuel: self.fuel(),
         })
     }
 
@@ -400,6 +402,10 @@ impl Plugin {
     }
 }
 
+fn set_fuel<T>(store: &mut Store<T>, fuel: u64) {
+    store.set_fuel(fuel).expect("fuel is enabled on the engine");
+}
+
 fn compile(path: &Path, bytes: &[u8]) -> Result<Module, LoadError> {
     let not_wasm = |reason: String| LoadError::NotWasm {
         path: path.to_owned(),
@@ -420,7 +426,7 @@ fn compile(path: &Path, bytes: &[u8]) -> Result<Module, LoadError> {
 /// traps the host causes itself.
 fn describe_trap(e: &wasmtime::Error) -> String {
     match e.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => "timed out (exceeded its CPU budget, timeout_us)".into(),
+        Some(Trap::OutOfFuel) => "timed out (exceeded its CPU budget, timeout_us)".into(),
         Some(Trap::StackOverflow) => "wasm stack overflow".into(),
         _ => format!("{e:#}"),
     }
@@ -454,7 +460,8 @@ pub struct PluginInstance {
     store: Store<PluginCtx>,
     rdmsr: Option<TypedFunc<i32, i32>>,
     wrmsr: Option<TypedFunc<(i32, i64), i32>>,
-    deadline_ticks: u64,
+    /// The per-call budget.
+    fuel: u64,
 }
 
 impl PluginInstance {
@@ -468,7 +475,7 @@ impl PluginInstance {
             return Ok(Answer::Pass);
         };
         self.store.data_mut().begin(reason, true);
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        set_fuel(&mut self.store, self.fuel);
         let status = func.call(&mut self.store, index as i32);
         let reply = self.store.data_mut().end();
         match into_answer(status)? {
@@ -483,7 +490,7 @@ impl PluginInstance {
             return Ok(Answer::Pass);
         };
         self.store.data_mut().begin(reason, false);
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        set_fuel(&mut self.store, self.fuel);
         let status = func.call(&mut self.store, (index as i32, value as i64));
         self.store.data_mut().end();
         into_answer(status)
@@ -496,7 +503,7 @@ fn into_answer(status: wasmtime::Result<i32>) -> Result<Answer, CallError> {
         Ok(abi::STATUS_FAULT) => Ok(Answer::Fault),
         Ok(abi::STATUS_PASS) => Ok(Answer::Pass),
         Ok(other) => Err(CallError::BadStatus(other)),
-        Err(e) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => {
+        Err(e) if matches!(e.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) => {
             Err(CallError::Timeout)
         }
         Err(e) => Err(CallError::Trap(describe_trap(&e))),

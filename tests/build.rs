@@ -1,0 +1,9 @@
+include!("../host/guests/assemble.rs");
+
+fn main() {
+    assemble_guests(
+        std::path::Path::new("guests"),
+        &["selftest_allow", "selftest_deny", "selftest_bitmap", "gp_idt", "multi_vcpu", "triple_fault", "msr_loop", "realmode.flat"],
+    );
+    println!("cargo::rustc-env=MSRWASM_TEST_GUESTS={}", std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+}
