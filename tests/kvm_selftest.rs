@@ -23,7 +23,13 @@ fn filter_allow() {
     // 3 reads + 5 writes, all deflected by the filter; 3 of them #GP
     // (XSS <- 1, FLUSH_CMD read, FLUSH_CMD <- 0).
     assert_eq!(run.trace.len(), 8);
-    assert!(run.trace.iter().all(|r| r.reason == "filter" && r.by == "plugin"), "{:#?}", run.trace);
+    assert!(
+        run.trace
+            .iter()
+            .all(|r| r.reason == "filter" && r.by == "plugin"),
+        "{:#?}",
+        run.trace
+    );
     assert_eq!(run.report.total().gp, 3);
 }
 
@@ -45,16 +51,31 @@ fn filter_deny_trapped_and_untrapped() {
     for index in ["0xc0000084", "0xc0000101"] {
         let reads = t.traced("rdmsr", index);
         assert_eq!(reads.len(), 1, "{index}");
-        assert_eq!((reads[0].reason.as_str(), reads[0].plugin.as_deref()), ("filter", Some("deny")));
+        assert_eq!(
+            (reads[0].reason.as_str(), reads[0].plugin.as_deref()),
+            ("filter", Some("deny"))
+        );
     }
     let power = t.traced("wrmsr", "0x1fc");
     assert_eq!(power.len(), 1);
-    assert_eq!((power[0].value.as_deref(), power[0].reason.as_str()), (Some("0x1234"), "filter"));
-    assert_eq!(power[0].by, "kvm", "the plugin passes, so KVM's own POWER_CTL takes the write");
+    assert_eq!(
+        (power[0].value.as_deref(), power[0].reason.as_str()),
+        (Some("0x1234"), "filter")
+    );
+    assert_eq!(
+        power[0].by, "kvm",
+        "the plugin passes, so KVM's own POWER_CTL takes the write"
+    );
     let beef = t.traced("rdmsr", "0xdeadbeef");
-    assert_eq!((beef[0].reason.as_str(), beef[0].plugin.as_deref()), ("unknown", Some("unknown")));
+    assert_eq!(
+        (beef[0].reason.as_str(), beef[0].plugin.as_deref()),
+        ("unknown", Some("unknown"))
+    );
     let beef_w = t.traced("wrmsr", "0xdeadbeef");
-    assert_eq!((beef_w[0].reason.as_str(), beef_w[0].value.as_deref()), ("unknown", Some("0x1234")));
+    assert_eq!(
+        (beef_w[0].reason.as_str(), beef_w[0].value.as_deref()),
+        ("unknown", Some("0x1234"))
+    );
 
     // Untrapped: no claims; KVM handles its MSRs in the kernel.
     let (_d2, untrapped) = manifest(&format!(
@@ -63,7 +84,10 @@ fn filter_deny_trapped_and_untrapped() {
     ));
     let u = run(&guest("selftest_deny.elf"), 1, untrapped).unwrap();
     u.expect_status(0);
-    assert!(u.traced("rdmsr", "0xc0000084").is_empty(), "no exit for an unclaimed MSR KVM knows");
+    assert!(
+        u.traced("rdmsr", "0xc0000084").is_empty(),
+        "no exit for an unclaimed MSR KVM knows"
+    );
     assert_eq!(u.traced("rdmsr", "0xdeadbeef")[0].reason, "unknown");
 }
 
@@ -80,7 +104,12 @@ fn permission_bitmap_fs_then_gs_then_none() {
         ));
         let r = run(&guest("selftest_bitmap.elf"), 1, spec).unwrap();
         r.expect_status(0);
-        let deflected: Vec<_> = r.trace.iter().filter(|t| t.reason == "filter").map(|t| t.index.as_str()).collect();
+        let deflected: Vec<_> = r
+            .trace
+            .iter()
+            .filter(|t| t.reason == "filter")
+            .map(|t| t.index.as_str())
+            .collect();
         let expected: &[&str] = match mode {
             1 => &["0xc0000100"],
             2 => &["0xc0000101"],

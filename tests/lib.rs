@@ -12,7 +12,11 @@ use msrwasm::vm::{self, VmConfig, VmReport};
 /// Whether KVM tests can run. Under CI (`CI=true`) a missing `/dev/kvm` is
 /// a failure, not a skip; elsewhere the test says why it skips.
 pub fn kvm_available() -> bool {
-    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
     if !usable {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("/dev/kvm is missing or not accessible, and CI=true: KVM tests must run in CI");
@@ -29,12 +33,16 @@ pub fn guest(file: &str) -> PathBuf {
 
 /// Path of a test plugin in `tests/plugins/`.
 pub fn test_plugin(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins").join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("plugins")
+        .join(file)
 }
 
 /// Path of a ready-to-use plugin in `plugins/`.
 pub fn shipped_plugin(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins").join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins")
+        .join(file)
 }
 
 /// A serial sink the test can read afterwards.
@@ -80,7 +88,10 @@ impl Run {
 
     /// The trace records of MSR `index` (as in the trace: `0x1fc`).
     pub fn traced(&self, op: &str, index: &str) -> Vec<&TraceRecord> {
-        self.trace.iter().filter(|r| r.op == op && r.index == index).collect()
+        self.trace
+            .iter()
+            .filter(|r| r.op == op && r.index == index)
+            .collect()
     }
 }
 
@@ -102,7 +113,11 @@ pub fn run(guest: &Path, vcpus: u32, policy: PolicySpec) -> Result<Run, vm::VmEr
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
         .collect();
-    Ok(Run { report, serial: serial.text(), trace })
+    Ok(Run {
+        report,
+        serial: serial.text(),
+        trace,
+    })
 }
 
 /// A manifest in a temporary directory (kept alive by the returned guard).
@@ -112,4 +127,35 @@ pub fn manifest(text: &str) -> (tempfile::TempDir, PolicySpec) {
     std::fs::write(&path, text).expect("writing the manifest");
     let spec = PolicySpec::from_manifest(&path).unwrap_or_else(|e| panic!("{e}"));
     (dir, spec)
+}
+
+/// Builds the Rust plugin crate `plugins/<name>` for wasm32 with the real
+/// toolchain and returns the `.wasm`. Fails (never skips) when the wasm32
+/// target is missing: `tests/run.sh` installs it.
+pub fn build_rust_plugin(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target_dir = root.join("target/plugins");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--target",
+            "wasm32-unknown-unknown",
+            "--manifest-path",
+        ])
+        .arg(root.join("plugins").join(name).join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .output()
+        .expect("running cargo");
+    assert!(
+        output.status.success(),
+        "building plugins/{name} for wasm32 failed (is the target installed? `rustup target add wasm32-unknown-unknown`):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    target_dir
+        .join("wasm32-unknown-unknown/release")
+        .join(format!("{name}.wasm"))
 }

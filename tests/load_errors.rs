@@ -36,39 +36,85 @@ fn load_error(plugins: Vec<PathBuf>) -> String {
 #[test]
 fn missing_export() {
     let e = refusal("noversion.wat", format!("(module {RDMSR})").as_bytes());
-    assert!(e.contains("noversion.wat") && e.contains("missing export `msrwasm_abi_version`"), "{e}");
+    assert!(
+        e.contains("noversion.wat") && e.contains("missing export `msrwasm_abi_version`"),
+        "{e}"
+    );
     let e = refusal("nohandler.wat", format!("(module {VERSION})").as_bytes());
-    assert!(e.contains("nohandler.wat") && e.contains("exports neither `rdmsr`"), "{e}");
+    assert!(
+        e.contains("nohandler.wat") && e.contains("exports neither `rdmsr`"),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_signature() {
-    let e = refusal("sig.wat", format!("(module {VERSION} (func (export \"wrmsr\") (param i32 i32) (result i32) i32.const 2))").as_bytes());
-    assert!(e.contains("sig.wat") && e.contains("export `wrmsr` has type (i32, i32) -> i32, ABI v1 requires (i32, i64) -> i32"), "{e}");
+    let e = refusal(
+        "sig.wat",
+        format!(
+            "(module {VERSION} (func (export \"wrmsr\") (param i32 i32) (result i32) i32.const 2))"
+        )
+        .as_bytes(),
+    );
+    assert!(
+        e.contains("sig.wat")
+            && e.contains(
+                "export `wrmsr` has type (i32, i32) -> i32, ABI v1 requires (i32, i64) -> i32"
+            ),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_import() {
-    let e = refusal("imp.wat", format!("(module (import \"msr\" \"open_file\" (func)) {VERSION} {RDMSR})").as_bytes());
-    assert!(e.contains("imp.wat") && e.contains("imports unknown function `msr.open_file`"), "{e}");
+    let e = refusal(
+        "imp.wat",
+        format!("(module (import \"msr\" \"open_file\" (func)) {VERSION} {RDMSR})").as_bytes(),
+    );
+    assert!(
+        e.contains("imp.wat") && e.contains("imports unknown function `msr.open_file`"),
+        "{e}"
+    );
     let e = refusal("wasi.wat", format!("(module (import \"wasi_snapshot_preview1\" \"proc_exit\" (func (param i32))) {VERSION} {RDMSR})").as_bytes());
-    assert!(e.contains("wasi.wat") && e.contains("not part of the msrwasm ABI"), "{e}");
+    assert!(
+        e.contains("wasi.wat") && e.contains("not part of the msrwasm ABI"),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_abi_version() {
-    let e = refusal("v2.wat", format!("(module (func (export \"msrwasm_abi_version\") (result i32) i32.const 2) {RDMSR})").as_bytes());
-    assert!(e.contains("v2.wat") && e.contains("msrwasm_abi_version() returned 2; this host speaks ABI version 1"), "{e}");
+    let e = refusal(
+        "v2.wat",
+        format!(
+            "(module (func (export \"msrwasm_abi_version\") (result i32) i32.const 2) {RDMSR})"
+        )
+        .as_bytes(),
+    );
+    assert!(
+        e.contains("v2.wat")
+            && e.contains("msrwasm_abi_version() returned 2; this host speaks ABI version 1"),
+        "{e}"
+    );
 }
 
 #[test]
 fn not_wasm_at_all() {
     let e = refusal("random.wasm", &[0x13, 0x37, 0xff, 0x00, 0x80, 0x81]);
-    assert!(e.contains("random.wasm") && e.contains("not WebAssembly"), "{e}");
+    assert!(
+        e.contains("random.wasm") && e.contains("not WebAssembly"),
+        "{e}"
+    );
     let e = refusal("truncated.wasm", b"\0asm\x01\x00\x00\x00\x01\x05");
-    assert!(e.contains("truncated.wasm") && e.contains("not WebAssembly"), "{e}");
+    assert!(
+        e.contains("truncated.wasm") && e.contains("not WebAssembly"),
+        "{e}"
+    );
     let e = refusal("empty.wasm", b"");
-    assert!(e.contains("empty.wasm: not WebAssembly: the file is empty"), "{e}");
+    assert!(
+        e.contains("empty.wasm: not WebAssembly: the file is empty"),
+        "{e}"
+    );
     let e = load_error(vec![PathBuf::from("/nonexistent/plugin.wasm")]);
     assert!(e.contains("/nonexistent/plugin.wasm: cannot read"), "{e}");
 }
@@ -79,8 +125,14 @@ fn unfilterable_claim() {
         return;
     }
     let claim = r#"(func (export "claim") (param i32) (result i64) (if (result i64) (i32.eqz (local.get 0)) (then (i64.const 0x0000080200000802)) (else (i64.const -1))))"#;
-    let e = refusal("x2apic.wat", format!("(module {VERSION} {RDMSR} {claim})").as_bytes());
-    assert!(e.contains("plugin `x2apic` claims 0x802-0x802") && e.contains("KVM cannot filter them"), "{e}");
+    let e = refusal(
+        "x2apic.wat",
+        format!("(module {VERSION} {RDMSR} {claim})").as_bytes(),
+    );
+    assert!(
+        e.contains("plugin `x2apic` claims 0x802-0x802") && e.contains("KVM cannot filter them"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -90,11 +142,24 @@ fn init_refusal_and_bad_config() {
     let manifest = dir.path().join("vm.toml");
     std::fs::write(
         &manifest,
-        format!("[[plugin]]\nname = \"rapl\"\npath = \"{}\"\n[plugin.config]\ntdp_watts = -5\n", shipped_plugin("rapl.wat").display()),
+        format!(
+            "[[plugin]]\nname = \"rapl\"\npath = \"{}\"\n[plugin.config]\ntdp_watts = -5\n",
+            shipped_plugin("rapl.wat").display()
+        ),
     )
     .unwrap();
     let spec = PolicySpec::from_manifest(&manifest).unwrap();
-    let config = VmConfig { vcpus: 1, mem_mib: 16, guest: guest("msr_loop.elf"), policy: spec, trace: None, serial: Box::new(std::io::sink()) };
+    let config = VmConfig {
+        vcpus: 1,
+        mem_mib: 16,
+        guest: guest("msr_loop.elf"),
+        policy: spec,
+        trace: None,
+        serial: Box::new(std::io::sink()),
+    };
     let e = vm::run(config).err().expect("refused").to_string();
-    assert!(e.contains("rapl.wat: init() refused the load with code 1"), "{e}");
+    assert!(
+        e.contains("rapl.wat: init() refused the load with code 1"),
+        "{e}"
+    );
 }

@@ -44,7 +44,11 @@ pub fn fuel_per_us() -> u64 {
     *RATE.get_or_init(|| {
         const PROBE_FUEL: u64 = 4_000_000;
         let measure = || -> Option<u64> {
-            let module = Module::new(engine(), "(module (func (export \"spin\") (loop $l (br $l))))").ok()?;
+            let module = Module::new(
+                engine(),
+                "(module (func (export \"spin\") (loop $l (br $l))))",
+            )
+            .ok()?;
             let mut store = Store::new(engine(), ());
             store.set_fuel(PROBE_FUEL).ok()?;
             let instance = wasmtime::Instance::new(&mut store, &module, &[]).ok()?;

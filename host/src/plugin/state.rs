@@ -91,9 +91,11 @@ mod tests {
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let scope = store.scope("p");
-                std::thread::spawn(move || (0..10_000).for_each(|_| {
-                    scope.add(7, 1);
-                }))
+                std::thread::spawn(move || {
+                    (0..10_000).for_each(|_| {
+                        scope.add(7, 1);
+                    })
+                })
             })
             .collect();
         threads.into_iter().for_each(|t| t.join().unwrap());

@@ -1,7 +1,11 @@
 use super::*;
 
 /// A plugin from WAT text with default settings.
-pub(crate) fn wat_plugin(name: &str, wat: &str, state: &StateStore) -> Result<Arc<Plugin>, LoadError> {
+pub(crate) fn wat_plugin(
+    name: &str,
+    wat: &str,
+    state: &StateStore,
+) -> Result<Arc<Plugin>, LoadError> {
     let settings = PluginSettings::new(name, format!("{name}.wat"));
     Plugin::from_bytes(settings, wat.as_bytes(), state).map(Arc::new)
 }
@@ -13,20 +17,31 @@ fn module(body: &str) -> String {
 }
 
 fn instance(body: &str) -> PluginInstance {
-    wat_plugin("t", &module(body), &StateStore::default()).unwrap().instantiate(0).unwrap()
+    wat_plugin("t", &module(body), &StateStore::default())
+        .unwrap()
+        .instantiate(0)
+        .unwrap()
 }
 
 #[test]
 fn handled_reads_return_the_replied_value() {
-    let mut i = instance(r#"(func (export "rdmsr") (param i32) (result i32) (call $reply (i64.extend_i32_u (local.get 0))) i32.const 0)"#);
+    let mut i = instance(
+        r#"(func (export "rdmsr") (param i32) (result i32) (call $reply (i64.extend_i32_u (local.get 0))) i32.const 0)"#,
+    );
     assert_eq!(i.rdmsr(0xc000_0080, 2), Ok(Answer::Handled(0xc000_0080)));
-    assert_eq!(i.wrmsr(1, 2, 2), Ok(Answer::Pass), "no wrmsr export means PASS");
+    assert_eq!(
+        i.wrmsr(1, 2, 2),
+        Ok(Answer::Pass),
+        "no wrmsr export means PASS"
+    );
 }
 
 #[test]
 fn plugin_errors_are_classified() {
-    let mut i = instance(r#"(func (export "rdmsr") (param i32) (result i32) i32.const 0)
-        (func (export "wrmsr") (param i32 i64) (result i32) (call $reply (i64.const 1)) i32.const 0)"#);
+    let mut i = instance(
+        r#"(func (export "rdmsr") (param i32) (result i32) i32.const 0)
+        (func (export "wrmsr") (param i32 i64) (result i32) (call $reply (i64.const 1)) i32.const 0)"#,
+    );
     assert_eq!(i.rdmsr(1, 2), Err(CallError::NoReply));
     assert!(matches!(i.wrmsr(1, 0, 2), Err(CallError::Trap(m)) if m.contains("outside rdmsr")));
 
@@ -38,7 +53,9 @@ fn plugin_errors_are_classified() {
 
 #[test]
 fn an_endless_loop_is_cut_off_by_the_budget() {
-    let mut i = instance(r#"(func (export "rdmsr") (param i32) (result i32) (loop $l (br $l)) i32.const 2)"#);
+    let mut i = instance(
+        r#"(func (export "rdmsr") (param i32) (result i32) (loop $l (br $l)) i32.const 2)"#,
+    );
     let t = std::time::Instant::now();
     assert_eq!(i.rdmsr(1, 2), Err(CallError::Timeout));
     assert!(t.elapsed() < std::time::Duration::from_secs(5));
@@ -65,12 +82,19 @@ fn config_vcpu_reason_and_state_reach_the_plugin() {
     let mut settings = PluginSettings::new("cfg", "cfg.wat");
     settings.config.insert("watts".into(), 95);
     let plugin = Arc::new(Plugin::from_bytes(settings, wat.as_bytes(), &state).unwrap());
-    let (mut a, mut b) = (plugin.instantiate(0).unwrap(), plugin.instantiate(3).unwrap());
+    let (mut a, mut b) = (
+        plugin.instantiate(0).unwrap(),
+        plugin.instantiate(3).unwrap(),
+    );
     assert_eq!(a.rdmsr(1, 2), Ok(Answer::Handled(95)));
     assert_eq!(b.rdmsr(2, 2), Ok(Answer::Handled(3)));
     assert_eq!(a.rdmsr(3, 4), Ok(Answer::Handled(4)));
     assert_eq!(a.rdmsr(9, 2), Ok(Answer::Handled(1)));
-    assert_eq!(b.rdmsr(9, 2), Ok(Answer::Handled(2)), "state is shared between vCPUs");
+    assert_eq!(
+        b.rdmsr(9, 2),
+        Ok(Answer::Handled(2)),
+        "state is shared between vCPUs"
+    );
     assert_eq!(state.scope("cfg").get(5), 2);
 }
 
@@ -79,8 +103,13 @@ fn bad_pointers_to_log_trap() {
     let wat = r#"(module (import "msr" "log" (func $log (param i32 i32 i32))) (memory (export "memory") 1)
         (func (export "msrwasm_abi_version") (result i32) i32.const 1)
         (func (export "rdmsr") (param i32) (result i32) (call $log (i32.const 2) (i32.const 65530) (i32.const 100)) i32.const 2))"#;
-    let mut i = wat_plugin("log", wat, &StateStore::default()).unwrap().instantiate(0).unwrap();
-    assert!(matches!(i.rdmsr(1, 2), Err(CallError::Trap(m)) if m.contains("outside linear memory")));
+    let mut i = wat_plugin("log", wat, &StateStore::default())
+        .unwrap()
+        .instantiate(0)
+        .unwrap();
+    assert!(
+        matches!(i.rdmsr(1, 2), Err(CallError::Trap(m)) if m.contains("outside linear memory"))
+    );
 }
 
 #[test]
@@ -88,13 +117,26 @@ fn load_errors_name_the_file_and_the_problem() {
     let state = StateStore::default();
     let err = |wat: &str| wat_plugin("bad", wat, &state).unwrap_err().to_string();
     assert!(err("").contains("bad.wat: not WebAssembly: the file is empty"));
-    assert!(err("(module (func (export \"rdmsr\") (param i32) (result i32) i32.const 2))").contains("missing export `msrwasm_abi_version`"));
+    assert!(
+        err("(module (func (export \"rdmsr\") (param i32) (result i32) i32.const 2))")
+            .contains("missing export `msrwasm_abi_version`")
+    );
     assert!(err(r#"(module (func (export "msrwasm_abi_version") (result i32) i32.const 2) (func (export "rdmsr") (param i32) (result i32) i32.const 2))"#)
         .contains("msrwasm_abi_version() returned 2"));
     assert!(err(&module(r#"(func (export "rdmsr") (param i32) (result i32) i32.const 2) (func (export "init") (result i32) i32.const 5)"#))
         .contains("init() refused the load with code 5"));
-    let bytes = Plugin::from_bytes(PluginSettings::new("x", "x.wasm"), b"\x00asm\x01\x00\x00\x00\xff", &state).unwrap_err();
-    assert!(bytes.to_string().starts_with("plugin x.wasm: not WebAssembly"), "{bytes}");
+    let bytes = Plugin::from_bytes(
+        PluginSettings::new("x", "x.wasm"),
+        b"\x00asm\x01\x00\x00\x00\xff",
+        &state,
+    )
+    .unwrap_err();
+    assert!(
+        bytes
+            .to_string()
+            .starts_with("plugin x.wasm: not WebAssembly"),
+        "{bytes}"
+    );
 }
 
 #[test]
@@ -111,7 +153,12 @@ fn claims_come_from_the_export_unless_the_manifest_overrides() {
     assert_eq!(p.claims(), Some(&[(0x35, 0x35)][..]));
     let endless = r#"(func (export "rdmsr") (param i32) (result i32) i32.const 2)
         (func (export "claim") (param i32) (result i64) (i64.const 0x0000000100000001))"#;
-    assert!(wat_plugin("e", &module(endless), &state).unwrap_err().to_string().contains("more than 64 ranges"));
+    assert!(
+        wat_plugin("e", &module(endless), &state)
+            .unwrap_err()
+            .to_string()
+            .contains("more than 64 ranges")
+    );
 }
 
 #[test]
@@ -119,7 +166,8 @@ fn sha256_pins_content() {
     let wat = module(r#"(func (export "rdmsr") (param i32) (result i32) i32.const 2)"#);
     let mut settings = PluginSettings::new("p", "p.wat");
     settings.sha256 = Some("0".repeat(64));
-    let e = Plugin::from_bytes(settings.clone(), wat.as_bytes(), &StateStore::default()).unwrap_err();
+    let e =
+        Plugin::from_bytes(settings.clone(), wat.as_bytes(), &StateStore::default()).unwrap_err();
     assert!(e.to_string().contains("does not match the pinned sha256"));
     settings.sha256 = Some(content_hash(wat.as_bytes()).to_ascii_uppercase());
     assert!(Plugin::from_bytes(settings, wat.as_bytes(), &StateStore::default()).is_ok());

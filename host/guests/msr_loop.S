@@ -1,8 +1,9 @@
 /*
+ * The benchmark guest of `msrwasm bench` (also used by the tests).
  * RDMSR of an unknown MSR in a loop, for benchmarks and stress: %rdi =
  * vCPU index; reads MSR 0x4d53424d ITERATIONS times, then halts.
  */
-#define ITERATIONS 20000
+#define ITERATIONS 50000
     .globl _start
 _start:
     mov $ITERATIONS, %ebx
