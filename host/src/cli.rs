@@ -36,6 +36,25 @@ enum Command {
     Run(RunArgs),
     /// Boot the built-in demo guest on 2 vCPUs, answered by built-in plugins.
     Demo(DemoArgs),
+    /// Measure what plugins cost: wasm vs a native handler on the same
+    /// guest loop, the dispatcher alone, and 1 vs 2 vCPUs.
+    ///
+    /// Build with --release for meaningful figures. Prints a table, or
+    /// JSON with --json.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Rounds of each end-to-end configuration (medians are reported).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+    rounds: u64,
+    /// Synthetic exits per dispatcher measurement.
+    #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1000..))]
+    dispatches: u64,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -88,6 +107,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Demo(args) => demo(args),
+        Command::Bench(args) => bench(args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("msrwasm: error: {e:#}");
@@ -126,4 +146,18 @@ fn demo(args: DemoArgs) -> Result<i32> {
     eprintln!("{}", demo.describe());
     let config = demo.config(args.trace, Box::new(std::io::stdout()))?;
     run_vm(config)
+}
+
+fn bench(args: BenchArgs) -> Result<i32> {
+    let options = msrwasm::bench::BenchOptions {
+        rounds: args.rounds as usize,
+        dispatches: args.dispatches,
+    };
+    let report = msrwasm::bench::run(options, |what| eprintln!("msrwasm bench: {what}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(0)
 }

@@ -6,6 +6,7 @@
 //! - [`vm`]: the VM runner on KVM and the vCPU exit handling.
 //! - [`trace`]: the JSON-lines record of every MSR access.
 
+pub mod bench;
 pub mod demo;
 pub mod plugin;
 pub mod policy;

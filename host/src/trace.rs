@@ -21,7 +21,7 @@ pub struct TraceRecord {
     pub value: Option<String>,
     /// Why KVM exited: `inval`, `unknown` or `filter`.
     pub reason: String,
-    /// `plugin`, `kvm` (fallback to KVM's own MSR) or `unhandled`.
+    /// `plugin`, `kvm` (fallback to KVM's own MSR), `unhandled`, or `native` (benchmark baseline).
     pub by: String,
     /// The answering plugin's name, when `by` is `plugin`.
     pub plugin: Option<String>,

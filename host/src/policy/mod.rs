@@ -148,6 +148,8 @@ pub enum Responder {
     Kvm,
     /// Nobody answered; the VM's `unhandled` policy decided.
     Unhandled(Unhandled),
+    /// A native Rust handler answered instead of the chain (benchmarks).
+    Native,
 }
 
 /// The answer to an access: `Some(value)` completes it (the value matters
@@ -209,39 +211,42 @@ impl VcpuChain {
     /// Answers one deflected access: the claiming plugins in file order,
     /// then KVM's own value for filtered MSRs, then `unhandled`.
     pub fn answer(&mut self, access: Access, kvm: &mut dyn KvmMsrs) -> Decision {
-        let policy = self.policy.clone();
+        // Disjoint borrows instead of cloning the policy's Arc: no shared
+        // cache line is written on the exit path.
+        let Self {
+            policy,
+            vcpu,
+            instances,
+            counters,
+        } = self;
         for &position in policy.table.lookup(access.index) {
-            match self.ask(position, access) {
-                Ok(Answer::Pass) => self.counters[position].pass += 1,
+            let plugin = &policy.plugins[position];
+            let counter = &mut counters[position];
+            let answered = |result| Decision {
+                result,
+                by: Responder::Plugin {
+                    position,
+                    error: false,
+                },
+            };
+            match ask(&mut instances[position], plugin, *vcpu, access) {
+                Ok(Answer::Pass) => counter.pass += 1,
                 Ok(Answer::Handled(value)) => {
-                    self.counters[position].handled += 1;
-                    return Decision {
-                        result: Some(value),
-                        by: Responder::Plugin {
-                            position,
-                            error: false,
-                        },
-                    };
+                    counter.handled += 1;
+                    return answered(Some(value));
                 }
                 Ok(Answer::Fault) => {
-                    self.counters[position].fault += 1;
-                    return Decision {
-                        result: None,
-                        by: Responder::Plugin {
-                            position,
-                            error: false,
-                        },
-                    };
+                    counter.fault += 1;
+                    return answered(None);
                 }
                 Err(error) => {
-                    self.counters[position].errors += 1;
-                    let plugin = &policy.plugins[position];
+                    counter.errors += 1;
                     tracing::warn!(
-                        plugin = plugin.name(), vcpu = self.vcpu, index = format_args!("{:#x}", access.index),
+                        plugin = plugin.name(), vcpu = *vcpu, index = format_args!("{:#x}", access.index),
                         on_error = ?plugin.settings().on_error, "plugin error: {error}"
                     );
                     // A trap may leave wasm state half-written: start afresh.
-                    self.instances[position] = None;
+                    instances[position] = None;
                     if plugin.settings().on_error == OnError::Fault {
                         return Decision {
                             result: None,
@@ -263,21 +268,6 @@ impl VcpuChain {
             };
         }
         self.unhandled(access)
-    }
-
-    fn ask(&mut self, position: usize, access: Access) -> Result<Answer, CallError> {
-        let slot = &mut self.instances[position];
-        if slot.is_none() {
-            let fresh = self.policy.plugins[position]
-                .instantiate(self.vcpu)
-                .map_err(|e| CallError::Trap(format!("re-instantiation failed: {e}")))?;
-            *slot = Some(fresh);
-        }
-        let instance = slot.as_mut().expect("instantiated just above");
-        match access.write {
-            None => instance.rdmsr(access.index, access.reason),
-            Some(value) => instance.wrmsr(access.index, value, access.reason),
-        }
     }
 
     fn unhandled(&self, access: Access) -> Decision {
@@ -316,6 +306,27 @@ impl VcpuChain {
                 }
             }
         }
+    }
+}
+
+/// Calls one plugin, instantiating it first if its instance was thrown away.
+fn ask(
+    slot: &mut Option<PluginInstance>,
+    plugin: &Arc<Plugin>,
+    vcpu: u32,
+    access: Access,
+) -> Result<Answer, CallError> {
+    let instance = match slot {
+        Some(instance) => instance,
+        None => slot.insert(
+            plugin
+                .instantiate(vcpu)
+                .map_err(|e| CallError::Trap(format!("re-instantiation failed: {e}")))?,
+        ),
+    };
+    match access.write {
+        None => instance.rdmsr(access.index, access.reason),
+        Some(value) => instance.wrmsr(access.index, value, access.reason),
     }
 }
 

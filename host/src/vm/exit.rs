@@ -84,6 +84,10 @@ pub struct VcpuStats {
     pub unexpected: u64,
 }
 
+/// A Rust MSR handler used instead of the plugin chain (a benchmark
+/// baseline): `Some(value)` completes the access, `None` injects #GP.
+pub type NativeMsr = fn(vcpu: u32, access: Access) -> Option<u64>;
+
 /// Per-vCPU exit handling state.
 pub struct ExitHandler {
     vcpu: u32,
@@ -95,6 +99,7 @@ pub struct ExitHandler {
     io: Arc<IoBus>,
     trace: Option<TraceSender>,
     started: Instant,
+    native: Option<NativeMsr>,
     pub stats: VcpuStats,
 }
 
@@ -116,8 +121,14 @@ impl ExitHandler {
             io,
             trace,
             started,
+            native: None,
             stats: VcpuStats::default(),
         }
+    }
+
+    /// Answers MSRs with `native` instead of the chain (see [`NativeMsr`]).
+    pub fn set_native(&mut self, native: Option<NativeMsr>) {
+        self.native = native;
     }
 
     /// The chain this vCPU answers with now.
@@ -218,11 +229,17 @@ impl ExitHandler {
         if self.cell.generation() != self.generation {
             self.switch_policy();
         }
-        let decision = self.chain.answer(access, kvm);
+        let decision = match self.native {
+            Some(native) => Decision {
+                result: native(self.vcpu, access),
+                by: Responder::Native,
+            },
+            None => self.chain.answer(access, kvm),
+        };
         match decision.by {
             Responder::Kvm => self.stats.kvm_fallback += 1,
             Responder::Unhandled(_) => self.stats.unhandled += 1,
-            Responder::Plugin { .. } => {}
+            Responder::Plugin { .. } | Responder::Native => {}
         }
         if decision.result.is_none() {
             self.stats.gp += 1;
@@ -277,6 +294,7 @@ impl ExitHandler {
                 )
             }
             Responder::Kvm => ("kvm", None, None, "kvm".to_owned()),
+            Responder::Native => ("native", None, None, "handled".to_owned()),
             Responder::Unhandled(policy) => (
                 "unhandled",
                 None,

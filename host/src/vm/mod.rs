@@ -218,6 +218,7 @@ pub struct Vm {
     state: Arc<StateStore>,
     io: Arc<IoBus>,
     trace: Option<PathBuf>,
+    native: Option<exit::NativeMsr>,
 }
 
 impl Vm {
@@ -314,7 +315,16 @@ impl Vm {
             state,
             io: Arc::new(IoBus::new(config.serial)),
             trace: config.trace,
+            native: None,
         })
+    }
+
+    /// Answers MSR accesses with a Rust function instead of the plugin
+    /// chain, on the very same exit path: the baseline `msrwasm bench`
+    /// compares plugins against.
+    pub fn with_native_msr(mut self, handler: exit::NativeMsr) -> Self {
+        self.native = Some(handler);
+        self
     }
 
     /// The policy in force; replacing it takes effect at each vCPU's next
@@ -343,27 +353,33 @@ impl Vm {
             }
             None => (None, None),
         };
-        let started = Instant::now();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (events_tx, events) = channel();
-        let count = self.vcpus.len();
-        let mut threads: Vec<JoinHandle<exit::ExitHandler>> = Vec::new();
-        let mut setup_error = None;
-        for (index, fd) in self.vcpus.into_iter().enumerate() {
-            let index = index as u32;
+        let epoch = Instant::now();
+        // Every plugin is instantiated on every vCPU before any vCPU runs:
+        // init() failures are reported now, and all vCPUs start together.
+        let mut handlers = Vec::new();
+        for index in 0..self.vcpus.len() as u32 {
             let mut handler = exit::ExitHandler::new(
                 index,
                 self.cell.clone(),
                 self.io.clone(),
                 trace_tx.clone(),
-                started,
+                epoch,
             );
-            // Instantiate before the guest starts, so init() failures are
-            // reported now rather than at the first MSR access.
-            if let Err(e) = handler.chain_mut().warm_up() {
-                setup_error = Some(VmError::Policy(PolicyError::Load(e)));
-                break;
-            }
+            handler.set_native(self.native);
+            handler
+                .chain_mut()
+                .warm_up()
+                .map_err(|e| VmError::Policy(PolicyError::Load(e)))?;
+            handlers.push(handler);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (events_tx, events) = channel();
+        let count = self.vcpus.len();
+        let mut threads: Vec<JoinHandle<exit::ExitHandler>> = Vec::new();
+        let mut setup_error = None;
+        let started = Instant::now();
+        for ((index, fd), handler) in self.vcpus.into_iter().enumerate().zip(handlers) {
+            let index = index as u32;
             let thread = VcpuThread {
                 index,
                 fd,

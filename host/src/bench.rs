@@ -1,0 +1,288 @@
+//! `msrwasm bench`: how much plugins cost, measured side by side in one run.
+//!
+//! 1. End to end on KVM: one guest loop of RDMSR on an unknown MSR,
+//!    answered by a native Rust handler, by a trivial wasm plugin, and by a
+//!    chain of two plugins (the first passes), all on the same exit path.
+//!    Configurations are interleaved round by round; medians are reported.
+//! 2. The dispatcher alone, without KVM: synthetic exits through the same
+//!    exit handler (generation check, fuel, plugin call, counters).
+//! 3. Scaling: the wasm plugin on 1 vCPU and on 2 vCPUs.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::plugin::Plugin;
+use crate::plugin::abi::REASON_UNKNOWN;
+use crate::plugin::state::StateStore;
+use crate::policy::{Access, KvmMsrs, Policy, PolicyCell, PolicyError, Unhandled};
+use crate::vm::exit::{Action, Exit, ExitHandler};
+use crate::vm::io::IoBus;
+use crate::vm::{Vm, VmConfig, VmEnd, VmError};
+
+/// The guest: RDMSR 0x4d53424d in a loop, then HLT (`host/guests/msr_loop.S`).
+pub const LOOP_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/msr_loop.elf"));
+/// RDMSRs each vCPU of the loop guest executes.
+pub const LOOP_ITERATIONS: u64 = 50_000;
+const LOOP_MSR: u32 = 0x4d53_424d;
+
+/// Answers every read with its index: the least a plugin can do.
+pub const ANSWER_WAT: &str = r#"(module
+  (import "msr" "reply" (func $reply (param i64)))
+  (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
+  (func (export "rdmsr") (param $i i32) (result i32)
+    (call $reply (i64.extend_i32_u (local.get $i)))
+    (i32.const 0)))"#;
+/// Passes on everything: the first link of the two-plugin chain.
+pub const PASS_WAT: &str = r#"(module
+  (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
+  (func (export "rdmsr") (param $i i32) (result i32) (i32.const 2)))"#;
+
+fn native_answer(_vcpu: u32, access: Access) -> Option<u64> {
+    Some(u64::from(access.index))
+}
+
+/// Why the benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot write benchmark files: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("the benchmark guest did not finish cleanly: {0:?}")]
+    Guest(VmEnd),
+}
+
+/// What to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchOptions {
+    /// Rounds of each end-to-end configuration (the median is reported).
+    pub rounds: usize,
+    /// Synthetic exits for the dispatcher measurement.
+    pub dispatches: u64,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            rounds: 5,
+            dispatches: 2_000_000,
+        }
+    }
+}
+
+/// The figures, all from one run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchReport {
+    pub release_build: bool,
+    pub rounds: usize,
+    pub exits_per_round: u64,
+    /// Median exits/s, 1 vCPU.
+    pub native_exits_per_s: f64,
+    pub wasm_exits_per_s: f64,
+    pub chain_exits_per_s: f64,
+    /// wasm/native and chain/native (1.0 = as fast as native).
+    pub wasm_vs_native: f64,
+    pub chain_vs_native: f64,
+    /// Dispatcher alone, nanoseconds per synthetic exit.
+    pub dispatch_native_ns: f64,
+    pub dispatch_wasm_ns: f64,
+    pub dispatch_chain_ns: f64,
+    /// Total exits/s of the wasm plugin on 2 vCPUs, and its ratio to 1 vCPU.
+    pub wasm_2vcpu_exits_per_s: f64,
+    pub scaling_2_vs_1: f64,
+}
+
+impl BenchReport {
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        if !self.release_build {
+            s += "WARNING: debug build; run `cargo run --release -p msrwasm -- bench` for meaningful figures\n";
+        }
+        s += &format!(
+            "end to end on KVM, 1 vCPU, {} RDMSR exits per round, median of {} rounds:\n",
+            self.exits_per_round, self.rounds
+        );
+        s += &format!(
+            "  native Rust handler   {:>10.0} exits/s\n",
+            self.native_exits_per_s
+        );
+        s += &format!(
+            "  trivial wasm plugin   {:>10.0} exits/s   wasm/native  = {:.3}\n",
+            self.wasm_exits_per_s, self.wasm_vs_native
+        );
+        s += &format!(
+            "  chain of 2 plugins    {:>10.0} exits/s   chain/native = {:.3}\n",
+            self.chain_exits_per_s, self.chain_vs_native
+        );
+        s += "dispatcher alone (synthetic exits, no KVM):\n";
+        s += &format!(
+            "  native                {:>8.1} ns/exit\n",
+            self.dispatch_native_ns
+        );
+        s += &format!(
+            "  one wasm plugin       {:>8.1} ns/exit\n",
+            self.dispatch_wasm_ns
+        );
+        s += &format!(
+            "  chain of 2 plugins    {:>8.1} ns/exit\n",
+            self.dispatch_chain_ns
+        );
+        s += &format!(
+            "scaling: wasm plugin on 2 vCPUs {:.0} exits/s = {:.2}x one vCPU\n",
+            self.wasm_2vcpu_exits_per_s, self.scaling_2_vs_1
+        );
+        s
+    }
+}
+
+/// The three ways of answering the loop guest.
+#[derive(Clone, Copy)]
+enum Answerer {
+    Native,
+    Wasm,
+    Chain,
+}
+
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn new() -> Result<Self, std::io::Error> {
+        let dir = tempfile::Builder::new()
+            .prefix("msrwasm-bench-")
+            .tempdir()?;
+        std::fs::write(dir.path().join("loop.elf"), LOOP_GUEST)?;
+        std::fs::write(dir.path().join("answer.wat"), ANSWER_WAT)?;
+        std::fs::write(dir.path().join("pass.wat"), PASS_WAT)?;
+        Ok(Self { dir })
+    }
+
+    fn policy(&self, answerer: Answerer) -> crate::policy::PolicySpec {
+        let p = |f: &str| self.dir.path().join(f);
+        let plugins = match answerer {
+            Answerer::Native => vec![],
+            Answerer::Wasm => vec![p("answer.wat")],
+            Answerer::Chain => vec![p("pass.wat"), p("answer.wat")],
+        };
+        crate::policy::PolicySpec::from_paths(&plugins, Unhandled::Gp)
+    }
+
+    /// One run; returns total exits/s over all vCPUs.
+    fn run(&self, answerer: Answerer, vcpus: u32) -> Result<f64, BenchError> {
+        let config = VmConfig {
+            vcpus,
+            mem_mib: 16,
+            guest: self.dir.path().join("loop.elf"),
+            policy: self.policy(answerer),
+            trace: None,
+            serial: Box::new(std::io::sink()),
+        };
+        let mut vm = Vm::new(config)?;
+        if let Answerer::Native = answerer {
+            vm = vm.with_native_msr(native_answer);
+        }
+        let report = vm.run()?;
+        if report.end != VmEnd::AllHalted
+            || report.total().rdmsr != LOOP_ITERATIONS * u64::from(vcpus)
+        {
+            return Err(BenchError::Guest(report.end));
+        }
+        Ok(report.total().rdmsr as f64 / report.elapsed.as_secs_f64())
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+struct NoKvm;
+
+impl KvmMsrs for NoKvm {
+    fn get(&mut self, _: u32) -> Option<u64> {
+        None
+    }
+    fn set(&mut self, _: u32, _: u64) -> bool {
+        false
+    }
+}
+
+/// Nanoseconds per synthetic RDMSR exit through the exit handler.
+fn dispatch_ns(files: &Files, answerer: Answerer, n: u64) -> Result<f64, BenchError> {
+    let state = StateStore::default();
+    let spec = files.policy(answerer);
+    let plugins = spec
+        .plugins
+        .iter()
+        .map(|s| Plugin::load(s.clone(), &state).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(PolicyError::from)?;
+    let cell = Arc::new(PolicyCell::new(Arc::new(Policy::from_plugins(
+        plugins,
+        Unhandled::Gp,
+    )?)));
+    let io = Arc::new(IoBus::new(Box::new(std::io::sink())));
+    let mut handler = ExitHandler::new(0, cell, io, None, Instant::now());
+    if let Answerer::Native = answerer {
+        handler.set_native(Some(native_answer));
+    }
+    handler.chain_mut().warm_up().map_err(PolicyError::from)?;
+    let exit = Exit::Rdmsr {
+        index: LOOP_MSR,
+        reason: REASON_UNKNOWN,
+    };
+    let started = Instant::now();
+    for _ in 0..n {
+        let action = handler.handle(std::hint::black_box(exit.clone()), &mut NoKvm);
+        if action != Action::CompleteMsr(Some(u64::from(LOOP_MSR))) {
+            return Err(BenchError::Guest(VmEnd::Error(format!(
+                "unexpected dispatch result {action:?}"
+            ))));
+        }
+    }
+    Ok(started.elapsed().as_nanos() as f64 / n as f64)
+}
+
+/// Runs every measurement; `progress` hears what is being measured.
+pub fn run(
+    options: BenchOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<BenchReport, BenchError> {
+    let files = Files::new()?;
+    let rounds = options.rounds.max(1);
+    let (mut native, mut wasm, mut chain, mut two) = (vec![], vec![], vec![], vec![]);
+    for round in 1..=rounds {
+        progress(&format!("end to end, round {round}/{rounds}"));
+        native.push(files.run(Answerer::Native, 1)?);
+        wasm.push(files.run(Answerer::Wasm, 1)?);
+        chain.push(files.run(Answerer::Chain, 1)?);
+        two.push(files.run(Answerer::Wasm, 2)?);
+    }
+    progress("dispatcher alone");
+    // Interleaved too, so that frequency changes hit all three alike.
+    let (mut dn, mut dw, mut dc) = (vec![], vec![], vec![]);
+    for _ in 0..3 {
+        dn.push(dispatch_ns(&files, Answerer::Native, options.dispatches)?);
+        dw.push(dispatch_ns(&files, Answerer::Wasm, options.dispatches)?);
+        dc.push(dispatch_ns(&files, Answerer::Chain, options.dispatches)?);
+    }
+    let (native, wasm, chain, two) = (median(native), median(wasm), median(chain), median(two));
+    Ok(BenchReport {
+        release_build: !cfg!(debug_assertions),
+        rounds,
+        exits_per_round: LOOP_ITERATIONS,
+        native_exits_per_s: native,
+        wasm_exits_per_s: wasm,
+        chain_exits_per_s: chain,
+        wasm_vs_native: wasm / native,
+        chain_vs_native: chain / native,
+        dispatch_native_ns: median(dn),
+        dispatch_wasm_ns: median(dw),
+        dispatch_chain_ns: median(dc),
+        wasm_2vcpu_exits_per_s: two,
+        scaling_2_vs_1: two / wasm,
+    })
+}
