@@ -157,7 +157,7 @@ fn init_refusal_and_bad_config() {
         trace: None,
         serial: Box::new(std::io::sink()),
     };
-    let e = vm::run(config).err().expect("refused").to_string();
+    let e = vm::run(config).expect_err("refused").to_string();
     assert!(
         e.contains("rapl.wat: init() refused the load with code 1"),
         "{e}"

@@ -225,22 +225,24 @@ impl<T: Plugin> Slot<T> {
         Self(core::cell::UnsafeCell::new(None))
     }
 
-    fn get(&self) -> &mut T {
-        // SAFETY: single-threaded (see the Sync impl), and the exports never
-        // re-enter one another, so this is the only live reference.
+    /// Runs `f` on the plugin value, creating it on first use.
+    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        // SAFETY: single-threaded (see the Sync impl), the exports never
+        // re-enter one another, and the reference does not outlive `f`, so
+        // it is the only live reference.
         let slot = unsafe { &mut *self.0.get() };
-        slot.get_or_insert_with(T::default)
+        f(slot.get_or_insert_with(T::default))
     }
 
     pub fn init(&self) -> i32 {
-        match self.get().init() {
+        match self.with(T::init) {
             Ok(()) => 0,
             Err(code) => code,
         }
     }
 
     pub fn rdmsr(&self, index: i32) -> i32 {
-        match self.get().rdmsr(index as u32) {
+        match self.with(|p| p.rdmsr(index as u32)) {
             Ok(value) => {
                 // SAFETY: a host import taking a plain integer.
                 unsafe { sys::reply(value as i64) };
@@ -251,7 +253,7 @@ impl<T: Plugin> Slot<T> {
     }
 
     pub fn wrmsr(&self, index: i32, value: i64) -> i32 {
-        match self.get().wrmsr(index as u32, value as u64) {
+        match self.with(|p| p.wrmsr(index as u32, value as u64)) {
             Ok(()) => status::HANDLED,
             Err(decline) => decline_status(decline),
         }
@@ -350,6 +352,6 @@ mod tests {
         assert_eq!(slot.rdmsr(1), status::HANDLED);
         assert_eq!(slot.rdmsr(0), status::FAULT);
         assert_eq!(slot.wrmsr(1, 5), status::PASS);
-        assert_eq!(slot.get().0, 7);
+        assert_eq!(slot.with(|p| p.0), 7);
     }
 }

@@ -1,0 +1,215 @@
+//! The `msrwasm` command line as users and scripts drive it: exit statuses,
+//! messages for bad input, the demo, signals.
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn msrwasm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_msrwasm"))
+        .args(args)
+        .output()
+        .expect("running msrwasm")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "/dev/kvm is missing under CI=true: KVM tests must run in CI"
+        );
+        eprintln!("skipping: /dev/kvm is missing or not accessible");
+    }
+    ok
+}
+
+/// Bad input exits with status 2 and a message, never a panic.
+fn refused(args: &[&str], needle: &str) {
+    let o = msrwasm(args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected {needle:?} in:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let o = msrwasm(&["--help"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    for cmd in ["run", "demo", "bench"] {
+        assert!(out.contains(cmd), "{out}");
+    }
+    let run_help = String::from_utf8_lossy(&msrwasm(&["run", "--help"]).stdout).into_owned();
+    for flag in [
+        "--vcpus",
+        "--mem",
+        "--manifest",
+        "--plugin",
+        "--unhandled",
+        "--trace",
+        "Exit status",
+    ] {
+        assert!(run_help.contains(flag), "{run_help}");
+    }
+}
+
+#[test]
+fn bad_guest_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    refused(
+        &["run", "/nonexistent/guest.elf"],
+        "guest image /nonexistent/guest.elf: No such file",
+    );
+    refused(&["run", d.to_str().unwrap()], "is a directory");
+    let empty = d.join("empty.bin");
+    std::fs::write(&empty, b"").unwrap();
+    refused(&["run", empty.to_str().unwrap()], "is empty");
+    let huge = d.join("huge.bin");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    refused(
+        &["run", "--mem", "64", huge.to_str().unwrap()],
+        "does not fit in guest memory",
+    );
+    let bad_elf = d.join("bad.elf");
+    std::fs::write(&bad_elf, b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0").unwrap();
+    refused(
+        &["run", bad_elf.to_str().unwrap()],
+        "not a usable ELF executable",
+    );
+}
+
+#[test]
+fn bad_numbers_and_conflicting_options() {
+    refused(&["run", "--vcpus", "0", "g"], "--vcpus");
+    refused(&["run", "--vcpus", "many", "g"], "invalid value 'many'");
+    refused(&["run", "--mem", "1", "g"], "--mem");
+    refused(
+        &["run", "--unhandled", "explode", "g"],
+        "invalid value 'explode'",
+    );
+    refused(
+        &["run", "--manifest", "m.toml", "--plugin", "p.wat", "g"],
+        "cannot be used with",
+    );
+}
+
+#[test]
+fn bad_manifests_and_plugins() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("vm.toml");
+    std::fs::write(
+        &manifest,
+        "unhandled = \"gp\"\n[[plugin]]\nname = \"x\"\npath = \"missing.wasm\"\n",
+    )
+    .unwrap();
+    refused(
+        &["run", "--manifest", manifest.to_str().unwrap(), "g"],
+        "vm.toml:4: key `plugin.path` of plugin `x`: no such file",
+    );
+    std::fs::write(&manifest, "unhandled = \n").unwrap();
+    refused(
+        &["run", "--manifest", manifest.to_str().unwrap(), "g"],
+        "vm.toml:1:",
+    );
+    let plugin = dir.path().join("junk.wasm");
+    std::fs::write(&plugin, [0xde, 0xad, 0xbe, 0xef]).unwrap();
+    refused(
+        &["run", "--plugin", plugin.to_str().unwrap(), "g"],
+        "junk.wasm: not WebAssembly",
+    );
+}
+
+#[test]
+fn demo_runs_by_itself_and_summarises() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.jsonl");
+    let o = msrwasm(&["demo", "--trace", trace.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    for vcpu in ["vcpu 0", "vcpu 1"] {
+        assert!(
+            out.contains(&format!(
+                "{vcpu}: MSR_CORE_THREAD_COUNT  (0x35)  = 0x0000000000020004"
+            )),
+            "{out}"
+        );
+        assert_eq!(
+            out.matches(&format!("{vcpu}: MSR_PKG_ENERGY_STATUS"))
+                .count(),
+            6,
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "{vcpu}: WRMSR MSR_PKG_POWER_LIMIT (0x610) -> #GP count 0x0000000000000001"
+            )),
+            "{out}"
+        );
+    }
+    assert!(
+        err.contains("all vCPUs halted") && err.contains("plugin rapl: 12 handled, 2 fault"),
+        "{err}"
+    );
+    let lines = std::fs::read_to_string(&trace).unwrap().lines().count();
+    assert_eq!(lines, 18, "2 vCPUs x (1 + 6 + 1 + 1) accesses");
+}
+
+#[test]
+fn sigterm_stops_a_running_vm_with_143() {
+    if !kvm_available() {
+        return;
+    }
+    // A flat real-mode guest that spins forever: `jmp $`.
+    let dir = tempfile::tempdir().unwrap();
+    let guest = dir.path().join("spin.bin");
+    std::fs::write(&guest, [0xeb, 0xfe]).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_msrwasm"))
+        .args(["run", "--vcpus", "2", guest.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(143), "{err}");
+    assert!(err.contains("stopped by signal 15"), "{err}");
+}
+
+#[test]
+fn guest_exit_port_sets_the_status() {
+    if !kvm_available() {
+        return;
+    }
+    // mov al, 42; out 0xf4, al
+    let dir = tempfile::tempdir().unwrap();
+    let guest = dir.path().join("exit.bin");
+    std::fs::write(&guest, [0xb0, 42, 0xe6, 0xf4]).unwrap();
+    let o = msrwasm(&["run", guest.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(42), "{}", stderr(&o));
+}
