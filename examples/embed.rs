@@ -18,10 +18,7 @@ fn main() -> Result<()> {
     // The same policy a manifest would describe: plugins in chain order,
     // each with its settings, and what happens to unanswered accesses.
     let mut policy = PolicySpec::from_paths(
-        &[
-            repo.join("plugins/topology.wat"),
-            repo.join("plugins/rapl.wat"),
-        ],
+        &[repo.join("plugins/topology.wat"), repo.join("plugins/rapl.wat")],
         Unhandled::Log,
     );
     policy.plugins[0].config.insert("cores".into(), 8);
@@ -40,6 +37,7 @@ fn main() -> Result<()> {
         policy,
         trace: None,
         serial: Box::new(std::io::stdout()),
+        watch: false,
     })?;
     eprint!("{}", report.summary());
     for (plugin, counters) in &report.plugins {

@@ -1,19 +1,22 @@
 include!("../host/guests/assemble.rs");
 
 fn main() {
-    assemble_guests(
-        std::path::Path::new("guests"),
-        &[
-            "selftest_allow",
-            "selftest_deny",
-            "selftest_bitmap",
-            "gp_idt",
-            "multi_vcpu",
-            "triple_fault",
-            "realmode.flat",
-            "thermal",
-        ],
-    );
+    // Every test guest in guests/ (names ending in .flat become flat binaries).
+    let mut names: Vec<String> = std::fs::read_dir("guests")
+        .expect("tests/guests")
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .into_string()
+                .ok()?
+                .strip_suffix(".S")
+                .map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    println!("cargo::rerun-if-changed=guests");
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    assemble_guests(std::path::Path::new("guests"), &names);
     assemble_guests(std::path::Path::new("../host/guests"), &["msr_loop"]);
     println!(
         "cargo::rustc-env=MSRWASM_TEST_GUESTS={}",

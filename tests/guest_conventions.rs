@@ -15,12 +15,7 @@ fn fault_is_gp_through_the_guest_idt_and_values_reach_edx_eax() {
     if !kvm_available() {
         return;
     }
-    let r = run(
-        &guest("gp_idt.elf"),
-        1,
-        with(&["values.wat"], Unhandled::Gp),
-    )
-    .unwrap();
+    let r = run(&guest("gp_idt.elf"), 1, with(&["values.wat"], Unhandled::Gp)).unwrap();
     r.expect_status(0);
     assert_eq!(r.report.total().gp, 2);
     assert_eq!(r.report.plugins["values"].fault, 2);
@@ -32,12 +27,7 @@ fn each_vcpu_sees_its_index_and_state_add_sums_exactly() {
         return;
     }
     let vcpus = 4;
-    let r = run(
-        &guest("multi_vcpu.elf"),
-        vcpus,
-        with(&["counter.wat"], Unhandled::Gp),
-    )
-    .unwrap();
+    let r = run(&guest("multi_vcpu.elf"), vcpus, with(&["counter.wat"], Unhandled::Gp)).unwrap();
     r.expect_status(0);
     let per_vcpu: Vec<u64> = r.report.vcpus.iter().map(|s| s.wrmsr).collect();
     assert_eq!(per_vcpu, vec![300; vcpus as usize]);
@@ -56,12 +46,7 @@ fn flat_binaries_start_in_real_mode_at_0x1000() {
     if !kvm_available() {
         return;
     }
-    let r = run(
-        &guest("realmode.bin"),
-        1,
-        with(&["values.wat"], Unhandled::Gp),
-    )
-    .unwrap();
+    let r = run(&guest("realmode.bin"), 1, with(&["values.wat"], Unhandled::Gp)).unwrap();
     r.expect_status(42);
     assert_eq!(r.serial, "real\n");
 }
@@ -71,12 +56,7 @@ fn all_vcpus_halting_ends_with_status_0() {
     if !kvm_available() {
         return;
     }
-    let r = run(
-        &guest("msr_loop.elf"),
-        2,
-        with(&["echo.wat"], Unhandled::Gp),
-    )
-    .unwrap();
+    let r = run(&guest("msr_loop.elf"), 2, with(&["echo.wat"], Unhandled::Gp)).unwrap();
     r.expect_status(0);
     assert_eq!(r.report.end, VmEnd::AllHalted);
     assert_eq!(r.report.total().rdmsr, 100_000);
@@ -105,15 +85,7 @@ fn unanswered_accesses_follow_the_unhandled_policy() {
     // msr_loop reads an MSR nobody answers: gp would fault in a guest with
     // no IDT (triple fault); ignore and log let it finish.
     for policy in [Unhandled::Ignore, Unhandled::Log] {
-        let r = run(
-            &guest("msr_loop.elf"),
-            1,
-            PolicySpec {
-                unhandled: policy,
-                plugins: vec![],
-            },
-        )
-        .unwrap();
+        let r = run(&guest("msr_loop.elf"), 1, PolicySpec::from_paths(&[], policy)).unwrap();
         r.expect_status(0);
         assert_eq!(r.report.total().unhandled, 50_000);
     }

@@ -24,9 +24,7 @@ fn filter_allow() {
     // (XSS <- 1, FLUSH_CMD read, FLUSH_CMD <- 0).
     assert_eq!(run.trace.len(), 8);
     assert!(
-        run.trace
-            .iter()
-            .all(|r| r.reason == "filter" && r.by == "plugin"),
+        run.trace.iter().all(|r| r.reason == "filter" && r.by == "plugin"),
         "{:#?}",
         run.trace
     );

@@ -33,16 +33,12 @@ pub fn guest(file: &str) -> PathBuf {
 
 /// Path of a test plugin in `tests/plugins/`.
 pub fn test_plugin(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("plugins")
-        .join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins").join(file)
 }
 
 /// Path of a ready-to-use plugin in `plugins/`.
 pub fn shipped_plugin(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins")
-        .join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins").join(file)
 }
 
 /// A serial sink the test can read afterwards.
@@ -88,10 +84,7 @@ impl Run {
 
     /// The trace records of MSR `index` (as in the trace: `0x1fc`).
     pub fn traced(&self, op: &str, index: &str) -> Vec<&TraceRecord> {
-        self.trace
-            .iter()
-            .filter(|r| r.op == op && r.index == index)
-            .collect()
+        self.trace.iter().filter(|r| r.op == op && r.index == index).collect()
     }
 }
 
@@ -107,6 +100,7 @@ pub fn run(guest: &Path, vcpus: u32, policy: PolicySpec) -> Result<Run, vm::VmEr
         policy,
         trace: Some(trace_path.clone()),
         serial: Box::new(serial.clone()),
+        watch: false,
     })?;
     let trace = std::fs::read_to_string(&trace_path)
         .expect("trace file")
@@ -158,4 +152,92 @@ pub fn build_rust_plugin(name: &str) -> PathBuf {
     target_dir
         .join("wasm32-unknown-unknown/release")
         .join(format!("{name}.wasm"))
+}
+
+/// A VM running on its own thread while the test changes files.
+pub struct Started {
+    pub stop: vm::StopHandle,
+    /// The VM's plugin state store, to watch progress from the test.
+    pub state: Arc<msrwasm::plugin::state::StateStore>,
+    thread: std::thread::JoinHandle<Result<VmReport, vm::VmError>>,
+    trace_path: PathBuf,
+    serial: Captured,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts `guest` with hot reload on, tracing every MSR access.
+pub fn start(guest: &Path, vcpus: u32, policy: PolicySpec) -> Started {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let trace_path = dir.path().join("trace.jsonl");
+    let serial = Captured::default();
+    let vm = vm::Vm::new(VmConfig {
+        vcpus,
+        mem_mib: 64,
+        guest: guest.to_owned(),
+        policy,
+        trace: Some(trace_path.clone()),
+        serial: Box::new(serial.clone()),
+        watch: true,
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (stop, state) = (vm.stop_handle(), vm.state().clone());
+    let thread = std::thread::spawn(move || vm.run());
+    Started {
+        stop,
+        state,
+        thread,
+        trace_path,
+        serial,
+        _dir: dir,
+    }
+}
+
+impl Started {
+    /// Waits for the VM to end by itself (at most `timeout`), else stops it
+    /// and fails.
+    pub fn join(self, timeout: std::time::Duration) -> Run {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.thread.is_finished() {
+            if std::time::Instant::now() > deadline {
+                self.stop.stop();
+                let run = self.finish();
+                panic!("the VM did not end in {timeout:?}; serial output:\n{}", run.serial);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.finish()
+    }
+
+    /// Stops the VM and collects what it did.
+    pub fn finish(self) -> Run {
+        self.stop.stop();
+        let report = self.thread.join().expect("VM thread").unwrap_or_else(|e| panic!("{e}"));
+        let trace = std::fs::read_to_string(&self.trace_path)
+            .expect("trace file")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
+            .collect();
+        Run {
+            report,
+            serial: self.serial.text(),
+            trace,
+        }
+    }
+}
+
+/// Polls `cond` every 5 ms for up to 10 s; panics naming `what` if it never holds.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Replaces `path` the way editors save: write a temporary file beside it,
+/// then rename it over the original.
+pub fn atomic_write(path: &Path, content: &[u8]) {
+    let temp = path.with_extension("tmp~");
+    std::fs::write(&temp, content).expect("writing the temporary file");
+    std::fs::rename(&temp, path).expect("renaming over the original");
 }

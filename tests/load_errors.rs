@@ -26,6 +26,7 @@ fn load_error(plugins: Vec<PathBuf>) -> String {
         policy: PolicySpec::from_paths(&plugins, Unhandled::Gp),
         trace: None,
         serial: Box::new(std::io::sink()),
+        watch: false,
     };
     match vm::run(config) {
         Ok(report) => panic!("the plugin was accepted and the VM ran: {:?}", report.end),
@@ -51,16 +52,11 @@ fn missing_export() {
 fn wrong_signature() {
     let e = refusal(
         "sig.wat",
-        format!(
-            "(module {VERSION} (func (export \"wrmsr\") (param i32 i32) (result i32) i32.const 2))"
-        )
-        .as_bytes(),
+        format!("(module {VERSION} (func (export \"wrmsr\") (param i32 i32) (result i32) i32.const 2))").as_bytes(),
     );
     assert!(
         e.contains("sig.wat")
-            && e.contains(
-                "export `wrmsr` has type (i32, i32) -> i32, ABI v1 requires (i32, i64) -> i32"
-            ),
+            && e.contains("export `wrmsr` has type (i32, i32) -> i32, ABI v1 requires (i32, i64) -> i32"),
         "{e}"
     );
 }
@@ -75,7 +71,11 @@ fn unknown_import() {
         e.contains("imp.wat") && e.contains("imports unknown function `msr.open_file`"),
         "{e}"
     );
-    let e = refusal("wasi.wat", format!("(module (import \"wasi_snapshot_preview1\" \"proc_exit\" (func (param i32))) {VERSION} {RDMSR})").as_bytes());
+    let e = refusal(
+        "wasi.wat",
+        format!("(module (import \"wasi_snapshot_preview1\" \"proc_exit\" (func (param i32))) {VERSION} {RDMSR})")
+            .as_bytes(),
+    );
     assert!(
         e.contains("wasi.wat") && e.contains("not part of the msrwasm ABI"),
         "{e}"
@@ -86,14 +86,10 @@ fn unknown_import() {
 fn wrong_abi_version() {
     let e = refusal(
         "v2.wat",
-        format!(
-            "(module (func (export \"msrwasm_abi_version\") (result i32) i32.const 2) {RDMSR})"
-        )
-        .as_bytes(),
+        format!("(module (func (export \"msrwasm_abi_version\") (result i32) i32.const 2) {RDMSR})").as_bytes(),
     );
     assert!(
-        e.contains("v2.wat")
-            && e.contains("msrwasm_abi_version() returned 2; this host speaks ABI version 1"),
+        e.contains("v2.wat") && e.contains("msrwasm_abi_version() returned 2; this host speaks ABI version 1"),
         "{e}"
     );
 }
@@ -101,20 +97,11 @@ fn wrong_abi_version() {
 #[test]
 fn not_wasm_at_all() {
     let e = refusal("random.wasm", &[0x13, 0x37, 0xff, 0x00, 0x80, 0x81]);
-    assert!(
-        e.contains("random.wasm") && e.contains("not WebAssembly"),
-        "{e}"
-    );
+    assert!(e.contains("random.wasm") && e.contains("not WebAssembly"), "{e}");
     let e = refusal("truncated.wasm", b"\0asm\x01\x00\x00\x00\x01\x05");
-    assert!(
-        e.contains("truncated.wasm") && e.contains("not WebAssembly"),
-        "{e}"
-    );
+    assert!(e.contains("truncated.wasm") && e.contains("not WebAssembly"), "{e}");
     let e = refusal("empty.wasm", b"");
-    assert!(
-        e.contains("empty.wasm: not WebAssembly: the file is empty"),
-        "{e}"
-    );
+    assert!(e.contains("empty.wasm: not WebAssembly: the file is empty"), "{e}");
     let e = load_error(vec![PathBuf::from("/nonexistent/plugin.wasm")]);
     assert!(e.contains("/nonexistent/plugin.wasm: cannot read"), "{e}");
 }
@@ -125,10 +112,7 @@ fn unfilterable_claim() {
         return;
     }
     let claim = r#"(func (export "claim") (param i32) (result i64) (if (result i64) (i32.eqz (local.get 0)) (then (i64.const 0x0000080200000802)) (else (i64.const -1))))"#;
-    let e = refusal(
-        "x2apic.wat",
-        format!("(module {VERSION} {RDMSR} {claim})").as_bytes(),
-    );
+    let e = refusal("x2apic.wat", format!("(module {VERSION} {RDMSR} {claim})").as_bytes());
     assert!(
         e.contains("plugin `x2apic` claims 0x802-0x802") && e.contains("KVM cannot filter them"),
         "{e}"
@@ -156,10 +140,8 @@ fn init_refusal_and_bad_config() {
         policy: spec,
         trace: None,
         serial: Box::new(std::io::sink()),
+        watch: false,
     };
     let e = vm::run(config).expect_err("refused").to_string();
-    assert!(
-        e.contains("rapl.wat: init() refused the load with code 1"),
-        "{e}"
-    );
+    assert!(e.contains("rapl.wat: init() refused the load with code 1"), "{e}");
 }

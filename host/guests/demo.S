@@ -1,13 +1,13 @@
 /*
- * The built-in demo guest of `msrwasm demo`: every vCPU reads MSRs that KVM
- * does not model (core/thread count, RAPL energy), which the built-in
- * plugins answer; tries to write a read-only RAPL MSR (#GP from the
+ * The built-in demo guest of `msrwasm demo`: every vCPU reads, round after
+ * round, MSRs that KVM does not model (core/thread count, RAPL energy),
+ * which the built-in plugins answer (one of them is hot-swapped midway); tries to write a read-only RAPL MSR (#GP from the
  * plugin); reads an MSR no plugin knows (the VM's `unhandled = "log"`
  * policy answers 0); then halts. The VM ends when all vCPUs have halted.
  */
 #include "guest.inc"
 
-#define ROUNDS 6
+#define ROUNDS 8
 #define DELAY 150000
 
     .text
@@ -15,39 +15,34 @@
 _start:
     GUEST_START
 
-    LINE_BEGIN
-    PRINT "vcpu "
-    mov %r15, %rax
-    call putdig
-    PRINT ": MSR_CORE_THREAD_COUNT  (0x35)  = "
+    mov $ROUNDS, %r13
+round_loop:
     mov $0x35, %ecx
     rdmsr
     shl $32, %rdx
     or %rdx, %rax
-    call puthex
-    PRINT "   (cores << 16 | threads, from the manifest)\n"
-    LINE_END
-
-    mov $ROUNDS, %r13
-energy_loop:
+    mov %rax, %r12
     mov $0x611, %ecx
     rdmsr
     shl $32, %rdx
     or %rdx, %rax
-    mov %rax, %r12
+    mov %rax, %rbp
     LINE_BEGIN
     PRINT "vcpu "
     mov %r15, %rax
     call putdig
-    PRINT ": MSR_PKG_ENERGY_STATUS  (0x611) = "
+    PRINT ": MSR_CORE_THREAD_COUNT (0x35) = "
     mov %r12, %rax
     call puthex
-    PRINT "   (advances with host time at tdp_watts)\n"
+    PRINT "  MSR_PKG_ENERGY_STATUS (0x611) = "
+    mov %rbp, %rax
+    call puthex
+    PRINT "\n"
     LINE_END
     mov $DELAY, %rcx
     call delay
     dec %r13
-    jnz energy_loop
+    jnz round_loop
 
     RESET_GP
     mov $0x610, %ecx

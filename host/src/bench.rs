@@ -104,10 +104,7 @@ impl BenchReport {
             "end to end on KVM, 1 vCPU, {} RDMSR exits per round, median of {} rounds:\n",
             self.exits_per_round, self.rounds
         );
-        s += &format!(
-            "  native Rust handler   {:>10.0} exits/s\n",
-            self.native_exits_per_s
-        );
+        s += &format!("  native Rust handler   {:>10.0} exits/s\n", self.native_exits_per_s);
         s += &format!(
             "  trivial wasm plugin   {:>10.0} exits/s   wasm/native  = {:.3}\n",
             self.wasm_exits_per_s, self.wasm_vs_native
@@ -117,18 +114,9 @@ impl BenchReport {
             self.chain_exits_per_s, self.chain_vs_native
         );
         s += "dispatcher alone (synthetic exits, no KVM):\n";
-        s += &format!(
-            "  native                {:>8.1} ns/exit\n",
-            self.dispatch_native_ns
-        );
-        s += &format!(
-            "  one wasm plugin       {:>8.1} ns/exit\n",
-            self.dispatch_wasm_ns
-        );
-        s += &format!(
-            "  chain of 2 plugins    {:>8.1} ns/exit\n",
-            self.dispatch_chain_ns
-        );
+        s += &format!("  native                {:>8.1} ns/exit\n", self.dispatch_native_ns);
+        s += &format!("  one wasm plugin       {:>8.1} ns/exit\n", self.dispatch_wasm_ns);
+        s += &format!("  chain of 2 plugins    {:>8.1} ns/exit\n", self.dispatch_chain_ns);
         s += &format!(
             "scaling: wasm plugin on 2 vCPUs {:.0} exits/s = {:.2}x one vCPU\n",
             self.wasm_2vcpu_exits_per_s, self.scaling_2_vs_1
@@ -151,9 +139,7 @@ struct Files {
 
 impl Files {
     fn new() -> Result<Self, std::io::Error> {
-        let dir = tempfile::Builder::new()
-            .prefix("msrwasm-bench-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("msrwasm-bench-").tempdir()?;
         std::fs::write(dir.path().join("loop.elf"), LOOP_GUEST)?;
         std::fs::write(dir.path().join("answer.wat"), ANSWER_WAT)?;
         std::fs::write(dir.path().join("pass.wat"), PASS_WAT)?;
@@ -179,15 +165,14 @@ impl Files {
             policy: self.policy(answerer),
             trace: None,
             serial: Box::new(std::io::sink()),
+            watch: false,
         };
         let mut vm = Vm::new(config)?;
         if let Answerer::Native = answerer {
             vm = vm.with_native_msr(native_answer);
         }
         let report = vm.run()?;
-        if report.end != VmEnd::AllHalted
-            || report.total().rdmsr != LOOP_ITERATIONS * u64::from(vcpus)
-        {
+        if report.end != VmEnd::AllHalted || report.total().rdmsr != LOOP_ITERATIONS * u64::from(vcpus) {
             return Err(BenchError::Guest(report.end));
         }
         Ok(report.total().rdmsr as f64 / report.elapsed.as_secs_f64())
@@ -220,10 +205,7 @@ fn dispatch_ns(files: &Files, answerer: Answerer, n: u64) -> Result<f64, BenchEr
         .map(|s| Plugin::load(s.clone(), &state).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()
         .map_err(PolicyError::from)?;
-    let cell = Arc::new(PolicyCell::new(Arc::new(Policy::from_plugins(
-        plugins,
-        Unhandled::Gp,
-    )?)));
+    let cell = Arc::new(PolicyCell::new(Arc::new(Policy::from_plugins(plugins, Unhandled::Gp)?)));
     let io = Arc::new(IoBus::new(Box::new(std::io::sink())));
     let mut handler = ExitHandler::new(0, cell, io, None, Instant::now());
     if let Answerer::Native = answerer {
@@ -247,10 +229,7 @@ fn dispatch_ns(files: &Files, answerer: Answerer, n: u64) -> Result<f64, BenchEr
 }
 
 /// Runs every measurement; `progress` hears what is being measured.
-pub fn run(
-    options: BenchOptions,
-    mut progress: impl FnMut(&str),
-) -> Result<BenchReport, BenchError> {
+pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchReport, BenchError> {
     let files = Files::new()?;
     let rounds = options.rounds.max(1);
     let (mut native, mut wasm, mut chain, mut two) = (vec![], vec![], vec![], vec![]);

@@ -16,7 +16,10 @@ use msrwasm::vm::{self, VmConfig};
 #[command(name = "msrwasm", version, about, long_about, propagate_version = true)]
 struct Cli {
     /// Host log level (error, warn, info, debug, trace), or a tracing filter
-    /// such as `msrwasm=debug`. Logs go to standard error.
+    /// such as `msrwasm=debug`. Logs go to standard error. `info` shows every
+    /// hot-reload attempt (file, old and new content hash, compile time,
+    /// result); `debug` also prints every MSR access with the plugin and
+    /// plugin version that answered it.
     #[arg(long, global = true, default_value = "warn", env = "MSRWASM_LOG")]
     log: String,
 
@@ -80,6 +83,12 @@ struct RunArgs {
     /// Write one JSON line per MSR access to this file.
     #[arg(long)]
     trace: Option<PathBuf>,
+    /// Do not watch the manifest and plugin files. By default a changed
+    /// file is validated and, if good, takes over on the running VM at each
+    /// vCPU's next MSR exit; a bad one is refused and the running version
+    /// stays.
+    #[arg(long)]
+    no_watch: bool,
     /// The guest image.
     guest: PathBuf,
 }
@@ -96,7 +105,12 @@ const STATUS_USAGE: i32 = 2;
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+    // A bare level is msrwasm's; dependencies (cranelift is chatty) stay at warn.
+    let directives = match cli.log.as_str() {
+        level @ ("error" | "warn" | "info" | "debug" | "trace") => format!("warn,msrwasm={level}"),
+        other => other.to_owned(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -127,6 +141,7 @@ fn run(args: RunArgs) -> Result<i32> {
         policy,
         trace: args.trace,
         serial: Box::new(std::io::stdout()),
+        watch: !args.no_watch,
     };
     run_vm(config)
 }

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod demo;
 pub mod plugin;
 pub mod policy;
+pub mod reload;
 mod sys;
 pub mod trace;
 pub mod vm;

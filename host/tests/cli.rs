@@ -36,10 +36,7 @@ fn refused(args: &[&str], needle: &str) {
     let o = msrwasm(args);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-    assert!(
-        err.contains(needle),
-        "{args:?}: expected {needle:?} in:\n{err}"
-    );
+    assert!(err.contains(needle), "{args:?}: expected {needle:?} in:\n{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -78,20 +75,14 @@ fn bad_guest_images() {
     std::fs::write(&empty, b"").unwrap();
     refused(&["run", empty.to_str().unwrap()], "is empty");
     let huge = d.join("huge.bin");
-    std::fs::File::create(&huge)
-        .unwrap()
-        .set_len(4 << 30)
-        .unwrap();
+    std::fs::File::create(&huge).unwrap().set_len(4 << 30).unwrap();
     refused(
         &["run", "--mem", "64", huge.to_str().unwrap()],
         "does not fit in guest memory",
     );
     let bad_elf = d.join("bad.elf");
     std::fs::write(&bad_elf, b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0").unwrap();
-    refused(
-        &["run", bad_elf.to_str().unwrap()],
-        "not a usable ELF executable",
-    );
+    refused(&["run", bad_elf.to_str().unwrap()], "not a usable ELF executable");
 }
 
 #[test]
@@ -99,10 +90,7 @@ fn bad_numbers_and_conflicting_options() {
     refused(&["run", "--vcpus", "0", "g"], "--vcpus");
     refused(&["run", "--vcpus", "many", "g"], "invalid value 'many'");
     refused(&["run", "--mem", "1", "g"], "--mem");
-    refused(
-        &["run", "--unhandled", "explode", "g"],
-        "invalid value 'explode'",
-    );
+    refused(&["run", "--unhandled", "explode", "g"], "invalid value 'explode'");
     refused(
         &["run", "--manifest", "m.toml", "--plugin", "p.wat", "g"],
         "cannot be used with",
@@ -123,10 +111,7 @@ fn bad_manifests_and_plugins() {
         "vm.toml:4: key `plugin.path` of plugin `x`: no such file",
     );
     std::fs::write(&manifest, "unhandled = \n").unwrap();
-    refused(
-        &["run", "--manifest", manifest.to_str().unwrap(), "g"],
-        "vm.toml:1:",
-    );
+    refused(&["run", "--manifest", manifest.to_str().unwrap(), "g"], "vm.toml:1:");
     let plugin = dir.path().join("junk.wasm");
     std::fs::write(&plugin, [0xde, 0xad, 0xbe, 0xef]).unwrap();
     refused(
@@ -147,31 +132,35 @@ fn demo_runs_by_itself_and_summarises() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
     for vcpu in ["vcpu 0", "vcpu 1"] {
-        assert!(
-            out.contains(&format!(
-                "{vcpu}: MSR_CORE_THREAD_COUNT  (0x35)  = 0x0000000000020004"
-            )),
-            "{out}"
-        );
-        assert_eq!(
-            out.matches(&format!("{vcpu}: MSR_PKG_ENERGY_STATUS"))
-                .count(),
-            6,
-            "{out}"
-        );
-        assert!(
-            out.contains(&format!(
-                "{vcpu}: WRMSR MSR_PKG_POWER_LIMIT (0x610) -> #GP count 0x0000000000000001"
-            )),
-            "{out}"
-        );
+        // Every round shows the topology; the hot swap replaces 0x20004
+        // (2 cores, 4 threads) with 0x20002 (SMT hidden) for good.
+        let rounds: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with(&format!("{vcpu}: MSR_CORE_THREAD_COUNT")))
+            .map(|l| match l {
+                _ if l.contains("= 0x0000000000020004") => "smt",
+                _ if l.contains("= 0x0000000000020002") => "nosmt",
+                _ => l,
+            })
+            .collect();
+        assert_eq!(rounds.len(), 8, "{out}");
+        let swapped_at = rounds
+            .iter()
+            .position(|r| *r == "nosmt")
+            .unwrap_or_else(|| panic!("no swap seen:\n{out}"));
+        assert!(swapped_at > 0, "the first rounds run the original version:\n{out}");
+        assert!(rounds[..swapped_at].iter().all(|r| *r == "smt"), "{out}");
+        assert!(rounds[swapped_at..].iter().all(|r| *r == "nosmt"), "{out}");
+        let gp = format!("{vcpu}: WRMSR MSR_PKG_POWER_LIMIT (0x610) -> #GP count 0x0000000000000001");
+        assert!(out.contains(&gp), "{out}");
     }
     assert!(
-        err.contains("all vCPUs halted") && err.contains("plugin rapl: 12 handled, 2 fault"),
+        err.contains("all vCPUs halted") && err.contains("plugin rapl: 16 handled, 2 fault"),
         "{err}"
     );
+    assert!(err.contains("hot reload: 1 applied, 0 refused"), "{err}");
     let lines = std::fs::read_to_string(&trace).unwrap().lines().count();
-    assert_eq!(lines, 18, "2 vCPUs x (1 + 6 + 1 + 1) accesses");
+    assert_eq!(lines, 36, "2 vCPUs x (8 rounds x 2 + 1 + 1) accesses");
 }
 
 #[test]

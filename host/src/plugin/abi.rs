@@ -53,9 +53,8 @@ pub struct Shape {
 
 /// Renders a function type the way the ABI document does: `(i32, i64) -> i32`.
 pub fn signature(ty: &FuncType) -> String {
-    let list = |it: &mut dyn Iterator<Item = wasmtime::ValType>| {
-        it.map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
-    };
+    let list =
+        |it: &mut dyn Iterator<Item = wasmtime::ValType>| it.map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
     let params = list(&mut ty.params());
     let results: Vec<String> = ty.results().map(|v| v.to_string()).collect();
     let results = match results.len() {
@@ -89,9 +88,7 @@ pub fn check_shape(module: &Module) -> Result<Shape, String> {
         };
         let got = signature(&ty);
         if got != *want {
-            return Err(format!(
-                "export `{name}` has type {got}, ABI v1 requires {want}"
-            ));
+            return Err(format!("export `{name}` has type {got}, ABI v1 requires {want}"));
         }
         match name {
             "msrwasm_abi_version" => has_version = true,
@@ -128,28 +125,20 @@ pub fn check_shape(module: &Module) -> Result<Shape, String> {
         };
         let got = signature(&ty);
         if got != *want {
-            return Err(format!(
-                "import `msr.{name}` has type {got}, ABI v1 defines {want}"
-            ));
+            return Err(format!("import `msr.{name}` has type {got}, ABI v1 defines {want}"));
         }
         if name == "log" || name == "config" {
             needs_memory = Some(name);
         }
     }
     if let (Some(name), false) = (needs_memory, has_memory) {
-        return Err(format!(
-            "imports `msr.{name}` but does not export its `memory`"
-        ));
+        return Err(format!("imports `msr.{name}` but does not export its `memory`"));
     }
     Ok(shape)
 }
 
 fn import_names() -> String {
-    IMPORTS
-        .iter()
-        .map(|(n, _)| *n)
-        .collect::<Vec<_>>()
-        .join(", ")
+    IMPORTS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
 }
 
 /// Unpacks one `claim` result: `(first << 32) | last`, inclusive.
@@ -157,9 +146,7 @@ pub fn unpack_claim(packed: i64) -> Result<(u32, u32), String> {
     let first = (packed as u64 >> 32) as u32;
     let last = packed as u64 as u32;
     if first > last {
-        return Err(format!(
-            "claim {packed:#x} is reversed ({first:#x} > {last:#x})"
-        ));
+        return Err(format!("claim {packed:#x} is reversed ({first:#x} > {last:#x})"));
     }
     Ok((first, last))
 }
@@ -189,17 +176,16 @@ mod tests {
               (func (export "rdmsr") (param i64) (result i32) i32.const 2))"#,
         )
         .unwrap_err();
-        assert_eq!(
-            e,
-            "export `rdmsr` has type (i64) -> i32, ABI v1 requires (i32) -> i32"
-        );
+        assert_eq!(e, "export `rdmsr` has type (i64) -> i32, ABI v1 requires (i32) -> i32");
     }
 
     #[test]
     fn names_foreign_imports_and_missing_memory() {
-        let e = shape_of(r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+        let e = shape_of(
+            r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
               (func (export "msrwasm_abi_version") (result i32) i32.const 1)
-              (func (export "rdmsr") (param i32) (result i32) i32.const 2))"#)
+              (func (export "rdmsr") (param i32) (result i32) i32.const 2))"#,
+        )
         .unwrap_err();
         assert!(e.contains("`wasi_snapshot_preview1.fd_write`"), "{e}");
         let e = shape_of(

@@ -86,12 +86,7 @@ fn clock_origin() -> Instant {
 
 /// Reads a UTF-8 string from the caller's exported memory; a bad pointer or
 /// length is the plugin's error, so it traps.
-fn read_string(
-    caller: &mut Caller<'_, PluginCtx>,
-    ptr: i32,
-    len: i32,
-    what: &str,
-) -> wasmtime::Result<String> {
+fn read_string(caller: &mut Caller<'_, PluginCtx>, ptr: i32, len: i32, what: &str) -> wasmtime::Result<String> {
     let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
         return Err(wasmtime::Error::msg(format!(
             "msr.{what}: the plugin exports no memory"
@@ -106,13 +101,8 @@ fn read_string(
     let bytes = memory
         .data(&*caller)
         .get(ptr..ptr.saturating_add(len))
-        .ok_or_else(|| {
-            wasmtime::Error::msg(format!(
-                "msr.{what}: pointer {ptr:#x}+{len} is outside linear memory"
-            ))
-        })?;
-    String::from_utf8(bytes.to_vec())
-        .map_err(|_| wasmtime::Error::msg(format!("msr.{what}: string is not UTF-8")))
+        .ok_or_else(|| wasmtime::Error::msg(format!("msr.{what}: pointer {ptr:#x}+{len} is outside linear memory")))?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| wasmtime::Error::msg(format!("msr.{what}: string is not UTF-8")))
 }
 
 /// The linker every plugin is instantiated with.
@@ -123,40 +113,28 @@ pub(super) fn linker() -> &'static Linker<PluginCtx> {
 
 fn build_linker() -> wasmtime::Result<Linker<PluginCtx>> {
     let mut l = Linker::new(engine());
-    l.func_wrap(
-        "msr",
-        "reply",
-        |mut c: Caller<'_, PluginCtx>, value: i64| {
-            let ctx = c.data_mut();
-            if !ctx.in_rdmsr {
-                return Err(wasmtime::Error::msg("msr.reply called outside rdmsr"));
-            }
-            ctx.reply = Some(value as u64);
-            Ok(())
-        },
-    )?;
-    l.func_wrap("msr", "vcpu", |c: Caller<'_, PluginCtx>| {
-        c.data().vcpu as i32
+    l.func_wrap("msr", "reply", |mut c: Caller<'_, PluginCtx>, value: i64| {
+        let ctx = c.data_mut();
+        if !ctx.in_rdmsr {
+            return Err(wasmtime::Error::msg("msr.reply called outside rdmsr"));
+        }
+        ctx.reply = Some(value as u64);
+        Ok(())
     })?;
-    l.func_wrap("msr", "reason", |c: Caller<'_, PluginCtx>| {
-        c.data().reason as i32
-    })?;
+    l.func_wrap("msr", "vcpu", |c: Caller<'_, PluginCtx>| c.data().vcpu as i32)?;
+    l.func_wrap("msr", "reason", |c: Caller<'_, PluginCtx>| c.data().reason as i32)?;
     l.func_wrap("msr", "now_ns", |_: Caller<'_, PluginCtx>| {
         clock_origin().elapsed().as_nanos() as i64
     })?;
     l.func_wrap("msr", "state_get", |c: Caller<'_, PluginCtx>, key: i32| {
         c.data().state.get(key)
     })?;
-    l.func_wrap(
-        "msr",
-        "state_set",
-        |c: Caller<'_, PluginCtx>, key: i32, v: i64| c.data().state.set(key, v),
-    )?;
-    l.func_wrap(
-        "msr",
-        "state_add",
-        |c: Caller<'_, PluginCtx>, key: i32, d: i64| c.data().state.add(key, d),
-    )?;
+    l.func_wrap("msr", "state_set", |c: Caller<'_, PluginCtx>, key: i32, v: i64| {
+        c.data().state.set(key, v)
+    })?;
+    l.func_wrap("msr", "state_add", |c: Caller<'_, PluginCtx>, key: i32, d: i64| {
+        c.data().state.add(key, d)
+    })?;
     l.func_wrap(
         "msr",
         "config",

@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use sha2::{Digest, Sha256};
-use wasmtime::{
-    Config, Engine, InstancePre, Module, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc,
-};
+use wasmtime::{Config, Engine, InstancePre, Module, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc};
 
 pub use abi::Shape;
 use imports::PluginCtx;
@@ -44,11 +42,7 @@ pub fn fuel_per_us() -> u64 {
     *RATE.get_or_init(|| {
         const PROBE_FUEL: u64 = 4_000_000;
         let measure = || -> Option<u64> {
-            let module = Module::new(
-                engine(),
-                "(module (func (export \"spin\") (loop $l (br $l))))",
-            )
-            .ok()?;
+            let module = Module::new(engine(), "(module (func (export \"spin\") (loop $l (br $l))))").ok()?;
             let mut store = Store::new(engine(), ());
             store.set_fuel(PROBE_FUEL).ok()?;
             let instance = wasmtime::Instance::new(&mut store, &module, &[]).ok()?;
@@ -111,10 +105,7 @@ impl PluginSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("plugin {}: cannot read: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("plugin {}: content sha256 {actual} does not match the pinned sha256 {expected}", path.display())]
     Sha256Mismatch {
         path: PathBuf,
@@ -166,10 +157,7 @@ impl std::fmt::Debug for Plugin {
 
 /// Hex SHA-256 of a plugin file's content: its version identity.
 pub fn content_hash(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Plugin {
@@ -183,11 +171,26 @@ impl Plugin {
         Self::from_bytes(settings, &bytes, state)
     }
 
+    /// As [`Plugin::load`], reusing a compiled module of the same content
+    /// from `cache` (and adding to it).
+    pub fn load_cached(settings: PluginSettings, state: &StateStore, cache: &ModuleCache) -> Result<Self, LoadError> {
+        let bytes = std::fs::read(&settings.path).map_err(|source| LoadError::Read {
+            path: settings.path.clone(),
+            source,
+        })?;
+        Self::build(settings, &bytes, state, Some(cache))
+    }
+
     /// As [`Plugin::load`], from bytes already read (`settings.path` names them).
-    pub fn from_bytes(
+    pub fn from_bytes(settings: PluginSettings, bytes: &[u8], state: &StateStore) -> Result<Self, LoadError> {
+        Self::build(settings, bytes, state, None)
+    }
+
+    fn build(
         settings: PluginSettings,
         bytes: &[u8],
         state: &StateStore,
+        cache: Option<&ModuleCache>,
     ) -> Result<Self, LoadError> {
         let path = settings.path.clone();
         let sha256 = content_hash(bytes);
@@ -200,17 +203,24 @@ impl Plugin {
                 actual: sha256,
             });
         }
-        let module = compile(&path, bytes)?;
+        let module = match cache.and_then(|c| c.get(&sha256)) {
+            Some(module) => module,
+            None => {
+                let module = compile(&path, bytes)?;
+                if let Some(cache) = cache {
+                    cache.insert(&sha256, &module);
+                }
+                module
+            }
+        };
         let shape = abi::check_shape(&module).map_err(|reason| LoadError::Abi {
             path: path.clone(),
             reason,
         })?;
-        let pre = imports::linker()
-            .instantiate_pre(&module)
-            .map_err(|e| LoadError::Abi {
-                path: path.clone(),
-                reason: format!("{e:#}"),
-            })?;
+        let pre = imports::linker().instantiate_pre(&module).map_err(|e| LoadError::Abi {
+            path: path.clone(),
+            reason: format!("{e:#}"),
+        })?;
         let mut plugin = Self {
             state: state.scope(&settings.name),
             config: Arc::new(settings.config.clone()),
@@ -263,20 +273,16 @@ impl Plugin {
                 if n == abi::MAX_CLAIM_RANGES {
                     return Err(LoadError::Claim {
                         path: path.clone(),
-                        reason: format!(
-                            "more than {} ranges (the list must end with -1)",
-                            abi::MAX_CLAIM_RANGES
-                        ),
+                        reason: format!("more than {} ranges (the list must end with -1)", abi::MAX_CLAIM_RANGES),
                     });
                 }
-                ranges.push(
-                    abi::unpack_claim(packed).map_err(|reason| LoadError::Claim {
-                        path: path.clone(),
-                        reason,
-                    })?,
-                );
+                ranges.push(abi::unpack_claim(packed).map_err(|reason| LoadError::Claim {
+                    path: path.clone(),
+                    reason,
+                })?);
             }
-            self.claims = Some(ranges);
+            // An empty list means what no export means: a catch-all.
+            self.claims = (!ranges.is_empty()).then_some(ranges);
         }
         Ok(())
     }
@@ -286,10 +292,7 @@ impl Plugin {
         self.settings.timeout_us.saturating_mul(fuel_per_us())
     }
 
-    fn instantiate_raw(
-        &self,
-        vcpu: u32,
-    ) -> Result<(Store<PluginCtx>, wasmtime::Instance), LoadError> {
+    fn instantiate_raw(&self, vcpu: u32) -> Result<(Store<PluginCtx>, wasmtime::Instance), LoadError> {
         let limits = self.store_limits();
         let ctx = PluginCtx::new(
             &self.settings.name,
@@ -302,14 +305,11 @@ impl Plugin {
         store.limiter(|ctx| &mut ctx.limits);
         // A start function runs during instantiation: it gets the same budget.
         set_fuel(&mut store, self.fuel());
-        let instance = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| LoadError::Instantiate {
-                path: self.settings.path.clone(),
-                what: "instantiation",
-                reason: describe_trap(&e),
-            })?;
+        let instance = self.pre.instantiate(&mut store).map_err(|e| LoadError::Instantiate {
+            path: self.settings.path.clone(),
+            what: "instantiation",
+            reason: describe_trap(&e),
+        })?;
         Ok((store, instance))
     }
 
@@ -324,11 +324,7 @@ impl Plugin {
             .build()
     }
 
-    fn run_init(
-        &self,
-        store: &mut Store<PluginCtx>,
-        instance: &wasmtime::Instance,
-    ) -> Result<(), LoadError> {
+    fn run_init(&self, store: &mut Store<PluginCtx>, instance: &wasmtime::Instance) -> Result<(), LoadError> {
         if !self.shape.init {
             return Ok(());
         }
@@ -365,12 +361,10 @@ impl Plugin {
             .wrmsr
             .then(|| instance.get_typed_func(&mut store, "wrmsr"))
             .transpose();
-        let (rdmsr, wrmsr) = rdmsr
-            .and_then(|r| Ok((r, wrmsr?)))
-            .map_err(|e| LoadError::Abi {
-                path: self.settings.path.clone(),
-                reason: format!("{e:#}"),
-            })?;
+        let (rdmsr, wrmsr) = rdmsr.and_then(|r| Ok((r, wrmsr?))).map_err(|e| LoadError::Abi {
+            path: self.settings.path.clone(),
+            reason: format!("{e:#}"),
+        })?;
         Ok(PluginInstance {
             plugin: self.clone(),
             store,
@@ -408,6 +402,41 @@ impl Plugin {
 
 fn set_fuel<T>(store: &mut Store<T>, fuel: u64) {
     store.set_fuel(fuel).expect("fuel is enabled on the engine");
+}
+
+/// Compiled modules by content hash, so that content seen before (a
+/// rollback, a file touched without change) goes live without compiling.
+/// In memory only; the oldest entries go first.
+#[derive(Default)]
+pub struct ModuleCache {
+    modules: std::sync::Mutex<std::collections::VecDeque<(String, Module)>>,
+}
+
+impl ModuleCache {
+    /// Modules kept at most.
+    pub const CAPACITY: usize = 64;
+
+    fn get(&self, sha256: &str) -> Option<Module> {
+        let modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        modules.iter().find(|(h, _)| h == sha256).map(|(_, m)| m.clone())
+    }
+
+    fn insert(&self, sha256: &str, module: &Module) {
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if modules.len() == Self::CAPACITY {
+            modules.pop_front();
+        }
+        modules.push_back((sha256.to_owned(), module.clone()));
+    }
+
+    /// Number of modules held.
+    pub fn len(&self) -> usize {
+        self.modules.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 fn compile(path: &Path, bytes: &[u8]) -> Result<Module, LoadError> {
@@ -509,9 +538,7 @@ fn into_answer(status: wasmtime::Result<i32>) -> Result<Answer, CallError> {
         Ok(abi::STATUS_FAULT) => Ok(Answer::Fault),
         Ok(abi::STATUS_PASS) => Ok(Answer::Pass),
         Ok(other) => Err(CallError::BadStatus(other)),
-        Err(e) if matches!(e.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) => {
-            Err(CallError::Timeout)
-        }
+        Err(e) if matches!(e.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) => Err(CallError::Timeout),
         Err(e) => Err(CallError::Trap(describe_trap(&e))),
     }
 }

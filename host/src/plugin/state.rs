@@ -15,12 +15,7 @@ impl StateStore {
     /// The store private to plugin `name`; the same scope for every version
     /// of that plugin, so values survive reloads.
     pub fn scope(&self, name: &str) -> Arc<StateScope> {
-        if let Some(scope) = self
-            .scopes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-        {
+        if let Some(scope) = self.scopes.read().unwrap_or_else(|e| e.into_inner()).get(name) {
             return scope.clone();
         }
         let mut scopes = self.scopes.write().unwrap_or_else(|e| e.into_inner());
@@ -37,12 +32,7 @@ pub struct StateScope {
 
 impl StateScope {
     fn slot(&self, key: i32) -> Arc<AtomicI64> {
-        if let Some(slot) = self
-            .keys
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
+        if let Some(slot) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return slot.clone();
         }
         self.keys
@@ -67,9 +57,7 @@ impl StateScope {
 
     /// Atomic add; returns the new value (wrapping, as wasm i64 arithmetic).
     pub fn add(&self, key: i32, delta: i64) -> i64 {
-        self.slot(key)
-            .fetch_add(delta, Ordering::SeqCst)
-            .wrapping_add(delta)
+        self.slot(key).fetch_add(delta, Ordering::SeqCst).wrapping_add(delta)
     }
 }
 

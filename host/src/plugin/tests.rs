@@ -1,11 +1,7 @@
 use super::*;
 
 /// A plugin from WAT text with default settings.
-pub(crate) fn wat_plugin(
-    name: &str,
-    wat: &str,
-    state: &StateStore,
-) -> Result<Arc<Plugin>, LoadError> {
+pub(crate) fn wat_plugin(name: &str, wat: &str, state: &StateStore) -> Result<Arc<Plugin>, LoadError> {
     let settings = PluginSettings::new(name, format!("{name}.wat"));
     Plugin::from_bytes(settings, wat.as_bytes(), state).map(Arc::new)
 }
@@ -29,11 +25,7 @@ fn handled_reads_return_the_replied_value() {
         r#"(func (export "rdmsr") (param i32) (result i32) (call $reply (i64.extend_i32_u (local.get 0))) i32.const 0)"#,
     );
     assert_eq!(i.rdmsr(0xc000_0080, 2), Ok(Answer::Handled(0xc000_0080)));
-    assert_eq!(
-        i.wrmsr(1, 2, 2),
-        Ok(Answer::Pass),
-        "no wrmsr export means PASS"
-    );
+    assert_eq!(i.wrmsr(1, 2, 2), Ok(Answer::Pass), "no wrmsr export means PASS");
 }
 
 #[test]
@@ -53,9 +45,7 @@ fn plugin_errors_are_classified() {
 
 #[test]
 fn an_endless_loop_is_cut_off_by_the_budget() {
-    let mut i = instance(
-        r#"(func (export "rdmsr") (param i32) (result i32) (loop $l (br $l)) i32.const 2)"#,
-    );
+    let mut i = instance(r#"(func (export "rdmsr") (param i32) (result i32) (loop $l (br $l)) i32.const 2)"#);
     let t = std::time::Instant::now();
     assert_eq!(i.rdmsr(1, 2), Err(CallError::Timeout));
     assert!(t.elapsed() < std::time::Duration::from_secs(5));
@@ -82,19 +72,12 @@ fn config_vcpu_reason_and_state_reach_the_plugin() {
     let mut settings = PluginSettings::new("cfg", "cfg.wat");
     settings.config.insert("watts".into(), 95);
     let plugin = Arc::new(Plugin::from_bytes(settings, wat.as_bytes(), &state).unwrap());
-    let (mut a, mut b) = (
-        plugin.instantiate(0).unwrap(),
-        plugin.instantiate(3).unwrap(),
-    );
+    let (mut a, mut b) = (plugin.instantiate(0).unwrap(), plugin.instantiate(3).unwrap());
     assert_eq!(a.rdmsr(1, 2), Ok(Answer::Handled(95)));
     assert_eq!(b.rdmsr(2, 2), Ok(Answer::Handled(3)));
     assert_eq!(a.rdmsr(3, 4), Ok(Answer::Handled(4)));
     assert_eq!(a.rdmsr(9, 2), Ok(Answer::Handled(1)));
-    assert_eq!(
-        b.rdmsr(9, 2),
-        Ok(Answer::Handled(2)),
-        "state is shared between vCPUs"
-    );
+    assert_eq!(b.rdmsr(9, 2), Ok(Answer::Handled(2)), "state is shared between vCPUs");
     assert_eq!(state.scope("cfg").get(5), 2);
 }
 
@@ -107,9 +90,7 @@ fn bad_pointers_to_log_trap() {
         .unwrap()
         .instantiate(0)
         .unwrap();
-    assert!(
-        matches!(i.rdmsr(1, 2), Err(CallError::Trap(m)) if m.contains("outside linear memory"))
-    );
+    assert!(matches!(i.rdmsr(1, 2), Err(CallError::Trap(m)) if m.contains("outside linear memory")));
 }
 
 #[test]
@@ -132,9 +113,7 @@ fn load_errors_name_the_file_and_the_problem() {
     )
     .unwrap_err();
     assert!(
-        bytes
-            .to_string()
-            .starts_with("plugin x.wasm: not WebAssembly"),
+        bytes.to_string().starts_with("plugin x.wasm: not WebAssembly"),
         "{bytes}"
     );
 }
@@ -166,8 +145,7 @@ fn sha256_pins_content() {
     let wat = module(r#"(func (export "rdmsr") (param i32) (result i32) i32.const 2)"#);
     let mut settings = PluginSettings::new("p", "p.wat");
     settings.sha256 = Some("0".repeat(64));
-    let e =
-        Plugin::from_bytes(settings.clone(), wat.as_bytes(), &StateStore::default()).unwrap_err();
+    let e = Plugin::from_bytes(settings.clone(), wat.as_bytes(), &StateStore::default()).unwrap_err();
     assert!(e.to_string().contains("does not match the pinned sha256"));
     settings.sha256 = Some(content_hash(wat.as_bytes()).to_ascii_uppercase());
     assert!(Plugin::from_bytes(settings, wat.as_bytes(), &StateStore::default()).is_ok());

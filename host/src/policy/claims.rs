@@ -17,11 +17,7 @@ impl ClaimTable {
         let mut cuts: Vec<u64> = claims
             .iter()
             .flatten()
-            .flat_map(|ranges| {
-                ranges
-                    .iter()
-                    .flat_map(|&(f, l)| [u64::from(f), u64::from(l) + 1])
-            })
+            .flat_map(|ranges| ranges.iter().flat_map(|&(f, l)| [u64::from(f), u64::from(l) + 1]))
             .collect();
         cuts.sort_unstable();
         cuts.dedup();
@@ -38,16 +34,11 @@ impl ClaimTable {
                 continue;
             }
             match segments.last_mut() {
-                Some(prev) if prev.1.checked_add(1) == Some(first) && prev.2 == askers => {
-                    prev.1 = last
-                }
+                Some(prev) if prev.1.checked_add(1) == Some(first) && prev.2 == askers => prev.1 = last,
                 _ => segments.push((first, last, askers)),
             }
         }
-        Self {
-            segments,
-            catch_all,
-        }
+        Self { segments, catch_all }
     }
 
     /// The plugins to ask about `index`, in file order.

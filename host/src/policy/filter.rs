@@ -19,11 +19,7 @@ pub enum FilterError {
     #[error(
         "plugin `{plugin}` claims {first:#x}-{last:#x}, which overlaps the x2APIC MSRs 0x800-0x8ff: KVM cannot filter them"
     )]
-    X2apic {
-        plugin: String,
-        first: u32,
-        last: u32,
-    },
+    X2apic { plugin: String, first: u32, last: u32 },
     #[error(
         "the claims need {needed} filter ranges of at most {MAX_RANGE_MSRS:#x} MSRs each, KVM allows {MAX_RANGES}: claim fewer or closer MSRs"
     )]
@@ -49,9 +45,7 @@ pub struct FilterPlan {
 
 impl FilterPlan {
     /// `claims` pairs a plugin name with one of its inclusive ranges.
-    pub fn build<'a>(
-        claims: impl IntoIterator<Item = (&'a str, (u32, u32))>,
-    ) -> Result<Self, FilterError> {
+    pub fn build<'a>(claims: impl IntoIterator<Item = (&'a str, (u32, u32))>) -> Result<Self, FilterError> {
         let mut ranges: Vec<(u32, u32)> = Vec::new();
         for (plugin, (first, last)) in claims {
             if first <= X2APIC.1 && last >= X2APIC.0 {
@@ -92,9 +86,7 @@ impl FilterPlan {
             }
         }
         if windows.len() > MAX_RANGES {
-            return Err(FilterError::TooManyRanges {
-                needed: windows.len(),
-            });
+            return Err(FilterError::TooManyRanges { needed: windows.len() });
         }
         for w in &mut windows {
             w.bitmap.truncate(w.count.div_ceil(8) as usize);
@@ -133,12 +125,7 @@ mod tests {
 
     #[test]
     fn nearby_claims_share_one_window() {
-        let plan = FilterPlan::build([
-            ("a", (0x606, 0x606)),
-            ("a", (0x610, 0x61f)),
-            ("b", (0x35, 0x35)),
-        ])
-        .unwrap();
+        let plan = FilterPlan::build([("a", (0x606, 0x606)), ("a", (0x610, 0x61f)), ("b", (0x35, 0x35))]).unwrap();
         assert_eq!(plan.windows.len(), 1);
         for msr in [0x35, 0x606, 0x610, 0x61f] {
             assert!(plan.denies(msr), "{msr:#x}");
@@ -150,31 +137,19 @@ mod tests {
 
     #[test]
     fn distant_claims_get_windows_and_seventeen_is_too_many() {
-        let far: Vec<_> = (0..16u32)
-            .map(|i| ("p", (i * 0x10_0000, i * 0x10_0000)))
-            .collect();
+        let far: Vec<_> = (0..16u32).map(|i| ("p", (i * 0x10_0000, i * 0x10_0000))).collect();
         assert_eq!(FilterPlan::build(far.clone()).unwrap().windows.len(), 16);
         let mut more = far;
         more.push(("p", (0xf000_0000, 0xf000_0000)));
-        assert_eq!(
-            FilterPlan::build(more),
-            Err(FilterError::TooManyRanges { needed: 17 })
-        );
+        assert_eq!(FilterPlan::build(more), Err(FilterError::TooManyRanges { needed: 17 }));
     }
 
     #[test]
     fn wide_claims_span_several_windows_and_reach_u32_max() {
         let plan = FilterPlan::build([("p", (0xffff_0000, u32::MAX))]).unwrap();
-        assert_eq!(
-            plan.windows.len(),
-            0x1_0000usize.div_ceil(MAX_RANGE_MSRS as usize)
-        );
+        assert_eq!(plan.windows.len(), 0x1_0000usize.div_ceil(MAX_RANGE_MSRS as usize));
         assert!(plan.denies(u32::MAX) && plan.denies(0xffff_0000) && !plan.denies(0xfffe_ffff));
-        assert!(
-            plan.windows
-                .iter()
-                .all(|w| w.bitmap.len() <= MAX_BITMAP_BYTES as usize)
-        );
+        assert!(plan.windows.iter().all(|w| w.bitmap.len() <= MAX_BITMAP_BYTES as usize));
     }
 
     #[test]

@@ -11,9 +11,7 @@ use toml::Spanned;
 use crate::plugin::{OnError, PluginSettings};
 
 /// What happens to a deflected access that no plugin answers.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Unhandled {
     /// Inject #GP, as KVM does by default.
@@ -30,6 +28,8 @@ pub enum Unhandled {
 pub struct PolicySpec {
     pub unhandled: Unhandled,
     pub plugins: Vec<PluginSettings>,
+    /// The manifest this came from, if any (watched for hot reload).
+    pub manifest: Option<PathBuf>,
 }
 
 /// A manifest refused: where, which key, and why.
@@ -89,18 +89,14 @@ impl PolicySpec {
             line: span.map(|s| line_of(text, s.start)),
             message,
         };
-        let raw: RawManifest =
-            toml::from_str(text).map_err(|e| err(e.span(), e.message().trim().to_owned()))?;
+        let raw: RawManifest = toml::from_str(text).map_err(|e| err(e.span(), e.message().trim().to_owned()))?;
         let base = file.parent().unwrap_or(Path::new("."));
         let mut names = HashSet::new();
         let mut plugins = Vec::new();
         for p in raw.plugin {
             let name = p.name.get_ref().trim();
             if name.is_empty() {
-                return Err(err(
-                    Some(p.name.span()),
-                    "key `plugin.name`: must not be empty".into(),
-                ));
+                return Err(err(Some(p.name.span()), "key `plugin.name`: must not be empty".into()));
             }
             if !names.insert(name.to_owned()) {
                 return Err(err(
@@ -112,10 +108,7 @@ impl PolicySpec {
             if !path.is_file() {
                 return Err(err(
                     Some(p.path.span()),
-                    format!(
-                        "key `plugin.path` of plugin `{name}`: no such file {}",
-                        path.display()
-                    ),
+                    format!("key `plugin.path` of plugin `{name}`: no such file {}", path.display()),
                 ));
             }
             let msrs = p
@@ -123,28 +116,23 @@ impl PolicySpec {
                 .map(|list| {
                     list.iter()
                         .map(|r| {
-                            parse_msr_range(r.get_ref()).map_err(|m| {
-                                err(
-                                    Some(r.span()),
-                                    format!("key `plugin.msrs` of plugin `{name}`: {m}"),
-                                )
-                            })
+                            parse_msr_range(r.get_ref())
+                                .map_err(|m| err(Some(r.span()), format!("key `plugin.msrs` of plugin `{name}`: {m}")))
                         })
                         .collect::<Result<Vec<_>, _>>()
                 })
                 .transpose()?;
-            let bounded =
-                |v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: u64| match v {
-                    None => Ok(default),
-                    Some(s) if (min..=max).contains(s.get_ref()) => Ok(*s.get_ref() as u64),
-                    Some(s) => Err(err(
-                        Some(s.span()),
-                        format!(
-                            "key `plugin.{key}` of plugin `{name}`: {} is outside {min}..={max}",
-                            s.get_ref()
-                        ),
-                    )),
-                };
+            let bounded = |v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: u64| match v {
+                None => Ok(default),
+                Some(s) if (min..=max).contains(s.get_ref()) => Ok(*s.get_ref() as u64),
+                Some(s) => Err(err(
+                    Some(s.span()),
+                    format!(
+                        "key `plugin.{key}` of plugin `{name}`: {} is outside {min}..={max}",
+                        s.get_ref()
+                    ),
+                )),
+            };
             let timeout_us = bounded(
                 &p.timeout_us,
                 "timeout_us",
@@ -160,10 +148,7 @@ impl PolicySpec {
                 PluginSettings::DEFAULT_MEMORY_MAX_KIB,
             )?;
             let sha256 = match p.sha256 {
-                Some(s)
-                    if s.get_ref().len() == 64
-                        && s.get_ref().bytes().all(|b| b.is_ascii_hexdigit()) =>
-                {
+                Some(s) if s.get_ref().len() == 64 && s.get_ref().bytes().all(|b| b.is_ascii_hexdigit()) => {
                     Some(s.get_ref().to_ascii_lowercase())
                 }
                 Some(s) => {
@@ -188,6 +173,7 @@ impl PolicySpec {
         Ok(Self {
             unhandled: raw.unhandled,
             plugins,
+            manifest: Some(file.to_owned()),
         })
     }
 
@@ -210,16 +196,16 @@ impl PolicySpec {
                 PluginSettings::new(name, path.clone())
             })
             .collect();
-        Self { unhandled, plugins }
+        Self {
+            unhandled,
+            plugins,
+            manifest: None,
+        }
     }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())]
-        .bytes()
-        .filter(|&b| b == b'\n')
-        .count()
-        + 1
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
 /// Parses `"0x606"`, `"0x610-0x61f"` or decimal forms into an inclusive range.
@@ -265,24 +251,21 @@ mod tests {
         assert_eq!(spec.unhandled, Unhandled::Log);
         let p = &spec.plugins[0];
         assert_eq!(p.msrs, Some(vec![(0x606, 0x606), (0x610, 0x61f)]));
-        assert_eq!(
-            (p.on_error, p.timeout_us, p.memory_max_kib),
-            (OnError::Pass, 500, 2048)
-        );
+        assert_eq!((p.on_error, p.timeout_us, p.memory_max_kib), (OnError::Pass, 500, 2048));
         assert_eq!(p.config.get("tdp_watts"), Some(&95));
     }
 
     #[test]
     fn errors_name_line_and_key() {
-        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\nmsrs = [\"0x20-0x10\"]\n")
-            .unwrap_err();
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\nmsrs = [\"0x20-0x10\"]\n").unwrap_err();
         assert_eq!(e.line, Some(4));
         assert!(
             e.to_string()
                 .contains("key `plugin.msrs` of plugin `a`: range `0x20-0x10` is reversed"),
             "{e}"
         );
-        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\n[[plugin]]\nname = \"a\"\npath = \"a.wat\"\n").unwrap_err();
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\n[[plugin]]\nname = \"a\"\npath = \"a.wat\"\n")
+            .unwrap_err();
         assert_eq!(e.line, Some(5));
         assert!(e.to_string().contains("duplicate plugin name `a`"));
         let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\ncolour = 1\n").unwrap_err();
@@ -292,18 +275,14 @@ mod tests {
         assert!(e.to_string().contains("unknown variant `explode`"), "{e}");
         let e = parse("[[plugin]]\nname = \"a\"\npath = \"nope.wasm\"\n").unwrap_err();
         assert!(
-            e.to_string()
-                .contains("key `plugin.path` of plugin `a`: no such file"),
+            e.to_string().contains("key `plugin.path` of plugin `a`: no such file"),
             "{e}"
         );
-        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\nmsrs = [\"0x1_0000_0000\"]\n")
-            .unwrap_err();
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\nmsrs = [\"0x1_0000_0000\"]\n").unwrap_err();
         assert!(e.to_string().contains("not an MSR index"), "{e}");
-        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\nmsrs = [\"0x100000000\"]\n")
-            .unwrap_err();
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\nmsrs = [\"0x100000000\"]\n").unwrap_err();
         assert!(e.to_string().contains("out of the 32-bit"), "{e}");
-        let e =
-            parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\nsha256 = \"abc\"\n").unwrap_err();
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\nsha256 = \"abc\"\n").unwrap_err();
         assert!(e.to_string().contains("key `plugin.sha256`"), "{e}");
         let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\ntimeout_us = 0\n").unwrap_err();
         assert!(e.to_string().contains("key `plugin.timeout_us`"), "{e}");
@@ -311,10 +290,7 @@ mod tests {
 
     #[test]
     fn quick_form_names_plugins_by_stem() {
-        let spec = PolicySpec::from_paths(
-            &["x/rapl.wasm".into(), "y/rapl.wat".into()],
-            Unhandled::Ignore,
-        );
+        let spec = PolicySpec::from_paths(&["x/rapl.wasm".into(), "y/rapl.wat".into()], Unhandled::Ignore);
         let names: Vec<_> = spec.plugins.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["rapl", "rapl-2"]);
     }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::plugin::abi::REASON_FILTER;
 use crate::plugin::state::StateStore;
-use crate::plugin::{Answer, CallError, LoadError, OnError, Plugin, PluginInstance};
+use crate::plugin::{Answer, CallError, LoadError, ModuleCache, OnError, Plugin, PluginInstance};
 use claims::ClaimTable;
 use filter::{FilterError, FilterPlan};
 pub use manifest::{ManifestError, PolicySpec, Unhandled};
@@ -38,26 +38,23 @@ pub struct Policy {
 
 impl Policy {
     /// Loads every plugin of `spec` and plans the filter their claims need.
-    pub fn load(spec: &PolicySpec, state: &StateStore) -> Result<Self, PolicyError> {
+    /// Compiled modules go to (and come from) `cache`.
+    pub fn load(spec: &PolicySpec, state: &StateStore, cache: &ModuleCache) -> Result<Self, PolicyError> {
         let plugins = spec
             .plugins
             .iter()
-            .map(|settings| Plugin::load(settings.clone(), state).map(Arc::new))
+            .map(|settings| Plugin::load_cached(settings.clone(), state, cache).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         Self::from_plugins(plugins, spec.unhandled)
     }
 
     /// Composes already loaded plugins (in chain order).
-    pub fn from_plugins(
-        plugins: Vec<Arc<Plugin>>,
-        unhandled: Unhandled,
-    ) -> Result<Self, PolicyError> {
-        let filter = FilterPlan::build(plugins.iter().flat_map(|p| {
-            p.claims()
-                .unwrap_or_default()
+    pub fn from_plugins(plugins: Vec<Arc<Plugin>>, unhandled: Unhandled) -> Result<Self, PolicyError> {
+        let filter = FilterPlan::build(
+            plugins
                 .iter()
-                .map(move |&r| (p.name(), r))
-        }))?;
+                .flat_map(|p| p.claims().unwrap_or_default().iter().map(move |&r| (p.name(), r))),
+        )?;
         let claims: Vec<_> = plugins.iter().map(|p| p.claims()).collect();
         Ok(Self {
             table: ClaimTable::new(&claims),
@@ -105,10 +102,7 @@ impl PolicyCell {
 
     /// The policy in force, with its generation.
     pub fn current(&self) -> (u64, Arc<Policy>) {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Puts `policy` in force; returns its generation.
@@ -198,6 +192,30 @@ impl VcpuChain {
         &self.counters
     }
 
+    /// The chain for `policy` that follows this one: plugins that did not
+    /// change (the same loaded version) keep their instances and counters;
+    /// the counters of the others are returned, by plugin name.
+    pub fn succeed(self, policy: Arc<Policy>) -> (VcpuChain, Vec<(String, PluginCounters)>) {
+        let mut old: Vec<_> = self
+            .policy
+            .plugins
+            .iter()
+            .cloned()
+            .zip(self.instances)
+            .zip(self.counters)
+            .collect();
+        let mut next = VcpuChain::new(policy, self.vcpu);
+        for (position, plugin) in next.policy.plugins.iter().enumerate() {
+            if let Some(at) = old.iter().position(|((p, _), _)| Arc::ptr_eq(p, plugin)) {
+                let ((_, instance), counters) = old.swap_remove(at);
+                next.instances[position] = instance;
+                next.counters[position] = counters;
+            }
+        }
+        let retired = old.into_iter().map(|((p, _), c)| (p.name().to_owned(), c)).collect();
+        (next, retired)
+    }
+
     /// Instantiates every plugin now rather than at first use.
     pub fn warm_up(&mut self) -> Result<(), LoadError> {
         for (slot, plugin) in self.instances.iter_mut().zip(&self.policy.plugins) {
@@ -224,10 +242,7 @@ impl VcpuChain {
             let counter = &mut counters[position];
             let answered = |result| Decision {
                 result,
-                by: Responder::Plugin {
-                    position,
-                    error: false,
-                },
+                by: Responder::Plugin { position, error: false },
             };
             match ask(&mut instances[position], plugin, *vcpu, access) {
                 Ok(Answer::Pass) => counter.pass += 1,
@@ -250,10 +265,7 @@ impl VcpuChain {
                     if plugin.settings().on_error == OnError::Fault {
                         return Decision {
                             result: None,
-                            by: Responder::Plugin {
-                                position,
-                                error: true,
-                            },
+                            by: Responder::Plugin { position, error: true },
                         };
                     }
                 }
@@ -275,10 +287,7 @@ impl VcpuChain {
         let by = Responder::Unhandled(policy);
         match policy {
             Unhandled::Gp => Decision { result: None, by },
-            Unhandled::Ignore => Decision {
-                result: Some(0),
-                by,
-            },
+            Unhandled::Ignore => Decision { result: Some(0), by },
             Unhandled::Log => {
                 let first = self
                     .policy
@@ -288,11 +297,7 @@ impl VcpuChain {
                     .insert((access.index, access.write.is_some()));
                 if first {
                     match access.write {
-                        None => tracing::warn!(
-                            vcpu = self.vcpu,
-                            "ignored rdmsr {:#x} (unhandled = log)",
-                            access.index
-                        ),
+                        None => tracing::warn!(vcpu = self.vcpu, "ignored rdmsr {:#x} (unhandled = log)", access.index),
                         Some(v) => tracing::warn!(
                             vcpu = self.vcpu,
                             "ignored wrmsr {:#x} <- {v:#x} (unhandled = log)",
@@ -300,10 +305,7 @@ impl VcpuChain {
                         ),
                     }
                 }
-                Decision {
-                    result: Some(0),
-                    by,
-                }
+                Decision { result: Some(0), by }
             }
         }
     }

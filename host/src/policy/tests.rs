@@ -82,11 +82,7 @@ fn first_non_pass_answer_in_file_order_wins() {
         }
     );
     assert_eq!(chain.counters()[0].pass, 1);
-    assert_eq!(
-        chain.counters()[2],
-        PluginCounters::default(),
-        "c is never asked"
-    );
+    assert_eq!(chain.counters()[2], PluginCounters::default(), "c is never asked");
     // Everybody passes on 0x10, KVM does not know it: unhandled = gp.
     let d = chain.answer(read(0x10, REASON_FILTER), &mut kvm);
     assert_eq!(
@@ -101,13 +97,7 @@ fn first_non_pass_answer_in_file_order_wins() {
 #[test]
 fn filtered_msrs_fall_back_to_kvm_when_all_pass() {
     let s = StateStore::default();
-    let a = plugin(
-        "a",
-        PASS,
-        Some(vec![(0xc000_0100, 0xc000_0101)]),
-        OnError::Fault,
-        &s,
-    );
+    let a = plugin("a", PASS, Some(vec![(0xc000_0100, 0xc000_0101)]), OnError::Fault, &s);
     let policy = Arc::new(Policy::from_plugins(vec![a], Unhandled::Gp).unwrap());
     let mut chain = VcpuChain::new(policy, 0);
     let mut kvm = FakeKvm {
@@ -115,9 +105,7 @@ fn filtered_msrs_fall_back_to_kvm_when_all_pass() {
         read_only: vec![0xc000_0101],
     };
     assert_eq!(
-        chain
-            .answer(read(0xc000_0100, REASON_FILTER), &mut kvm)
-            .result,
+        chain.answer(read(0xc000_0100, REASON_FILTER), &mut kvm).result,
         Some(0x1234)
     );
     let write = Access {
@@ -193,10 +181,7 @@ fn on_error_decides_and_a_fresh_instance_follows() {
         let mut settings = PluginSettings::new("flaky", "flaky.wat");
         settings.on_error = on_error;
         let p = Arc::new(Plugin::from_bytes(settings, wat.as_bytes(), &s).unwrap());
-        let mut chain = VcpuChain::new(
-            Arc::new(Policy::from_plugins(vec![p], Unhandled::Ignore).unwrap()),
-            0,
-        );
+        let mut chain = VcpuChain::new(Arc::new(Policy::from_plugins(vec![p], Unhandled::Ignore).unwrap()), 0);
         let mut kvm = FakeKvm::default();
         assert_eq!(
             chain.answer(read(1, REASON_UNKNOWN), &mut kvm).result,
@@ -205,10 +190,7 @@ fn on_error_decides_and_a_fresh_instance_follows() {
         );
         assert_eq!(chain.counters()[0].errors, 1);
         // the broken instance was dropped: the next one traps again on its first call
-        assert_eq!(
-            chain.answer(read(1, REASON_UNKNOWN), &mut kvm).result,
-            first
-        );
+        assert_eq!(chain.answer(read(1, REASON_UNKNOWN), &mut kvm).result, first);
         assert_eq!(chain.counters()[0].errors, 2);
     }
 }
@@ -218,21 +200,14 @@ fn x2apic_claims_are_refused_when_composing() {
     let s = StateStore::default();
     let a = plugin("apic", PASS, Some(vec![(0x800, 0x80f)]), OnError::Fault, &s);
     let e = Policy::from_plugins(vec![a], Unhandled::Gp).unwrap_err();
-    assert!(
-        e.to_string().contains("plugin `apic` claims 0x800-0x80f"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("plugin `apic` claims 0x800-0x80f"), "{e}");
 }
 
 #[test]
 fn a_replaced_policy_gets_a_new_generation() {
-    let cell = PolicyCell::new(Arc::new(
-        Policy::from_plugins(vec![], Unhandled::Gp).unwrap(),
-    ));
+    let cell = PolicyCell::new(Arc::new(Policy::from_plugins(vec![], Unhandled::Gp).unwrap()));
     let g = cell.generation();
-    let g2 = cell.replace(Arc::new(
-        Policy::from_plugins(vec![], Unhandled::Ignore).unwrap(),
-    ));
+    let g2 = cell.replace(Arc::new(Policy::from_plugins(vec![], Unhandled::Ignore).unwrap()));
     assert_ne!(g, g2);
     assert_eq!(cell.generation(), g2);
     assert_eq!(cell.current().1.unhandled(), Unhandled::Ignore);

@@ -44,10 +44,7 @@ const PTE_HUGE: u64 = 0x80;
 
 /// Writes the GDT and the identity-mapping page tables for long-mode guests.
 /// Maps all of guest memory and at least the first 4 GiB of address space.
-pub fn write_long_mode_tables(
-    mem: &GuestMemoryMmap,
-    mem_size: u64,
-) -> Result<(), vm_memory::GuestMemoryError> {
+pub fn write_long_mode_tables(mem: &GuestMemoryMmap, mem_size: u64) -> Result<(), vm_memory::GuestMemoryError> {
     let gdt: [u64; 5] = [
         0,
         0x00af_9b00_0000_ffff, // 64-bit code, DPL 0

@@ -104,13 +104,7 @@ pub struct ExitHandler {
 }
 
 impl ExitHandler {
-    pub fn new(
-        vcpu: u32,
-        cell: Arc<PolicyCell>,
-        io: Arc<IoBus>,
-        trace: Option<TraceSender>,
-        started: Instant,
-    ) -> Self {
+    pub fn new(vcpu: u32, cell: Arc<PolicyCell>, io: Arc<IoBus>, trace: Option<TraceSender>, started: Instant) -> Self {
         let (generation, policy) = cell.current();
         Self {
             vcpu,
@@ -151,11 +145,7 @@ impl ExitHandler {
                     kvm,
                 ))
             }
-            Exit::Wrmsr {
-                index,
-                value,
-                reason,
-            } => {
+            Exit::Wrmsr { index, value, reason } => {
                 self.stats.wrmsr += 1;
                 Action::CompleteMsr(self.msr(
                     Access {
@@ -191,9 +181,7 @@ impl ExitHandler {
                 Action::Resume
             }
             Exit::Shutdown => Action::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
-            Exit::InternalError => {
-                Action::Crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into())
-            }
+            Exit::InternalError => Action::Crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into()),
             Exit::FailEntry { reason, cpu } => Action::Crash(format!(
                 "VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"
             )),
@@ -244,33 +232,46 @@ impl ExitHandler {
         if decision.result.is_none() {
             self.stats.gp += 1;
         }
-        if let Some(trace) = &self.trace {
-            // A closed trace (the writer failed) must not stop the guest.
-            let _ = trace.send(self.record(access, decision));
+        let debug = tracing::enabled!(tracing::Level::DEBUG);
+        if self.trace.is_some() || debug {
+            let record = self.record(access, decision);
+            if debug {
+                tracing::debug!(
+                    vcpu = record.vcpu,
+                    op = record.op,
+                    index = record.index,
+                    value = record.value,
+                    reason = record.reason,
+                    by = record.by,
+                    plugin = record.plugin,
+                    version = record.version,
+                    status = record.status,
+                    "msr access"
+                );
+            }
+            if let Some(trace) = &self.trace {
+                // A closed trace (the writer failed) must not stop the guest.
+                let _ = trace.send(record);
+            }
         }
         decision.result
     }
 
-    /// Moves to fresh instances of the policy now in force.
+    /// Moves to the policy now in force: fresh instances of what changed.
     fn switch_policy(&mut self) {
         let (generation, policy) = self.cell.current();
-        let old = std::mem::replace(&mut self.chain, VcpuChain::new(policy, self.vcpu));
-        for (plugin, counters) in old.policy().plugins().iter().zip(old.counters()) {
-            self.retired.push((plugin.name().to_owned(), *counters));
-        }
+        let placeholder = VcpuChain::new(policy.clone(), self.vcpu);
+        let old = std::mem::replace(&mut self.chain, placeholder);
+        let (chain, retired) = old.succeed(policy);
+        self.chain = chain;
+        self.retired.extend(retired);
         self.generation = generation;
     }
 
     /// Plugin counters by name, including those of replaced policies.
     pub fn plugin_counters(&self) -> Vec<(String, PluginCounters)> {
         let mut all = self.retired.clone();
-        for (plugin, counters) in self
-            .chain
-            .policy()
-            .plugins()
-            .iter()
-            .zip(self.chain.counters())
-        {
+        for (plugin, counters) in self.chain.policy().plugins().iter().zip(self.chain.counters()) {
             all.push((plugin.name().to_owned(), *counters));
         }
         all
@@ -295,12 +296,7 @@ impl ExitHandler {
             }
             Responder::Kvm => ("kvm", None, None, "kvm".to_owned()),
             Responder::Native => ("native", None, None, "handled".to_owned()),
-            Responder::Unhandled(policy) => (
-                "unhandled",
-                None,
-                None,
-                format!("{policy:?}").to_ascii_lowercase(),
-            ),
+            Responder::Unhandled(policy) => ("unhandled", None, None, format!("{policy:?}").to_ascii_lowercase()),
         };
         let value = match access.write {
             Some(v) => Some(v),
@@ -309,12 +305,7 @@ impl ExitHandler {
         TraceRecord {
             t_ns: self.started.elapsed().as_nanos() as u64,
             vcpu: self.vcpu,
-            op: if access.write.is_some() {
-                "wrmsr"
-            } else {
-                "rdmsr"
-            }
-            .into(),
+            op: if access.write.is_some() { "wrmsr" } else { "rdmsr" }.into(),
             index: format!("{:#x}", access.index),
             value: value.map(|v| format!("{v:#x}")),
             reason: reason_name(access.reason).into(),
@@ -322,12 +313,7 @@ impl ExitHandler {
             plugin,
             version,
             status,
-            outcome: if decision.result.is_some() {
-                "ok"
-            } else {
-                "gp"
-            }
-            .into(),
+            outcome: if decision.result.is_some() { "ok" } else { "gp" }.into(),
         }
     }
 }

@@ -24,10 +24,7 @@ const BZIMAGE_MAGIC_OFFSET: usize = 0x202;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("guest image {}: {source}", path.display())]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Open { path: PathBuf, source: std::io::Error },
     #[error("guest image {} is a directory, not a file", path.display())]
     Directory { path: PathBuf },
     #[error("guest image {} is empty", path.display())]
@@ -45,10 +42,7 @@ pub enum ImageError {
 pub enum LoadedImage {
     /// 64-bit long mode at `entry`; `segments` are the `[start, end)` ranges
     /// the image occupies, which the host's stacks must stay clear of.
-    Elf {
-        entry: u64,
-        segments: Vec<(u64, u64)>,
-    },
+    Elf { entry: u64, segments: Vec<(u64, u64)> },
     /// Real mode at 0x1000.
     Flat { len: u64 },
 }
@@ -61,15 +55,11 @@ pub fn load(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result<LoadedI
     };
     let meta = std::fs::metadata(path).map_err(open_err)?;
     if meta.is_dir() {
-        return Err(ImageError::Directory {
-            path: path.to_owned(),
-        });
+        return Err(ImageError::Directory { path: path.to_owned() });
     }
     let size = meta.len();
     if size == 0 {
-        return Err(ImageError::Empty {
-            path: path.to_owned(),
-        });
+        return Err(ImageError::Empty { path: path.to_owned() });
     }
     if size > mem_size {
         return Err(ImageError::TooLarge {
@@ -87,18 +77,14 @@ pub fn load(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result<LoadedI
             path: path.to_owned(),
             reason,
         })?;
-        Elf::load(mem, None, &mut file, Some(GuestAddress(ELF_MIN_ADDR))).map_err(|e| {
-            ImageError::BadElf {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            }
+        Elf::load(mem, None, &mut file, Some(GuestAddress(ELF_MIN_ADDR))).map_err(|e| ImageError::BadElf {
+            path: path.to_owned(),
+            reason: e.to_string(),
         })?;
         return Ok(plan);
     }
     if bytes.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(b"HdrS") {
-        return Err(ImageError::BzImage {
-            path: path.to_owned(),
-        });
+        return Err(ImageError::BzImage { path: path.to_owned() });
     }
     if FLAT_LOAD_ADDR + size > mem_size {
         return Err(ImageError::TooLarge {
@@ -133,17 +119,11 @@ fn plan_elf(bytes: &[u8], mem_size: u64) -> Result<LoadedImage, String> {
         return Err(format!("machine {} is not x86-64", ehdr.e_machine));
     }
     if ehdr.e_type != ET_EXEC {
-        return Err(format!(
-            "type {} is not ET_EXEC (a static executable)",
-            ehdr.e_type
-        ));
+        return Err(format!("type {} is not ET_EXEC (a static executable)", ehdr.e_type));
     }
     let phdr_len = std::mem::size_of::<Elf64_Phdr>();
     if usize::from(ehdr.e_phentsize) != phdr_len {
-        return Err(format!(
-            "program header size {} is not {phdr_len}",
-            ehdr.e_phentsize
-        ));
+        return Err(format!("program header size {} is not {phdr_len}", ehdr.e_phentsize));
     }
     let mut segments = Vec::new();
     for i in 0..u64::from(ehdr.e_phnum) {
@@ -163,9 +143,7 @@ fn plan_elf(bytes: &[u8], mem_size: u64) -> Result<LoadedImage, String> {
         let end = start
             .checked_add(phdr.p_memsz)
             .ok_or_else(|| format!("segment {i} wraps around"))?;
-        if phdr.p_filesz > phdr.p_memsz
-            || phdr.p_offset.saturating_add(phdr.p_filesz) > bytes.len() as u64
-        {
+        if phdr.p_filesz > phdr.p_memsz || phdr.p_offset.saturating_add(phdr.p_filesz) > bytes.len() as u64 {
             return Err(format!("segment {i} refers to bytes outside the file"));
         }
         if start < ELF_MIN_ADDR {
@@ -185,9 +163,7 @@ fn plan_elf(bytes: &[u8], mem_size: u64) -> Result<LoadedImage, String> {
     }
     let entry = ehdr.e_entry;
     if !segments.iter().any(|&(s, e)| (s..e).contains(&entry)) {
-        return Err(format!(
-            "entry point {entry:#x} is not inside a loaded segment"
-        ));
+        return Err(format!("entry point {entry:#x} is not inside a loaded segment"));
     }
     Ok(LoadedImage::Elf { entry, segments })
 }
@@ -258,10 +234,6 @@ mod tests {
                 .unwrap_err()
                 .contains("program header")
         );
-        assert!(
-            plan_elf(b"\x7fELF\x02", 16 << 20)
-                .unwrap_err()
-                .contains("truncated")
-        );
+        assert!(plan_elf(b"\x7fELF\x02", 16 << 20).unwrap_err().contains("truncated"));
     }
 }

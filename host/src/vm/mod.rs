@@ -19,8 +19,10 @@ use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_enable_cap};
 use kvm_ioctls::{Cap, Kvm, MsrExitReason, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use crate::plugin::ModuleCache;
 use crate::plugin::state::StateStore;
 use crate::policy::{PluginCounters, Policy, PolicyCell, PolicyError, PolicySpec};
+use crate::reload::{ReloadStats, Reloader, Watcher};
 use crate::trace::{TraceError, TraceWriter};
 pub use exit::VcpuStats;
 use image::{ImageError, LoadedImage};
@@ -47,6 +49,9 @@ pub struct VmConfig {
     pub policy: PolicySpec,
     pub trace: Option<PathBuf>,
     pub serial: SerialOut,
+    /// Hot reload: watch the manifest and plugin files and put changed
+    /// versions in force while the VM runs.
+    pub watch: bool,
 }
 
 /// Why a VM could not be set up.
@@ -71,9 +76,9 @@ pub enum VmError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Trace(#[from] TraceError),
-    #[error(
-        "the vCPU stacks at the top of memory [{bottom:#x}, {top:#x}) overlap the guest image; raise --mem"
-    )]
+    #[error(transparent)]
+    Watch(#[from] crate::reload::WatchError),
+    #[error("the vCPU stacks at the top of memory [{bottom:#x}, {top:#x}) overlap the guest image; raise --mem")]
     StackOverlap { bottom: u64, top: u64 },
 }
 
@@ -100,15 +105,7 @@ impl std::fmt::Display for CrashReport {
         write!(
             f,
             "vCPU {}: {}\n  RIP={:#018x} RSP={:#018x} RFLAGS={:#x}\n  CR0={:#x} CR3={:#x} CR4={:#x} EFER={:#x}",
-            self.vcpu,
-            self.what,
-            self.rip,
-            self.rsp,
-            self.rflags,
-            self.cr0,
-            self.cr3,
-            self.cr4,
-            self.efer
+            self.vcpu, self.what, self.rip, self.rsp, self.rflags, self.cr0, self.cr3, self.cr4, self.efer
         )
     }
 }
@@ -141,6 +138,9 @@ pub struct VmReport {
     pub plugins: BTreeMap<String, PluginCounters>,
     /// Records written to the trace file, if any.
     pub traced: Option<u64>,
+    /// Hot reloads put in force, and refused.
+    pub reloads_applied: u64,
+    pub reloads_refused: u64,
 }
 
 impl VmReport {
@@ -202,6 +202,12 @@ impl VmReport {
                 c.handled, c.fault, c.pass, c.errors
             );
         }
+        if self.reloads_applied + self.reloads_refused > 0 {
+            s += &format!(
+                "msrwasm: hot reload: {} applied, {} refused\n",
+                self.reloads_applied, self.reloads_refused
+            );
+        }
         if let Some(n) = self.traced {
             s += &format!("msrwasm: {n} trace records written\n");
         }
@@ -214,11 +220,30 @@ pub struct Vm {
     vm: Arc<VmFd>,
     _mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
+    spec: PolicySpec,
     cell: Arc<PolicyCell>,
     state: Arc<StateStore>,
+    cache: Arc<ModuleCache>,
     io: Arc<IoBus>,
     trace: Option<PathBuf>,
+    watch: bool,
     native: Option<exit::NativeMsr>,
+    stop: StopHandle,
+    epoch: Instant,
+}
+
+/// Ends a running VM from another thread (as SIGTERM would, status 143).
+#[derive(Clone, Debug, Default)]
+pub struct StopHandle(Arc<AtomicBool>);
+
+impl StopHandle {
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn requested(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 impl Vm {
@@ -231,7 +256,8 @@ impl Vm {
             return Err(VmError::Mem(config.mem_mib));
         }
         let state = Arc::new(StateStore::default());
-        let policy = Arc::new(Policy::load(&config.policy, &state)?);
+        let cache = Arc::new(ModuleCache::default());
+        let policy = Arc::new(Policy::load(&config.policy, &state, &cache)?);
 
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         for (cap, name) in [
@@ -256,19 +282,14 @@ impl Vm {
         let mem_size = config.mem_mib << 20;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
             .map_err(|e| VmError::Memory(e.to_string()))?;
-        crate::sys::register_guest_memory(&vm, &mem)
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        crate::sys::register_guest_memory(&vm, &mem).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
 
         let image = image::load(&config.guest, &mem, mem_size)?;
         if let LoadedImage::Elf { segments, .. } = &image {
-            boot::write_long_mode_tables(&mem, mem_size)
-                .map_err(|e| VmError::Memory(e.to_string()))?;
+            boot::write_long_mode_tables(&mem, mem_size).map_err(|e| VmError::Memory(e.to_string()))?;
             let bottom = boot::stack_range(mem_size, u64::from(config.vcpus) - 1).0;
             if bottom < boot::ELF_MIN_ADDR || segments.iter().any(|&(_, end)| end > bottom) {
-                return Err(VmError::StackOverlap {
-                    bottom,
-                    top: mem_size,
-                });
+                return Err(VmError::StackOverlap { bottom, top: mem_size });
             }
         }
 
@@ -277,9 +298,7 @@ impl Vm {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(index))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let mut cpuid = cpuid.clone();
             for entry in cpuid.as_mut_slice() {
                 match entry.function {
@@ -293,12 +312,7 @@ impl Vm {
             let (sregs, regs) = match &image {
                 LoadedImage::Elf { entry, .. } => (
                     boot::long_mode_sregs(sregs),
-                    boot::long_mode_regs(
-                        *entry,
-                        mem_size,
-                        u64::from(index),
-                        u64::from(config.vcpus),
-                    ),
+                    boot::long_mode_regs(*entry, mem_size, u64::from(index), u64::from(config.vcpus)),
                 ),
                 LoadedImage::Flat { .. } => (boot::real_mode_sregs(sregs), boot::real_mode_regs()),
             };
@@ -311,11 +325,16 @@ impl Vm {
             vm: Arc::new(vm),
             _mem: mem,
             vcpus,
+            spec: config.policy,
             cell: Arc::new(PolicyCell::new(policy)),
             state,
+            cache,
             io: Arc::new(IoBus::new(config.serial)),
             trace: config.trace,
+            watch: config.watch,
             native: None,
+            stop: StopHandle::default(),
+            epoch: Instant::now(),
         })
     }
 
@@ -331,6 +350,16 @@ impl Vm {
     /// MSR exit.
     pub fn policy_cell(&self) -> &Arc<PolicyCell> {
         &self.cell
+    }
+
+    /// A handle that ends the VM once it runs.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// The instant trace timestamps (`t_ns`) count from.
+    pub fn epoch(&self) -> Instant {
+        self.epoch
     }
 
     /// The VM-wide plugin state store.
@@ -353,18 +382,13 @@ impl Vm {
             }
             None => (None, None),
         };
-        let epoch = Instant::now();
+        let epoch = self.epoch;
         // Every plugin is instantiated on every vCPU before any vCPU runs:
         // init() failures are reported now, and all vCPUs start together.
         let mut handlers = Vec::new();
         for index in 0..self.vcpus.len() as u32 {
-            let mut handler = exit::ExitHandler::new(
-                index,
-                self.cell.clone(),
-                self.io.clone(),
-                trace_tx.clone(),
-                epoch,
-            );
+            let mut handler =
+                exit::ExitHandler::new(index, self.cell.clone(), self.io.clone(), trace_tx.clone(), epoch);
             handler.set_native(self.native);
             handler
                 .chain_mut()
@@ -372,6 +396,18 @@ impl Vm {
                 .map_err(|e| VmError::Policy(PolicyError::Load(e)))?;
             handlers.push(handler);
         }
+        let reloads = Arc::new(ReloadStats::default());
+        let watcher = match self.watch {
+            true => Some(Watcher::start(Reloader::new(
+                self.spec.clone(),
+                self.cell.clone(),
+                self.vm.clone(),
+                self.state.clone(),
+                self.cache.clone(),
+                reloads.clone(),
+            ))?),
+            false => None,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let (events_tx, events) = channel();
         let count = self.vcpus.len();
@@ -417,6 +453,9 @@ impl Vm {
                         if let Some(sig) = signals::termination_requested() {
                             break VmEnd::Signal(sig);
                         }
+                        if self.stop.requested() {
+                            break VmEnd::Signal(libc::SIGTERM);
+                        }
                     }
                     Err(RecvTimeoutError::Disconnected) => {
                         break VmEnd::Error("every vCPU thread ended".into());
@@ -426,6 +465,7 @@ impl Vm {
         }
         let elapsed = started.elapsed();
 
+        drop(watcher);
         stop.store(true, Ordering::Release);
         let handlers = signals::stop_threads(threads);
         self.io.flush();
@@ -438,6 +478,8 @@ impl Vm {
             vcpus: Vec::new(),
             plugins: BTreeMap::new(),
             traced: None,
+            reloads_applied: reloads.applied.load(Ordering::Relaxed),
+            reloads_refused: reloads.refused.load(Ordering::Relaxed),
         };
         for handler in handlers {
             match handler {

@@ -61,10 +61,7 @@ fn decode(exit: VcpuExit<'_>) -> Exit {
             port,
             data: data.to_vec(),
         },
-        VcpuExit::MmioWrite(addr, data) => Exit::MmioWrite {
-            addr,
-            len: data.len(),
-        },
+        VcpuExit::MmioWrite(addr, data) => Exit::MmioWrite { addr, len: data.len() },
         VcpuExit::Hlt => Exit::Hlt,
         VcpuExit::Shutdown => Exit::Shutdown,
         VcpuExit::InternalError => Exit::InternalError,
@@ -101,18 +98,16 @@ impl VcpuThread {
                     let exit = decode(exit);
                     self.handler.handle(exit, &mut VcpuMsrs(&self.fd))
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => self
-                    .handler
-                    .handle(Exit::Interrupted, &mut VcpuMsrs(&self.fd)),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.handler.handle(Exit::Interrupted, &mut VcpuMsrs(&self.fd))
+                }
                 Err(e) => Action::Crash(format!("KVM_RUN failed: {e}")),
             };
             match action {
                 Action::Resume => {}
                 Action::CompleteMsr(value) => {
                     if !crate::sys::complete_msr_exit(self.fd.get_kvm_run(), value) {
-                        self.end(VmEnd::Error(
-                            "an MSR answer found no pending MSR exit".into(),
-                        ));
+                        self.end(VmEnd::Error("an MSR answer found no pending MSR exit".into()));
                         break;
                     }
                 }

@@ -86,10 +86,7 @@ mod tests {
         let mut t = Thermal::default();
         t.init().unwrap();
         assert_eq!(t.rdmsr(MSR_TEMPERATURE_TARGET), Ok(100 << 16));
-        assert_eq!(
-            t.rdmsr(IA32_PACKAGE_THERM_STATUS),
-            Ok(READING_VALID | (55 << 16))
-        );
+        assert_eq!(t.rdmsr(IA32_PACKAGE_THERM_STATUS), Ok(READING_VALID | (55 << 16)));
         assert_eq!(t.wrmsr(MSR_TEMPERATURE_TARGET, 0), Err(Decline::Fault));
         assert_eq!(t.rdmsr(0x10), Err(Decline::Pass));
     }

@@ -33,10 +33,7 @@ fn echo_policy(unhandled: Unhandled) -> Arc<Policy> {
 fn handler(trace: Option<TraceSender>) -> (ExitHandler, Arc<PolicyCell>) {
     let cell = Arc::new(PolicyCell::new(echo_policy(Unhandled::Gp)));
     let io = Arc::new(IoBus::new(Box::new(std::io::sink())));
-    (
-        ExitHandler::new(0, cell.clone(), io, trace, Instant::now()),
-        cell,
-    )
+    (ExitHandler::new(0, cell.clone(), io, trace, Instant::now()), cell)
 }
 
 #[test]
@@ -107,17 +104,9 @@ fn ports_hlt_and_crashes() {
     assert_eq!(buf, [0xff; 4]);
     assert_eq!(h.stats.unknown_ports, 2);
     assert_eq!(h.handle(Exit::Hlt, &mut NoKvm), Action::Halt);
-    assert!(
-        matches!(h.handle(Exit::Shutdown, &mut NoKvm), Action::Crash(w) if w.contains("triple fault"))
-    );
+    assert!(matches!(h.handle(Exit::Shutdown, &mut NoKvm), Action::Crash(w) if w.contains("triple fault")));
     assert!(matches!(
-        h.handle(
-            Exit::FailEntry {
-                reason: 0x21,
-                cpu: 1
-            },
-            &mut NoKvm
-        ),
+        h.handle(Exit::FailEntry { reason: 0x21, cpu: 1 }, &mut NoKvm),
         Action::Crash(_)
     ));
 }
@@ -169,13 +158,10 @@ fn a_new_generation_is_picked_up_at_the_next_msr_exit() {
         ),
         Action::CompleteMsr(Some(0x1234))
     );
-    let counters: HashMap<_, _> =
-        h.plugin_counters()
-            .into_iter()
-            .fold(HashMap::new(), |mut m, (n, c)| {
-                *m.entry(n).or_insert(0) += c.handled;
-                m
-            });
+    let counters: HashMap<_, _> = h.plugin_counters().into_iter().fold(HashMap::new(), |mut m, (n, c)| {
+        *m.entry(n).or_insert(0) += c.handled;
+        m
+    });
     assert_eq!(counters["echo"], 1);
 }
 
