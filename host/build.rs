@@ -1,5 +1,5 @@
 include!("guests/assemble.rs");
 
 fn main() {
-    assemble_guests(std::path::Path::new("guests"), &["demo", "msr_loop"]);
+    assemble_guests(std::path::Path::new("guests"), &["demo", "msr_loop", "msr_forever"]);
 }

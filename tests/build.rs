@@ -17,7 +17,7 @@ fn main() {
     println!("cargo::rerun-if-changed=guests");
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     assemble_guests(std::path::Path::new("guests"), &names);
-    assemble_guests(std::path::Path::new("../host/guests"), &["msr_loop"]);
+    assemble_guests(std::path::Path::new("../host/guests"), &["msr_loop", "msr_forever"]);
     println!(
         "cargo::rustc-env=MSRWASM_TEST_GUESTS={}",
         std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")

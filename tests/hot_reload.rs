@@ -39,7 +39,7 @@ fn atomic_rename_and_in_place_rewrite_take_over_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let plugin = dir.path().join("p.wasm");
     std::fs::write(&plugin, version(1)).unwrap();
-    let vm = start(&guest("msr_watch.elf"), 1, quick(&plugin));
+    let vm = start(&guest("msr_forever.elf"), 1, quick(&plugin));
     let scope = vm.state.scope("p");
     wait_until("version 1 answers", || scope.get(1) == 1);
 
@@ -245,7 +245,7 @@ fn state_carries_across_reloads() {
     let dir = tempfile::tempdir().unwrap();
     let plugin = dir.path().join("counter.wasm");
     std::fs::write(&plugin, counter(0)).unwrap();
-    let vm = start(&guest("msr_watch.elf"), 1, quick(&plugin));
+    let vm = start(&guest("msr_forever.elf"), 1, quick(&plugin));
     let scope = vm.state.scope("counter");
     wait_until("some reads counted", || scope.get(0) > 100);
     atomic_write(&plugin, &counter(1 << 40));

@@ -7,6 +7,9 @@
 //! 2. The dispatcher alone, without KVM: synthetic exits through the same
 //!    exit handler (generation check, fuel, plugin call, counters).
 //! 3. Scaling: the wasm plugin on 1 vCPU and on 2 vCPUs.
+//! 4. Hot reload: on a running 2-vCPU VM, the time from renaming a new
+//!    plugin version into place to the first exit that version answers, and
+//!    the longest gap between two exits any vCPU saw meanwhile.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,6 +24,8 @@ use crate::vm::{Vm, VmConfig, VmEnd, VmError};
 
 /// The guest: RDMSR 0x4d53424d in a loop, then HLT (`host/guests/msr_loop.S`).
 pub const LOOP_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/msr_loop.elf"));
+/// The reload guest: RDMSR 0x4d530020 forever (`host/guests/msr_forever.S`).
+pub const FOREVER_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/msr_forever.elf"));
 /// RDMSRs each vCPU of the loop guest executes.
 pub const LOOP_ITERATIONS: u64 = 50_000;
 const LOOP_MSR: u32 = 0x4d53_424d;
@@ -61,6 +66,8 @@ pub struct BenchOptions {
     pub rounds: usize,
     /// Synthetic exits for the dispatcher measurement.
     pub dispatches: u64,
+    /// Plugin versions swapped in for the reload measurement.
+    pub swaps: usize,
 }
 
 impl Default for BenchOptions {
@@ -68,6 +75,7 @@ impl Default for BenchOptions {
         Self {
             rounds: 5,
             dispatches: 2_000_000,
+            swaps: 50,
         }
     }
 }
@@ -92,6 +100,18 @@ pub struct BenchReport {
     /// Total exits/s of the wasm plugin on 2 vCPUs, and its ratio to 1 vCPU.
     pub wasm_2vcpu_exits_per_s: f64,
     pub scaling_2_vs_1: f64,
+    /// Hot reload, rename to first answer by the new version, milliseconds.
+    pub swaps: usize,
+    pub reload_median_ms: f64,
+    pub reload_worst_ms: f64,
+    /// Longest gap between consecutive MSR exits on any vCPU during the
+    /// swaps, milliseconds (includes the host scheduler's preemptions).
+    pub longest_vcpu_gap_ms: f64,
+    /// The same, over a window of the same length before any swap.
+    pub longest_vcpu_gap_no_swap_ms: f64,
+    /// Longest time a policy switch (with the new version's first answer,
+    /// instantiation included) held a vCPU, milliseconds.
+    pub longest_switch_ms: f64,
 }
 
 impl BenchReport {
@@ -120,6 +140,18 @@ impl BenchReport {
         s += &format!(
             "scaling: wasm plugin on 2 vCPUs {:.0} exits/s = {:.2}x one vCPU\n",
             self.wasm_2vcpu_exits_per_s, self.scaling_2_vs_1
+        );
+        s += &format!(
+            "hot reload, {} swaps on 2 running vCPUs:\n  rename -> first answer by the new version: median {:.1} ms, worst {:.1} ms\n",
+            self.swaps, self.reload_median_ms, self.reload_worst_ms
+        );
+        s += &format!(
+            "  longest switch on a vCPU (switch + first answer, instantiation included): {:.3} ms\n",
+            self.longest_switch_ms
+        );
+        s += &format!(
+            "  longest gap between two exits on a vCPU: {:.3} ms during swaps, {:.3} ms in a window without swaps\n",
+            self.longest_vcpu_gap_ms, self.longest_vcpu_gap_no_swap_ms
         );
         s
     }
@@ -228,6 +260,116 @@ fn dispatch_ns(files: &Files, answerer: Answerer, n: u64) -> Result<f64, BenchEr
     Ok(started.elapsed().as_nanos() as f64 / n as f64)
 }
 
+/// A plugin version that answers `k` and notes `k` in state key 1.
+fn reload_version(k: usize) -> String {
+    format!(
+        r#"(module
+  (import "msr" "reply" (func $reply (param i64)))
+  (import "msr" "state_set" (func $set (param i32 i64)))
+  (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
+  (func (export "rdmsr") (param i32) (result i32)
+    (call $set (i32.const 1) (i64.const {k}))
+    (call $reply (i64.const {k}))
+    (i32.const 0)))"#
+    )
+}
+
+/// What the reload measurement found.
+struct ReloadFigures {
+    latencies_ms: Vec<f64>,
+    gap_ms: f64,
+    gap_no_swap_ms: f64,
+    switch_ms: f64,
+}
+
+/// Swaps `swaps` versions into a running VM, after letting it run as long
+/// without swaps for comparison.
+fn reload_latency(files: &Files, swaps: usize) -> Result<ReloadFigures, BenchError> {
+    let dir = files.dir.path();
+    std::fs::write(dir.join("forever.elf"), FOREVER_GUEST)?;
+    let plugin = dir.join("swap.wat");
+    std::fs::write(&plugin, reload_version(1))?;
+    let trace = dir.join("reload.jsonl");
+    let vm = Vm::new(VmConfig {
+        vcpus: 2,
+        mem_mib: 16,
+        guest: dir.join("forever.elf"),
+        policy: crate::policy::PolicySpec::from_paths(std::slice::from_ref(&plugin), Unhandled::Gp),
+        trace: Some(trace.clone()),
+        serial: Box::new(std::io::sink()),
+        watch: true,
+    })?;
+    let (stop, epoch, scope) = (vm.stop_handle(), vm.epoch(), vm.state().scope("swap"));
+    let running = std::thread::spawn(move || vm.run());
+    let live = |k: usize| {
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while scope.get(1) != k as i64 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        true
+    };
+    let mut renamed_at = Vec::new();
+    let mut ok = live(1);
+    // A quiet stretch about as long as the swaps will take, to compare gaps.
+    let quiet_from = epoch.elapsed();
+    std::thread::sleep(std::time::Duration::from_millis(30 * swaps as u64));
+    let quiet_to = epoch.elapsed();
+    for k in 2..swaps + 2 {
+        if !ok {
+            break;
+        }
+        let temp = dir.join("swap.wat.new");
+        std::fs::write(&temp, reload_version(k))?;
+        renamed_at.push((k, epoch.elapsed()));
+        std::fs::rename(&temp, &plugin)?;
+        ok = live(k);
+    }
+    stop.stop();
+    let report = running
+        .join()
+        .map_err(|_| BenchError::Guest(VmEnd::Error("VM thread panicked".into())))??;
+    if !ok || report.end != VmEnd::Signal(libc::SIGTERM) {
+        return Err(BenchError::Guest(report.end));
+    }
+    let records: Vec<crate::trace::TraceRecord> = std::fs::read_to_string(&trace)?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let first_at = |k: usize| {
+        let value = format!("{k:#x}");
+        records
+            .iter()
+            .find(|r| r.value.as_deref() == Some(value.as_str()))
+            .map(|r| r.t_ns)
+    };
+    let latencies = renamed_at
+        .iter()
+        .filter_map(|&(k, at)| first_at(k).map(|t| (t as f64 - at.as_nanos() as f64) / 1e6))
+        .collect();
+    let longest_gap = |from: u64, to: u64| {
+        let mut longest = 0u64;
+        for vcpu in 0..2 {
+            let times: Vec<u64> = records
+                .iter()
+                .filter(|r| r.vcpu == vcpu && (from..to).contains(&r.t_ns))
+                .map(|r| r.t_ns)
+                .collect();
+            longest = longest.max(times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0));
+        }
+        longest as f64 / 1e6
+    };
+    let swaps_from = renamed_at.first().map_or(0, |(_, at)| at.as_nanos() as u64);
+    Ok(ReloadFigures {
+        latencies_ms: latencies,
+        gap_ms: longest_gap(swaps_from, u64::MAX),
+        gap_no_swap_ms: longest_gap(quiet_from.as_nanos() as u64, quiet_to.as_nanos() as u64),
+        switch_ms: report.total().longest_switch_ns as f64 / 1e6,
+    })
+}
+
 /// Runs every measurement; `progress` hears what is being measured.
 pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchReport, BenchError> {
     let files = Files::new()?;
@@ -248,6 +390,9 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
         dw.push(dispatch_ns(&files, Answerer::Wasm, options.dispatches)?);
         dc.push(dispatch_ns(&files, Answerer::Chain, options.dispatches)?);
     }
+    progress(&format!("hot reload, {} swaps", options.swaps));
+    let reload = reload_latency(&files, options.swaps.max(1))?;
+    let worst = reload.latencies_ms.iter().copied().fold(0.0, f64::max);
     let (native, wasm, chain, two) = (median(native), median(wasm), median(chain), median(two));
     Ok(BenchReport {
         release_build: !cfg!(debug_assertions),
@@ -263,5 +408,11 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
         dispatch_chain_ns: median(dc),
         wasm_2vcpu_exits_per_s: two,
         scaling_2_vs_1: two / wasm,
+        swaps: reload.latencies_ms.len(),
+        reload_median_ms: median(reload.latencies_ms),
+        reload_worst_ms: worst,
+        longest_vcpu_gap_ms: reload.gap_ms,
+        longest_vcpu_gap_no_swap_ms: reload.gap_no_swap_ms,
+        longest_switch_ms: reload.switch_ms,
     })
 }

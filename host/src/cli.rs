@@ -40,7 +40,8 @@ enum Command {
     /// Boot the built-in demo guest on 2 vCPUs, answered by built-in plugins.
     Demo(DemoArgs),
     /// Measure what plugins cost: wasm vs a native handler on the same
-    /// guest loop, the dispatcher alone, and 1 vs 2 vCPUs.
+    /// guest loop, the dispatcher alone, 1 vs 2 vCPUs, and hot-reload
+    /// latency on a running VM.
     ///
     /// Build with --release for meaningful figures. Prints a table, or
     /// JSON with --json.
@@ -55,6 +56,9 @@ struct BenchArgs {
     /// Synthetic exits per dispatcher measurement.
     #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1000..))]
     dispatches: u64,
+    /// Plugin versions swapped into a running VM for the reload latency.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    swaps: u64,
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
@@ -167,6 +171,7 @@ fn bench(args: BenchArgs) -> Result<i32> {
     let options = msrwasm::bench::BenchOptions {
         rounds: args.rounds as usize,
         dispatches: args.dispatches,
+        swaps: args.swaps as usize,
     };
     let report = msrwasm::bench::run(options, |what| eprintln!("msrwasm bench: {what}"))?;
     if args.json {

@@ -82,6 +82,11 @@ pub struct VcpuStats {
     pub mmio: u64,
     /// Exits the host does not expect (logged as errors).
     pub unexpected: u64,
+    /// Policy generations this vCPU moved to (hot reloads).
+    pub switches: u64,
+    /// Longest time one switch held this vCPU, including the first answer
+    /// of the new version (instantiation), nanoseconds.
+    pub longest_switch_ns: u64,
 }
 
 /// A Rust MSR handler used instead of the plugin chain (a benchmark
@@ -214,9 +219,11 @@ impl ExitHandler {
     }
 
     fn msr(&mut self, access: Access, kvm: &mut dyn KvmMsrs) -> Option<u64> {
-        if self.cell.generation() != self.generation {
+        let switch_started = (self.cell.generation() != self.generation).then(|| {
+            let started = Instant::now();
             self.switch_policy();
-        }
+            started
+        });
         let decision = match self.native {
             Some(native) => Decision {
                 result: native(self.vcpu, access),
@@ -231,6 +238,12 @@ impl ExitHandler {
         }
         if decision.result.is_none() {
             self.stats.gp += 1;
+        }
+        if let Some(started) = switch_started {
+            // The switch and this first answer (which instantiates what
+            // changed) are what a reload costs this vCPU.
+            self.stats.switches += 1;
+            self.stats.longest_switch_ns = self.stats.longest_switch_ns.max(started.elapsed().as_nanos() as u64);
         }
         let debug = tracing::enabled!(tracing::Level::DEBUG);
         if self.trace.is_some() || debug {

@@ -167,6 +167,8 @@ impl VmReport {
             t.unknown_ports += s.unknown_ports;
             t.mmio += s.mmio;
             t.unexpected += s.unexpected;
+            t.switches += s.switches;
+            t.longest_switch_ns = t.longest_switch_ns.max(s.longest_switch_ns);
             t
         })
     }
