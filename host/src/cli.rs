@@ -46,6 +46,16 @@ enum Command {
     /// Build with --release for meaningful figures. Prints a table, or
     /// JSON with --json.
     Bench(BenchArgs),
+    /// Write the built-in raw guests to a directory, for trying plugins by
+    /// hand: demo.elf (the demo), msr_loop.elf (50000 RDMSR 0x4d53424d per
+    /// vCPU, then HLT), msr_forever.elf (RDMSR 0x4d530020 until stopped).
+    Guests(GuestsArgs),
+}
+
+#[derive(Args)]
+struct GuestsArgs {
+    /// Directory to write to (created if missing).
+    dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -126,6 +136,7 @@ pub fn main() -> i32 {
         Command::Run(args) => run(args),
         Command::Demo(args) => demo(args),
         Command::Bench(args) => bench(args),
+        Command::Guests(args) => guests(args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("msrwasm: error: {e:#}");
@@ -178,6 +189,20 @@ fn bench(args: BenchArgs) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.table());
+    }
+    Ok(0)
+}
+
+fn guests(args: GuestsArgs) -> Result<i32> {
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    for (name, bytes) in [
+        ("demo.elf", msrwasm::demo::GUEST),
+        ("msr_loop.elf", msrwasm::bench::LOOP_GUEST),
+        ("msr_forever.elf", msrwasm::bench::FOREVER_GUEST),
+    ] {
+        let path = args.dir.join(name);
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
     }
     Ok(0)
 }

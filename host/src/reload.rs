@@ -162,9 +162,9 @@ impl Reloader {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    // load() logged it
                     refused.push(e.to_string());
                     self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("reload refused, the running version stays: {e}");
                 }
             }
         }
@@ -206,7 +206,7 @@ impl Reloader {
             ),
             Err(e) => tracing::warn!(
                 file = %settings.path.display(), old, new = &sha256[..16], compile_ms = took.as_secs_f64() * 1e3,
-                "plugin version refused: {e}"
+                "plugin version refused, the running version stays: {e}"
             ),
         }
         result.map(Arc::new)

@@ -2,7 +2,7 @@
 //! thread of its own so that vCPUs never wait on the file.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
@@ -61,7 +61,7 @@ impl TraceWriter {
         let (tx, rx) = channel();
         let thread = std::thread::Builder::new()
             .name("msrwasm-trace".into())
-            .spawn(move || write_all(BufWriter::new(file), rx))
+            .spawn(move || write_all(file, rx))
             .map_err(|source| TraceError {
                 path: path.to_owned(),
                 source,
@@ -89,13 +89,26 @@ impl TraceWriter {
     }
 }
 
-fn write_all(mut out: BufWriter<File>, rx: Receiver<TraceRecord>) -> std::io::Result<u64> {
+/// Writes whole lines only, in batches: the file always ends with a
+/// complete record, so `tail` on a running trace never shows half a line.
+fn write_all(mut out: File, rx: Receiver<TraceRecord>) -> std::io::Result<u64> {
+    const BATCH: usize = 64 * 1024;
     let mut n = 0;
-    for record in rx {
-        serde_json::to_writer(&mut out, &record)?;
-        out.write_all(b"\n")?;
-        n += 1;
+    let mut batch = Vec::with_capacity(2 * BATCH);
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(record) = next {
+            serde_json::to_writer(&mut batch, &record)?;
+            batch.push(b'\n');
+            n += 1;
+            if batch.len() >= BATCH {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        // The queue ran dry or the batch is full.
+        out.write_all(&batch)?;
+        batch.clear();
     }
-    out.flush()?;
     Ok(n)
 }

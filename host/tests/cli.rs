@@ -202,3 +202,15 @@ fn guest_exit_port_sets_the_status() {
     let o = msrwasm(&["run", guest.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(42), "{}", stderr(&o));
 }
+
+#[test]
+fn guests_writes_the_built_in_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("new");
+    let o = msrwasm(&["guests", out_dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in ["demo.elf", "msr_loop.elf", "msr_forever.elf"] {
+        let bytes = std::fs::read(out_dir.join(name)).unwrap();
+        assert!(bytes.starts_with(b"\x7fELF"), "{name}");
+    }
+}

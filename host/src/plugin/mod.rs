@@ -452,7 +452,26 @@ fn compile(path: &Path, bytes: &[u8]) -> Result<Module, LoadError> {
             "neither a wasm binary (no \\0asm magic) nor WAT text (not UTF-8)".into(),
         ));
     }
-    Module::new(engine(), bytes).map_err(|e| not_wasm(format!("{e:#}")))
+    Module::new(engine(), bytes).map_err(|e| not_wasm(one_line(&format!("{e:#}"))))
+}
+
+/// Folds a multi-line parser message (message, `--> <anon>:L:C`, source
+/// excerpt) into one log-friendly line.
+fn one_line(message: &str) -> String {
+    let mut lines = message.lines().map(str::trim);
+    let mut out = lines.next().unwrap_or_default().to_owned();
+    for line in lines {
+        if let Some(location) = line.strip_prefix("--> ") {
+            let mut parts = location.rsplitn(3, ':');
+            if let (Some(column), Some(line)) = (parts.next(), parts.next()) {
+                out += &format!(" (line {line}, column {column})");
+            }
+        } else if !line.is_empty() && !line.starts_with('|') && !line.chars().next().is_some_and(|c| c.is_ascii_digit())
+        {
+            out += &format!("; {line}");
+        }
+    }
+    out
 }
 
 /// A readable account of a wasm failure, naming the budget or limit for the
