@@ -17,7 +17,7 @@ use notify::RecursiveMode;
 use notify_debouncer_full::new_debouncer;
 
 use crate::plugin::state::StateStore;
-use crate::plugin::{LoadError, ModuleCache, Plugin, PluginSettings, content_hash};
+use crate::plugin::{LoadError, ModuleCache, Plugin, PluginSettings, content_hash, read_plugin_file};
 use crate::policy::{Policy, PolicyCell, PolicySpec};
 
 /// Quiet time after the last change to a file before it is read: long
@@ -95,7 +95,7 @@ impl Reloader {
         changed
             .iter()
             .filter(|path| {
-                let hash = std::fs::read(path).ok().map(|bytes| content_hash(&bytes));
+                let hash = read_plugin_file(path).ok().map(|bytes| content_hash(&bytes));
                 self.seen.insert((*path).clone(), hash.clone()) != Some(hash)
             })
             .cloned()
@@ -184,10 +184,7 @@ impl Reloader {
     /// The running plugin if content and settings are unchanged, else the
     /// new version, compiled (or taken from the cache) and validated.
     fn load(&self, settings: &PluginSettings) -> Result<Arc<Plugin>, LoadError> {
-        let bytes = std::fs::read(&settings.path).map_err(|source| LoadError::Read {
-            path: settings.path.clone(),
-            source,
-        })?;
+        let bytes = read_plugin_file(&settings.path)?;
         let sha256 = content_hash(&bytes);
         let running = self.plugins.iter().find(|p| p.name() == settings.name);
         if let Some(p) = running.filter(|p| p.settings() == settings && p.sha256() == sha256) {

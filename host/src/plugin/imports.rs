@@ -27,6 +27,8 @@ pub struct PluginCtx {
     config: Arc<BTreeMap<String, i64>>,
     log_window: Instant,
     log_count: u32,
+    /// Host-call time the running call may still use (see [`charge`]).
+    pub(super) host_budget_ns: u64,
     pub(super) limits: StoreLimits,
 }
 
@@ -48,6 +50,7 @@ impl PluginCtx {
             config,
             log_window: Instant::now(),
             log_count: 0,
+            host_budget_ns: 0,
             limits,
         }
     }
@@ -111,9 +114,31 @@ pub(super) fn linker() -> &'static Linker<PluginCtx> {
     LINKER.get_or_init(|| build_linker().expect("the msr import definitions are consistent"))
 }
 
+/// What host imports cost in CPU time. Fuel counts only wasm
+/// instructions, so host calls draw on a budget of their own (as large as
+/// the call's): a loop that spends its time in host calls cannot outlast
+/// it, and a call ends within about twice `timeout_us` whatever it does.
+const CHEAP_NS: u64 = 20;
+const STATE_NS: u64 = 100;
+const STRING_NS: u64 = 1000;
+
+/// Takes `ns` from the running call's host-call budget; running out is the
+/// same trap as running out of fuel.
+fn charge(c: &mut Caller<'_, PluginCtx>, ns: u64) -> wasmtime::Result<()> {
+    let ctx = c.data_mut();
+    match ctx.host_budget_ns.checked_sub(ns) {
+        Some(left) => {
+            ctx.host_budget_ns = left;
+            Ok(())
+        }
+        None => Err(wasmtime::Trap::OutOfFuel.into()),
+    }
+}
+
 fn build_linker() -> wasmtime::Result<Linker<PluginCtx>> {
     let mut l = Linker::new(engine());
     l.func_wrap("msr", "reply", |mut c: Caller<'_, PluginCtx>, value: i64| {
+        charge(&mut c, CHEAP_NS)?;
         let ctx = c.data_mut();
         if !ctx.in_rdmsr {
             return Err(wasmtime::Error::msg("msr.reply called outside rdmsr"));
@@ -121,24 +146,36 @@ fn build_linker() -> wasmtime::Result<Linker<PluginCtx>> {
         ctx.reply = Some(value as u64);
         Ok(())
     })?;
-    l.func_wrap("msr", "vcpu", |c: Caller<'_, PluginCtx>| c.data().vcpu as i32)?;
-    l.func_wrap("msr", "reason", |c: Caller<'_, PluginCtx>| c.data().reason as i32)?;
-    l.func_wrap("msr", "now_ns", |_: Caller<'_, PluginCtx>| {
-        clock_origin().elapsed().as_nanos() as i64
+    l.func_wrap("msr", "vcpu", |mut c: Caller<'_, PluginCtx>| {
+        charge(&mut c, CHEAP_NS)?;
+        Ok(c.data().vcpu as i32)
     })?;
-    l.func_wrap("msr", "state_get", |c: Caller<'_, PluginCtx>, key: i32| {
-        c.data().state.get(key)
+    l.func_wrap("msr", "reason", |mut c: Caller<'_, PluginCtx>| {
+        charge(&mut c, CHEAP_NS)?;
+        Ok(c.data().reason as i32)
     })?;
-    l.func_wrap("msr", "state_set", |c: Caller<'_, PluginCtx>, key: i32, v: i64| {
-        c.data().state.set(key, v)
+    l.func_wrap("msr", "now_ns", |mut c: Caller<'_, PluginCtx>| {
+        charge(&mut c, CHEAP_NS)?;
+        Ok(clock_origin().elapsed().as_nanos() as i64)
     })?;
-    l.func_wrap("msr", "state_add", |c: Caller<'_, PluginCtx>, key: i32, d: i64| {
-        c.data().state.add(key, d)
+    l.func_wrap("msr", "state_get", |mut c: Caller<'_, PluginCtx>, key: i32| {
+        charge(&mut c, STATE_NS)?;
+        Ok(c.data().state.get(key))
+    })?;
+    l.func_wrap("msr", "state_set", |mut c: Caller<'_, PluginCtx>, key: i32, v: i64| {
+        charge(&mut c, STATE_NS)?;
+        c.data().state.set(key, v);
+        Ok(())
+    })?;
+    l.func_wrap("msr", "state_add", |mut c: Caller<'_, PluginCtx>, key: i32, d: i64| {
+        charge(&mut c, STATE_NS)?;
+        Ok(c.data().state.add(key, d))
     })?;
     l.func_wrap(
         "msr",
         "config",
         |mut c: Caller<'_, PluginCtx>, ptr: i32, len: i32, default: i64| {
+            charge(&mut c, STRING_NS)?;
             let name = read_string(&mut c, ptr, len, "config")?;
             Ok(c.data().config.get(&name).copied().unwrap_or(default))
         },
@@ -147,6 +184,7 @@ fn build_linker() -> wasmtime::Result<Linker<PluginCtx>> {
         "msr",
         "log",
         |mut c: Caller<'_, PluginCtx>, level: i32, ptr: i32, len: i32| {
+            charge(&mut c, STRING_NS)?;
             let msg = read_string(&mut c, ptr, len, "log")?;
             let ctx = c.data_mut();
             if !ctx.may_log() {

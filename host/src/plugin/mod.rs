@@ -2,6 +2,7 @@
 //! instance (and one `Store`) per vCPU.
 
 pub mod abi;
+pub mod health;
 mod imports;
 pub mod state;
 
@@ -106,6 +107,8 @@ impl PluginSettings {
 pub enum LoadError {
     #[error("plugin {}: cannot read: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
+    #[error("plugin {}: {size} bytes is over the {} MiB limit for plugin files", path.display(), MAX_PLUGIN_BYTES >> 20)]
+    TooLarge { path: PathBuf, size: u64 },
     #[error("plugin {}: content sha256 {actual} does not match the pinned sha256 {expected}", path.display())]
     Sha256Mismatch {
         path: PathBuf,
@@ -142,6 +145,7 @@ pub struct Plugin {
     pre: InstancePre<PluginCtx>,
     state: Arc<StateScope>,
     config: Arc<BTreeMap<String, i64>>,
+    health: health::Health,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -155,6 +159,30 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
+/// Largest plugin file the host reads (a guard against mistakes such as
+/// pointing `path` at a disk image).
+pub const MAX_PLUGIN_BYTES: u64 = 64 << 20;
+
+/// Reads a plugin file, refusing directories and files over
+/// [`MAX_PLUGIN_BYTES`] before reading them.
+pub fn read_plugin_file(path: &Path) -> Result<Vec<u8>, LoadError> {
+    let read_err = |source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if meta.is_dir() {
+        return Err(read_err(std::io::Error::other("it is a directory")));
+    }
+    if meta.len() > MAX_PLUGIN_BYTES {
+        return Err(LoadError::TooLarge {
+            path: path.to_owned(),
+            size: meta.len(),
+        });
+    }
+    std::fs::read(path).map_err(read_err)
+}
+
 /// Hex SHA-256 of a plugin file's content: its version identity.
 pub fn content_hash(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
@@ -164,20 +192,14 @@ impl Plugin {
     /// Reads, compiles and validates the plugin `settings` names, running
     /// `init` and `claim` on a probe instance.
     pub fn load(settings: PluginSettings, state: &StateStore) -> Result<Self, LoadError> {
-        let bytes = std::fs::read(&settings.path).map_err(|source| LoadError::Read {
-            path: settings.path.clone(),
-            source,
-        })?;
+        let bytes = read_plugin_file(&settings.path)?;
         Self::from_bytes(settings, &bytes, state)
     }
 
     /// As [`Plugin::load`], reusing a compiled module of the same content
     /// from `cache` (and adding to it).
     pub fn load_cached(settings: PluginSettings, state: &StateStore, cache: &ModuleCache) -> Result<Self, LoadError> {
-        let bytes = std::fs::read(&settings.path).map_err(|source| LoadError::Read {
-            path: settings.path.clone(),
-            source,
-        })?;
+        let bytes = read_plugin_file(&settings.path)?;
         Self::build(settings, &bytes, state, Some(cache))
     }
 
@@ -229,6 +251,7 @@ impl Plugin {
             sha256,
             shape,
             pre,
+            health: health::Health::new(health::QuarantinePolicy::default()),
         };
         plugin.probe()?;
         Ok(plugin)
@@ -395,13 +418,21 @@ impl Plugin {
         self.shape
     }
 
+    /// Error history and quarantine of this version.
+    pub fn health(&self) -> &health::Health {
+        &self.health
+    }
+
     pub fn claims(&self) -> Option<&[(u32, u32)]> {
         self.claims.as_deref()
     }
 }
 
-fn set_fuel<T>(store: &mut Store<T>, fuel: u64) {
+/// Gives the next call (or init, claim, start function) its budget: `fuel`
+/// for wasm code and as much time again for host calls.
+fn set_fuel(store: &mut Store<PluginCtx>, fuel: u64) {
     store.set_fuel(fuel).expect("fuel is enabled on the engine");
+    store.data_mut().host_budget_ns = fuel.saturating_mul(1000) / fuel_per_us();
 }
 
 /// Compiled modules by content hash, so that content seen before (a

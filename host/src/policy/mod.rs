@@ -160,7 +160,23 @@ pub struct PluginCounters {
     pub handled: u64,
     pub fault: u64,
     pub pass: u64,
+    /// Plugin errors (trap, timeout, bad status, no reply), decided by on_error.
     pub errors: u64,
+    /// Times this vCPU's error put the plugin into quarantine.
+    pub quarantines: u64,
+    /// Accesses the plugin was skipped for (as PASS) while quarantined.
+    pub skipped: u64,
+}
+
+impl std::ops::AddAssign for PluginCounters {
+    fn add_assign(&mut self, c: Self) {
+        self.handled += c.handled;
+        self.fault += c.fault;
+        self.pass += c.pass;
+        self.errors += c.errors;
+        self.quarantines += c.quarantines;
+        self.skipped += c.skipped;
+    }
 }
 
 /// One vCPU's view of a policy: its own instance of every plugin.
@@ -244,6 +260,10 @@ impl VcpuChain {
                 result,
                 by: Responder::Plugin { position, error: false },
             };
+            if plugin.health().quarantined() {
+                counter.skipped += 1;
+                continue;
+            }
             match ask(&mut instances[position], plugin, *vcpu, access) {
                 Ok(Answer::Pass) => counter.pass += 1,
                 Ok(Answer::Handled(value)) => {
@@ -262,6 +282,13 @@ impl VcpuChain {
                     );
                     // A trap may leave wasm state half-written: start afresh.
                     instances[position] = None;
+                    if let Some(backoff) = plugin.health().record_error() {
+                        counter.quarantines += 1;
+                        tracing::warn!(
+                            plugin = plugin.name(), file = %plugin.path().display(),
+                            "plugin quarantined for {backoff:?} after repeated errors: skipped (as PASS) until its file changes or the backoff expires"
+                        );
+                    }
                     if plugin.settings().on_error == OnError::Fault {
                         return Decision {
                             result: None,

@@ -200,9 +200,13 @@ impl VmReport {
         );
         for (name, c) in &self.plugins {
             s += &format!(
-                "msrwasm: plugin {name}: {} handled, {} fault, {} pass, {} errors\n",
+                "msrwasm: plugin {name}: {} handled, {} fault, {} pass, {} errors",
                 c.handled, c.fault, c.pass, c.errors
             );
+            if c.quarantines + c.skipped > 0 {
+                s += &format!(", {} quarantines ({} accesses skipped)", c.quarantines, c.skipped);
+            }
+            s += "\n";
         }
         if self.reloads_applied + self.reloads_refused > 0 {
             s += &format!(
@@ -487,11 +491,7 @@ impl Vm {
             match handler {
                 Ok(h) => {
                     for (name, c) in h.plugin_counters() {
-                        let t = report.plugins.entry(name).or_default();
-                        t.handled += c.handled;
-                        t.fault += c.fault;
-                        t.pass += c.pass;
-                        t.errors += c.errors;
+                        *report.plugins.entry(name).or_default() += c;
                     }
                     report.vcpus.push(h.stats);
                 }

@@ -1,0 +1,281 @@
+//! Untrusted plugins on a live guest: a corpus of hostile plugins, each
+//! either contained at call time (the guest gets the configured outcome and
+//! keeps running, the error counters match) or refused at load with a
+//! message naming the file.
+
+use msrwasm::plugin::OnError;
+use msrwasm::policy::{PolicySpec, Unhandled};
+use msrwasm_tests::{guest, kvm_available, run};
+
+const HEADER: &str = r#"
+  (import "msr" "reply" (func $reply (param i64)))
+  (import "msr" "log" (func $log (param i32 i32 i32)))
+  (import "msr" "config" (func $config (param i32 i32 i64) (result i64)))
+  (import "msr" "state_add" (func $add (param i32 i64) (result i64)))
+  (memory (export "memory") 1)
+  (table 2 funcref)
+  (type $sig (func (result i32)))
+  (func (export "msrwasm_abi_version") (result i32) (i32.const 1))"#;
+
+/// A plugin from `body` (its rdmsr/wrmsr and helpers), with the ABI header.
+fn plugin(body: &str) -> String {
+    format!("(module {HEADER}\n{body})")
+}
+
+/// rdmsr misbehaves with `code`; wrmsr is not exported (writes PASS).
+fn bad_read(code: &str) -> String {
+    plugin(&format!(
+        r#"(func $r (export "rdmsr") (param $i i32) (result i32) {code})"#
+    ))
+}
+
+/// rdmsr answers 0x77; wrmsr misbehaves with `code`.
+fn bad_write(code: &str) -> String {
+    plugin(&format!(
+        r#"(func (export "rdmsr") (param $i i32) (result i32) (call $reply (i64.const 0x77)) (i32.const 0))
+           (func (export "wrmsr") (param $i i32) (param $v i64) (result i32) {code})"#
+    ))
+}
+
+/// What the guest reports.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    reads_gp: u64,
+    writes_gp: u64,
+    value: u64,
+}
+
+fn seen(serial: &str) -> Seen {
+    let field = |name: &str| {
+        let at = serial
+            .find(&format!("{name} 0x"))
+            .unwrap_or_else(|| panic!("no {name} in {serial:?}"))
+            + name.len()
+            + 3;
+        u64::from_str_radix(&serial[at..at + 16], 16).unwrap()
+    };
+    Seen {
+        reads_gp: field("reads_gp"),
+        writes_gp: field("writes_gp"),
+        value: field("value"),
+    }
+}
+
+/// Runs the hostile guest against `wat` with `on_error`; returns what the
+/// guest saw and the plugin's counters.
+fn contained(
+    name: &str,
+    wat: &str,
+    on_error: OnError,
+    unhandled: Unhandled,
+) -> (Seen, msrwasm::policy::PluginCounters) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(format!("{name}.wat"));
+    std::fs::write(&path, wat).unwrap();
+    let mut spec = PolicySpec::from_paths(&[path], unhandled);
+    spec.plugins[0].on_error = on_error;
+    let r = run(&guest("hostile.elf"), 1, spec).unwrap_or_else(|e| panic!("{name}: refused at load: {e}"));
+    r.expect_status(0);
+    (seen(&r.serial), r.report.plugins[name])
+}
+
+/// Plugins that fail on every read (or write): 5 errors start a quarantine,
+/// the other 3 accesses skip the plugin.
+const READ_FAILURES: &[(&str, &str)] = &[
+    ("endless_loop", "(loop $l (br $l)) (i32.const 0)"),
+    ("deep_recursion", "(call $r (local.get $i))"),
+    ("unreachable", "unreachable"),
+    ("status_3", "(i32.const 3)"),
+    ("status_negative", "(i32.const -1)"),
+    ("handled_without_reply", "(i32.const 0)"),
+    (
+        "log_out_of_bounds",
+        "(call $log (i32.const 2) (i32.const 65530) (i32.const 64)) (i32.const 2)",
+    ),
+    (
+        "log_huge_length",
+        "(call $log (i32.const 2) (i32.const 0) (i32.const 0x7fffffff)) (i32.const 2)",
+    ),
+    (
+        "config_out_of_bounds",
+        "(drop (call $config (i32.const -8) (i32.const 16) (i64.const 0))) (i32.const 2)",
+    ),
+    ("divide_by_zero", "(i32.div_u (i32.const 1) (i32.const 0))"),
+    ("memory_out_of_bounds", "(i32.load (i32.const 70000))"),
+    ("call_null_table_entry", "(call_indirect (type $sig) (i32.const 1))"),
+    (
+        "state_hammer",
+        "(loop $l (drop (call $add (i32.const 0) (i64.const 1))) (br $l)) (i32.const 0)",
+    ),
+];
+
+const WRITE_FAILURES: &[(&str, &str)] = &[
+    ("reply_outside_rdmsr", "(call $reply (i64.const 1)) (i32.const 0)"),
+    ("write_status_7", "(i32.const 7)"),
+];
+
+#[test]
+fn failing_plugins_fault_or_pass_as_configured_and_get_quarantined() {
+    if !kvm_available() {
+        return;
+    }
+    for &(name, code) in READ_FAILURES.iter().chain(WRITE_FAILURES) {
+        let on_read = READ_FAILURES.iter().any(|(n, _)| *n == name);
+        let wat = if on_read { bad_read(code) } else { bad_write(code) };
+
+        // on_error = fault, unhandled = gp: every failing access is a #GP,
+        // the 5 errors and the 3 quarantined (unanswered) accesses alike.
+        let (seen, c) = contained(name, &wat, OnError::Fault, Unhandled::Gp);
+        let expected = if on_read {
+            Seen {
+                reads_gp: 8,
+                writes_gp: 8,
+                value: 0,
+            }
+        } else {
+            Seen {
+                reads_gp: 0,
+                writes_gp: 8,
+                value: 0x77,
+            }
+        };
+        assert_eq!(seen, expected, "{name}");
+        // While quarantined it is skipped for everything: the other 3 reads
+        // and all 8 writes of a read failure, the other 3 writes otherwise.
+        let skipped = if on_read { 3 + 8 } else { 3 };
+        assert_eq!((c.errors, c.quarantines, c.skipped), (5, 1, skipped), "{name}: {c:?}");
+
+        // on_error = pass, unhandled = ignore: the guest never notices.
+        let (seen, c) = contained(name, &wat, OnError::Pass, Unhandled::Ignore);
+        let value = if on_read { 0 } else { 0x77 };
+        assert_eq!(
+            seen,
+            Seen {
+                reads_gp: 0,
+                writes_gp: 0,
+                value
+            },
+            "{name}"
+        );
+        assert_eq!((c.errors, c.quarantines, c.skipped), (5, 1, skipped), "{name}: {c:?}");
+    }
+}
+
+#[test]
+fn resource_hogs_are_capped_without_errors() {
+    if !kvm_available() {
+        return;
+    }
+    // Grows memory a page at a time until refused: the 1024 KiB cap makes
+    // memory.grow return -1 (no trap) at 16 pages, which it reports.
+    let bomb = bad_read(
+        "(loop $l (br_if $l (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))) (call $reply (i64.extend_i32_u (memory.size))) (i32.const 0)",
+    );
+    let (seen, c) = contained("memory_bomb", &bomb, OnError::Fault, Unhandled::Gp);
+    assert_eq!((seen.reads_gp, seen.value), (0, 16));
+    assert_eq!(c.errors, 0);
+    // 500 log lines per call: rate-limited by the host, not an error.
+    let spam = bad_read(
+        "(local $n i32) (local.set $n (i32.const 500)) (loop $l (call $log (i32.const 2) (i32.const 0) (i32.const 4)) (local.tee $n (i32.sub (local.get $n) (i32.const 1))) (br_if $l)) (call $reply (i64.const 5)) (i32.const 0)",
+    );
+    let (seen, c) = contained("log_spam", &spam, OnError::Fault, Unhandled::Gp);
+    assert_eq!((seen.reads_gp, seen.value, c.errors), (0, 5, 0));
+}
+
+/// Plugins refused before the VM starts, and the words that must say why.
+#[test]
+fn hostile_modules_are_refused_at_load_naming_the_file_and_reason() {
+    let cases: &[(&str, String, &str)] = &[
+        ("trap_in_init", plugin(r#"(func (export "rdmsr") (param i32) (result i32) (i32.const 2)) (func (export "init") (result i32) unreachable)"#), "init() failed"),
+        ("init_refuses", plugin(r#"(func (export "rdmsr") (param i32) (result i32) (i32.const 2)) (func (export "init") (result i32) (i32.const 9))"#), "init() refused the load with code 9"),
+        ("start_loops", plugin(r#"(func (export "rdmsr") (param i32) (result i32) (i32.const 2)) (func $s (loop $l (br $l))) (start $s)"#), "timed out"),
+        ("huge_table", r#"(module (table 10000000 funcref) (func (export "msrwasm_abi_version") (result i32) (i32.const 1)) (func (export "rdmsr") (param i32) (result i32) (i32.const 2)))"#.into(), "instantiation failed"),
+        ("huge_memory", r#"(module (memory 2000) (func (export "msrwasm_abi_version") (result i32) (i32.const 1)) (func (export "rdmsr") (param i32) (result i32) (i32.const 2)))"#.into(), "instantiation failed"),
+        ("claim_loops", plugin(r#"(func (export "rdmsr") (param i32) (result i32) (i32.const 2)) (func (export "claim") (param i32) (result i64) (loop $l (br $l)) (i64.const -1))"#), "claim(): timed out"),
+        ("claim_reversed", plugin(r#"(func (export "rdmsr") (param i32) (result i32) (i32.const 2)) (func (export "claim") (param i32) (result i64) (i64.const 0x0000002000000010))"#), "is reversed"),
+        ("wasi_import", r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32))) (func (export "msrwasm_abi_version") (result i32) (i32.const 1)) (func (export "rdmsr") (param i32) (result i32) (i32.const 2)))"#.into(), "not part of the msrwasm ABI"),
+        ("wrong_rdmsr_type", r#"(module (func (export "msrwasm_abi_version") (result i32) (i32.const 1)) (func (export "rdmsr") (param i64) (result i64) (i64.const 2)))"#.into(), "export `rdmsr` has type (i64) -> i64"),
+        ("nothing_exported", "(module)".into(), "missing export `msrwasm_abi_version`"),
+        ("random_bytes", String::from_utf8_lossy(&[0x00, 0x61, 0x73, 0x6d, 0x09, 0x09]).into_owned(), "not WebAssembly"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (name, wat, reason) in cases {
+        let path = dir.path().join(format!("{name}.wat"));
+        std::fs::write(&path, wat).unwrap();
+        let e = load_error(&path);
+        assert!(e.contains(&format!("{name}.wat")) && e.contains(reason), "{name}: {e}");
+    }
+    // A file over the size limit is refused before it is read.
+    let huge = dir.path().join("huge.wasm");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(msrwasm::plugin::MAX_PLUGIN_BYTES + 1)
+        .unwrap();
+    let e = load_error(&huge);
+    assert!(e.contains("huge.wasm") && e.contains("over the 64 MiB limit"), "{e}");
+}
+
+fn load_error(path: &std::path::Path) -> String {
+    let spec = PolicySpec::from_paths(&[path.to_owned()], Unhandled::Gp);
+    let state = msrwasm::plugin::state::StateStore::default();
+    match msrwasm::policy::Policy::load(&spec, &state, &msrwasm::plugin::ModuleCache::default()) {
+        Ok(_) => panic!("{} was accepted", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn an_msr_storm_over_every_index_class_keeps_the_host_answering() {
+    if !kvm_available() {
+        return;
+    }
+    let vcpus = 2;
+    for (plugin_wat, expect_plugin_answers) in [
+        (
+            "(module (func (export \"msrwasm_abi_version\") (result i32) (i32.const 1)) (func (export \"rdmsr\") (param i32) (result i32) (i32.const 2)) (func (export \"wrmsr\") (param i32 i64) (result i32) (i32.const 2)))",
+            false,
+        ),
+        (
+            "(module (import \"msr\" \"reply\" (func $r (param i64))) (func (export \"msrwasm_abi_version\") (result i32) (i32.const 1)) (func (export \"rdmsr\") (param i32) (result i32) (call $r (i64.const 7)) (i32.const 0)) (func (export \"wrmsr\") (param i32 i64) (result i32) (i32.const 0)))",
+            true,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catchall.wat");
+        std::fs::write(&path, plugin_wat).unwrap();
+        let r = run(
+            &guest("msr_storm.elf"),
+            vcpus,
+            PolicySpec::from_paths(&[path], Unhandled::Gp),
+        )
+        .unwrap();
+        r.expect_status(0);
+        let t = r.report.total();
+        assert_eq!(t.unexpected, 0);
+        assert_eq!(r.report.plugins["catchall"].errors, 0);
+        for v in 0..vcpus {
+            assert!(r.serial.contains(&format!("vcpu {v} gp ")), "{}", r.serial);
+        }
+        // Every deflected access got exactly one answer, and every #GP the
+        // host injected reached a guest: the guests counted them.
+        let traced_gp = r.trace.iter().filter(|x| x.outcome == "gp").count() as u64;
+        assert_eq!(traced_gp, t.gp);
+        let guest_gp: u64 = r
+            .serial
+            .lines()
+            .filter_map(|l| l.split(" gp 0x").nth(1))
+            .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+            .sum();
+        // With INVAL deflected too, every #GP (reserved EFER bits included)
+        // comes from the host's answers, and each one reached the guest.
+        assert_eq!(guest_gp, t.gp, "guest saw {guest_gp} #GP, host injected {}", t.gp);
+        if expect_plugin_answers {
+            assert!(r.report.plugins["catchall"].handled > 0);
+        }
+        let classes: std::collections::BTreeSet<&str> = r.trace.iter().map(|x| x.reason.as_str()).collect();
+        eprintln!(
+            "deflection reasons seen: {classes:?}, host #GP {}, guest #GP {guest_gp}",
+            t.gp
+        );
+    }
+}
