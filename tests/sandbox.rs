@@ -279,3 +279,45 @@ fn an_msr_storm_over_every_index_class_keeps_the_host_answering() {
         );
     }
 }
+
+#[test]
+fn a_quarantined_plugin_serves_again_once_a_fixed_version_is_dropped_in() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flaky.wat");
+    std::fs::write(&path, bad_read("unreachable")).unwrap();
+    let mut spec = PolicySpec::from_paths(std::slice::from_ref(&path), Unhandled::Ignore);
+    spec.plugins[0].on_error = OnError::Pass;
+    let vm = msrwasm_tests::start(&guest("msr_forever.elf"), 1, spec);
+    // Give the broken version time to fail, get quarantined and be skipped.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let fixed = "(module (import \"msr\" \"reply\" (func $r (param i64))) (import \"msr\" \"state_set\" (func $s (param i32 i64)))
+        (func (export \"msrwasm_abi_version\") (result i32) (i32.const 1))
+        (func (export \"rdmsr\") (param i32) (result i32) (call $s (i32.const 1) (i64.const 0x42)) (call $r (i64.const 0x42)) (i32.const 0)))";
+    msrwasm_tests::atomic_write(&path, fixed.as_bytes());
+    let scope = vm.state.scope("flaky");
+    msrwasm_tests::wait_until("the fixed version answers", || scope.get(1) == 0x42);
+    let run = vm.finish();
+    let c = run.report.plugins["flaky"];
+    assert!(c.errors >= 5 && c.quarantines >= 1 && c.skipped > 0, "{c:?}");
+    assert!(c.handled > 0, "{c:?}");
+    // Once the fixed version answered, every later access is its answer.
+    let first = run
+        .trace
+        .iter()
+        .position(|r| r.status == "handled")
+        .expect("handled answers");
+    assert!(
+        run.trace[first..]
+            .iter()
+            .all(|r| r.value.as_deref() == Some("0x42") && r.by == "plugin")
+    );
+    assert!(
+        run.trace[..first]
+            .iter()
+            .all(|r| r.by == "unhandled" || r.status == "error"),
+        "before: errors or skipped"
+    );
+}
