@@ -88,30 +88,56 @@ impl Run {
     }
 }
 
+/// Where a test VM's trace and serial output go.
+struct Outputs {
+    dir: tempfile::TempDir,
+    serial: Captured,
+}
+
+impl Outputs {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temporary directory"),
+            serial: Captured::default(),
+        }
+    }
+
+    fn trace_path(&self) -> PathBuf {
+        self.dir.path().join("trace.jsonl")
+    }
+
+    /// A VM config that traces every MSR access and captures serial output.
+    fn config(&self, guest: &Path, vcpus: u32, policy: PolicySpec, watch: bool) -> VmConfig {
+        VmConfig {
+            vcpus,
+            mem_mib: 64,
+            guest: guest.to_owned(),
+            policy,
+            trace: Some(self.trace_path()),
+            serial: Box::new(self.serial.clone()),
+            watch,
+        }
+    }
+
+    fn collect(&self, report: VmReport) -> Run {
+        let trace = std::fs::read_to_string(self.trace_path())
+            .expect("trace file")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
+            .collect();
+        Run {
+            report,
+            serial: self.serial.text(),
+            trace,
+        }
+    }
+}
+
 /// Runs `guest` with `policy` on `vcpus` vCPUs, tracing every MSR access.
 pub fn run(guest: &Path, vcpus: u32, policy: PolicySpec) -> Result<Run, vm::VmError> {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let trace_path = dir.path().join("trace.jsonl");
-    let serial = Captured::default();
-    let report = vm::run(VmConfig {
-        vcpus,
-        mem_mib: 64,
-        guest: guest.to_owned(),
-        policy,
-        trace: Some(trace_path.clone()),
-        serial: Box::new(serial.clone()),
-        watch: false,
-    })?;
-    let trace = std::fs::read_to_string(&trace_path)
-        .expect("trace file")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
-        .collect();
-    Ok(Run {
-        report,
-        serial: serial.text(),
-        trace,
-    })
+    let out = Outputs::new();
+    let report = vm::run(out.config(guest, vcpus, policy, false))?;
+    Ok(out.collect(report))
 }
 
 /// A manifest in a temporary directory (kept alive by the returned guard).
@@ -160,35 +186,20 @@ pub struct Started {
     /// The VM's plugin state store, to watch progress from the test.
     pub state: Arc<msrwasm::plugin::state::StateStore>,
     thread: std::thread::JoinHandle<Result<VmReport, vm::VmError>>,
-    trace_path: PathBuf,
-    serial: Captured,
-    _dir: tempfile::TempDir,
+    out: Outputs,
 }
 
 /// Starts `guest` with hot reload on, tracing every MSR access.
 pub fn start(guest: &Path, vcpus: u32, policy: PolicySpec) -> Started {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let trace_path = dir.path().join("trace.jsonl");
-    let serial = Captured::default();
-    let vm = vm::Vm::new(VmConfig {
-        vcpus,
-        mem_mib: 64,
-        guest: guest.to_owned(),
-        policy,
-        trace: Some(trace_path.clone()),
-        serial: Box::new(serial.clone()),
-        watch: true,
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    let out = Outputs::new();
+    let vm = vm::Vm::new(out.config(guest, vcpus, policy, true)).unwrap_or_else(|e| panic!("{e}"));
     let (stop, state) = (vm.stop_handle(), vm.state().clone());
     let thread = std::thread::spawn(move || vm.run());
     Started {
         stop,
         state,
         thread,
-        trace_path,
-        serial,
-        _dir: dir,
+        out,
     }
 }
 
@@ -199,7 +210,6 @@ impl Started {
         let deadline = std::time::Instant::now() + timeout;
         while !self.thread.is_finished() {
             if std::time::Instant::now() > deadline {
-                self.stop.stop();
                 let run = self.finish();
                 panic!("the VM did not end in {timeout:?}; serial output:\n{}", run.serial);
             }
@@ -212,16 +222,7 @@ impl Started {
     pub fn finish(self) -> Run {
         self.stop.stop();
         let report = self.thread.join().expect("VM thread").unwrap_or_else(|e| panic!("{e}"));
-        let trace = std::fs::read_to_string(&self.trace_path)
-            .expect("trace file")
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
-            .collect();
-        Run {
-            report,
-            serial: self.serial.text(),
-            trace,
-        }
+        self.out.collect(report)
     }
 }
 

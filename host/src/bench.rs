@@ -17,7 +17,7 @@ use std::time::Instant;
 use crate::plugin::Plugin;
 use crate::plugin::abi::REASON_UNKNOWN;
 use crate::plugin::state::StateStore;
-use crate::policy::{Access, KvmMsrs, Policy, PolicyCell, PolicyError, Unhandled};
+use crate::policy::{Access, NoKvm, Policy, PolicyCell, PolicyError, Unhandled};
 use crate::vm::exit::{Action, Exit, ExitHandler};
 use crate::vm::io::IoBus;
 use crate::vm::{Vm, VmConfig, VmEnd, VmError};
@@ -214,17 +214,6 @@ impl Files {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-struct NoKvm;
-
-impl KvmMsrs for NoKvm {
-    fn get(&mut self, _: u32) -> Option<u64> {
-        None
-    }
-    fn set(&mut self, _: u32, _: u64) -> bool {
-        false
-    }
 }
 
 /// Nanoseconds per synthetic RDMSR exit through the exit handler.

@@ -124,6 +124,22 @@ pub trait KvmMsrs {
     fn set(&mut self, index: u32, value: u64) -> bool;
 }
 
+/// KVM as a host without one sees it: it knows no MSR. For driving a chain
+/// (or an exit handler) without a VM: filtered accesses nobody answers go
+/// to the `unhandled` policy.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoKvm;
+
+impl KvmMsrs for NoKvm {
+    fn get(&mut self, _: u32) -> Option<u64> {
+        None
+    }
+
+    fn set(&mut self, _: u32, _: u64) -> bool {
+        false
+    }
+}
+
 /// A deflected RDMSR (`value == None`) or WRMSR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Access {

@@ -93,6 +93,23 @@ pub struct VcpuStats {
 /// baseline): `Some(value)` completes the access, `None` injects #GP.
 pub type NativeMsr = fn(vcpu: u32, access: Access) -> Option<u64>;
 
+impl std::ops::AddAssign<&VcpuStats> for VcpuStats {
+    fn add_assign(&mut self, s: &VcpuStats) {
+        self.exits += s.exits;
+        self.rdmsr += s.rdmsr;
+        self.wrmsr += s.wrmsr;
+        self.gp += s.gp;
+        self.kvm_fallback += s.kvm_fallback;
+        self.unhandled += s.unhandled;
+        self.port_io += s.port_io;
+        self.unknown_ports += s.unknown_ports;
+        self.mmio += s.mmio;
+        self.unexpected += s.unexpected;
+        self.switches += s.switches;
+        self.longest_switch_ns = self.longest_switch_ns.max(s.longest_switch_ns);
+    }
+}
+
 /// Per-vCPU exit handling state.
 pub struct ExitHandler {
     vcpu: u32,

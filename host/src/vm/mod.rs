@@ -157,18 +157,7 @@ impl VmReport {
     /// All vCPUs' counters added up.
     pub fn total(&self) -> VcpuStats {
         self.vcpus.iter().fold(VcpuStats::default(), |mut t, s| {
-            t.exits += s.exits;
-            t.rdmsr += s.rdmsr;
-            t.wrmsr += s.wrmsr;
-            t.gp += s.gp;
-            t.kvm_fallback += s.kvm_fallback;
-            t.unhandled += s.unhandled;
-            t.port_io += s.port_io;
-            t.unknown_ports += s.unknown_ports;
-            t.mmio += s.mmio;
-            t.unexpected += s.unexpected;
-            t.switches += s.switches;
-            t.longest_switch_ns = t.longest_switch_ns.max(s.longest_switch_ns);
+            t += s;
             t
         })
     }

@@ -3,16 +3,14 @@ use std::collections::HashMap;
 use super::*;
 use crate::plugin::state::StateStore;
 use crate::plugin::{Plugin, PluginSettings};
-use crate::policy::{Policy, Unhandled};
+use crate::policy::{NoKvm, Policy, Unhandled};
 
-struct NoKvm;
-impl KvmMsrs for NoKvm {
-    fn get(&mut self, _: u32) -> Option<u64> {
-        None
-    }
-    fn set(&mut self, _: u32, _: u64) -> bool {
-        false
-    }
+fn rd(h: &mut ExitHandler, index: u32, reason: u32) -> Action {
+    h.handle(Exit::Rdmsr { index, reason }, &mut NoKvm)
+}
+
+fn wr(h: &mut ExitHandler, index: u32, value: u64, reason: u32) -> Action {
+    h.handle(Exit::Wrmsr { index, value, reason }, &mut NoKvm)
 }
 
 fn echo_policy(unhandled: Unhandled) -> Arc<Policy> {
@@ -39,37 +37,9 @@ fn handler(trace: Option<TraceSender>) -> (ExitHandler, Arc<PolicyCell>) {
 #[test]
 fn msr_exits_complete_with_the_chain_answer() {
     let (mut h, _) = handler(None);
-    assert_eq!(
-        h.handle(
-            Exit::Rdmsr {
-                index: 0x10,
-                reason: REASON_FILTER
-            },
-            &mut NoKvm
-        ),
-        Action::CompleteMsr(Some(0x1234))
-    );
-    assert_eq!(
-        h.handle(
-            Exit::Wrmsr {
-                index: 0x10,
-                value: 1,
-                reason: REASON_FILTER
-            },
-            &mut NoKvm
-        ),
-        Action::CompleteMsr(None)
-    );
-    assert_eq!(
-        h.handle(
-            Exit::Rdmsr {
-                index: 0x11,
-                reason: REASON_UNKNOWN
-            },
-            &mut NoKvm
-        ),
-        Action::CompleteMsr(None)
-    );
+    assert_eq!(rd(&mut h, 0x10, REASON_FILTER), Action::CompleteMsr(Some(0x1234)));
+    assert_eq!(wr(&mut h, 0x10, 1, REASON_FILTER), Action::CompleteMsr(None));
+    assert_eq!(rd(&mut h, 0x11, REASON_UNKNOWN), Action::CompleteMsr(None));
     assert_eq!(
         (h.stats.rdmsr, h.stats.wrmsr, h.stats.gp, h.stats.unhandled),
         (2, 1, 2, 1)
@@ -127,37 +97,10 @@ fn unexpected_exits_are_counted_errors_not_panics() {
 #[test]
 fn a_new_generation_is_picked_up_at_the_next_msr_exit() {
     let (mut h, cell) = handler(None);
-    assert_eq!(
-        h.handle(
-            Exit::Rdmsr {
-                index: 0x99,
-                reason: REASON_UNKNOWN
-            },
-            &mut NoKvm
-        ),
-        Action::CompleteMsr(None)
-    );
+    assert_eq!(rd(&mut h, 0x99, REASON_UNKNOWN), Action::CompleteMsr(None));
     cell.replace(echo_policy(Unhandled::Ignore));
-    assert_eq!(
-        h.handle(
-            Exit::Rdmsr {
-                index: 0x99,
-                reason: REASON_UNKNOWN
-            },
-            &mut NoKvm
-        ),
-        Action::CompleteMsr(Some(0))
-    );
-    assert_eq!(
-        h.handle(
-            Exit::Rdmsr {
-                index: 0x10,
-                reason: REASON_FILTER
-            },
-            &mut NoKvm
-        ),
-        Action::CompleteMsr(Some(0x1234))
-    );
+    assert_eq!(rd(&mut h, 0x99, REASON_UNKNOWN), Action::CompleteMsr(Some(0)));
+    assert_eq!(rd(&mut h, 0x10, REASON_FILTER), Action::CompleteMsr(Some(0x1234)));
     let counters: HashMap<_, _> = h.plugin_counters().into_iter().fold(HashMap::new(), |mut m, (n, c)| {
         *m.entry(n).or_insert(0) += c.handled;
         m
@@ -169,21 +112,8 @@ fn a_new_generation_is_picked_up_at_the_next_msr_exit() {
 fn trace_records_say_who_answered() {
     let (tx, rx) = std::sync::mpsc::channel();
     let (mut h, _) = handler(Some(tx));
-    h.handle(
-        Exit::Rdmsr {
-            index: 0x10,
-            reason: REASON_FILTER,
-        },
-        &mut NoKvm,
-    );
-    h.handle(
-        Exit::Wrmsr {
-            index: 0x22,
-            value: 5,
-            reason: REASON_UNKNOWN,
-        },
-        &mut NoKvm,
-    );
+    rd(&mut h, 0x10, REASON_FILTER);
+    wr(&mut h, 0x22, 5, REASON_UNKNOWN);
     let r1 = rx.try_recv().unwrap();
     assert_eq!(
         (r1.op.as_str(), r1.index.as_str(), r1.value.as_deref()),
