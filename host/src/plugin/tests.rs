@@ -150,3 +150,27 @@ fn sha256_pins_content() {
     settings.sha256 = Some(content_hash(wat.as_bytes()).to_ascii_uppercase());
     assert!(Plugin::from_bytes(settings, wat.as_bytes(), &StateStore::default()).is_ok());
 }
+
+#[test]
+fn content_seen_before_comes_from_the_cache_without_compiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.wat");
+    let version = |v: u64| {
+        module(&format!(
+            r#"(func (export "rdmsr") (param i32) (result i32) (call $reply (i64.const {v})) i32.const 0)"#
+        ))
+    };
+    let (cache, state) = (ModuleCache::default(), StateStore::default());
+    let load = || Arc::new(Plugin::load_cached(PluginSettings::new("v", &path), &state, &cache).unwrap());
+    std::fs::write(&path, version(1)).unwrap();
+    let v1 = load();
+    std::fs::write(&path, version(2)).unwrap();
+    load();
+    assert_eq!(cache.len(), 2);
+    // Rollback to v1: same content, same compiled module, nothing new cached.
+    std::fs::write(&path, version(1)).unwrap();
+    let again = load();
+    assert_eq!(cache.len(), 2);
+    assert_eq!(again.sha256(), v1.sha256());
+    assert_eq!(again.instantiate(0).unwrap().rdmsr(0, 2), Ok(Answer::Handled(1)));
+}

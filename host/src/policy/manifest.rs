@@ -89,7 +89,14 @@ impl PolicySpec {
             line: span.map(|s| line_of(text, s.start)),
             message,
         };
-        let raw: RawManifest = toml::from_str(text).map_err(|e| err(e.span(), e.message().trim().to_owned()))?;
+        let raw: RawManifest = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim();
+            let message = match e.span().and_then(|span| key_at(text, span.start)) {
+                Some(key) if !message.contains(&format!("`{key}`")) => format!("key `{key}`: {message}"),
+                _ => message.to_owned(),
+            };
+            err(e.span(), message)
+        })?;
         let base = file.parent().unwrap_or(Path::new("."));
         let mut names = HashSet::new();
         let mut plugins = Vec::new();
@@ -204,6 +211,28 @@ impl PolicySpec {
     }
 }
 
+/// The dotted key written on the line at `offset` (`plugin.timeout_us`),
+/// qualified by the nearest table header above it, if the line has one.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or_default();
+    let key = line.split_once('=')?.0.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') || key.contains(char::is_whitespace) {
+        return None;
+    }
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|h| h.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
@@ -271,6 +300,11 @@ mod tests {
         let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\ncolour = 1\n").unwrap_err();
         assert_eq!(e.line, Some(4));
         assert!(e.to_string().contains("unknown field `colour`"), "{e}");
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\ntimeout_us = \"soon\"\n").unwrap_err();
+        assert_eq!(e.line, Some(4));
+        assert!(e.to_string().contains("key `plugin.timeout_us`: invalid type"), "{e}");
+        let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\n[plugin.config]\nwatts = \"many\"\n").unwrap_err();
+        assert!(e.to_string().contains("key `plugin.config.watts`"), "{e}");
         let e = parse("unhandled = \"explode\"\n").unwrap_err();
         assert!(e.to_string().contains("unknown variant `explode`"), "{e}");
         let e = parse("[[plugin]]\nname = \"a\"\npath = \"nope.wasm\"\n").unwrap_err();
