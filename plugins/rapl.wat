@@ -13,6 +13,7 @@
 ;;
 ;; Config: tdp_watts (default 65).
 (module
+  (@custom "msrwasm.meta" "name = \"rapl\"\nversion = \"1.0.0\"\ndescription = \"RAPL package power telemetry\"\nauthor = \"msrwasm\"\n")
   (import "msr" "reply" (func $reply (param i64)))
   (import "msr" "now_ns" (func $now_ns (result i64)))
   (import "msr" "config" (func $config (param i32 i32 i64) (result i64)))

@@ -5,6 +5,7 @@
 ;;
 ;; Config: cores (default 1), threads (default: cores).
 (module
+  (@custom "msrwasm.meta" "name = \"topology\"\nversion = \"1.0.0\"\ndescription = \"MSR_CORE_THREAD_COUNT from config\"\nauthor = \"msrwasm\"\n")
   (import "msr" "reply" (func $reply (param i64)))
   (import "msr" "config" (func $config (param i32 i32 i64) (result i64)))
 

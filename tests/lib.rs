@@ -149,35 +149,125 @@ pub fn manifest(text: &str) -> (tempfile::TempDir, PolicySpec) {
     (dir, spec)
 }
 
-/// Builds the Rust plugin crate `plugins/<name>` for wasm32 with the real
-/// toolchain and returns the `.wasm`. Fails (never skips) when the wasm32
-/// target is missing: `tests/run.sh` installs it.
-pub fn build_rust_plugin(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target_dir = root.join("target/plugins");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "--target",
-            "wasm32-unknown-unknown",
-            "--manifest-path",
-        ])
-        .arg(root.join("plugins").join(name).join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir)
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Where plugins built from source go: `target/plugins/<lang>/`.
+fn plugin_out(lang: &str) -> PathBuf {
+    let dir = repo().join("target/plugins").join(lang);
+    std::fs::create_dir_all(&dir).expect("creating target/plugins");
+    dir
+}
+
+/// Runs a toolchain; fails (never skips) with its output when it fails or
+/// is missing: `tests/run.sh` installs every toolchain.
+fn toolchain(what: &str, cmd: &mut std::process::Command) {
+    let output = cmd
         .output()
-        .expect("running cargo");
+        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e} (tests/run.sh installs it)"));
     assert!(
         output.status.success(),
-        "building plugins/{name} for wasm32 failed (is the target installed? `rustup target add wasm32-unknown-unknown`):\n{}",
+        "{what} failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Builds the Rust plugin crate in `dir` (relative to the repository) for
+/// wasm32 and returns the `.wasm`.
+pub fn build_rust_plugin(dir: &str, name: &str) -> PathBuf {
+    let target_dir = plugin_out("rust");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    toolchain(
+        &format!("building {dir} for wasm32 (`rustup target add wasm32-unknown-unknown`?)"),
+        std::process::Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "--target",
+                "wasm32-unknown-unknown",
+                "--manifest-path",
+            ])
+            .arg(repo().join(dir).join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir),
     );
     target_dir
         .join("wasm32-unknown-unknown/release")
         .join(format!("{name}.wasm"))
+}
+
+/// Builds a C plugin with clang/lld and `guest-sdk/c/msrwasm.h`.
+pub fn build_c_plugin(source: &str) -> PathBuf {
+    let out = plugin_out("c").join(Path::new(source).with_extension("wasm").file_name().unwrap());
+    toolchain(
+        &format!("clang on {source}"),
+        std::process::Command::new("clang")
+            .args([
+                "--target=wasm32",
+                "-O2",
+                "-nostdlib",
+                "-ffreestanding",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+            ])
+            .args(["-Wl,--no-entry", "-Wl,-z,stack-size=65536", "-I"])
+            .arg(repo().join("guest-sdk/c"))
+            .arg("-o")
+            .arg(&out)
+            .arg(repo().join(source)),
+    );
+    out
+}
+
+/// Builds a Zig plugin with Zig 0.14 from PyPI and `guest-sdk/zig/msrwasm.zig`.
+pub fn build_zig_plugin(source: &str) -> PathBuf {
+    let dir = plugin_out("zig");
+    let out = dir.join(Path::new(source).with_extension("wasm").file_name().unwrap());
+    toolchain(
+        &format!("zig on {source}"),
+        std::process::Command::new("python3")
+            .args([
+                "-m",
+                "ziglang",
+                "build-exe",
+                "-target",
+                "wasm32-freestanding",
+                "-fno-entry",
+                "-rdynamic",
+            ])
+            .args(["-O", "ReleaseSmall", "--stack", "65536", "--cache-dir"])
+            .arg(dir.join("cache"))
+            .arg("--global-cache-dir")
+            .arg(dir.join("global-cache"))
+            .args(["--dep", "msrwasm"])
+            .arg(format!("-Mroot={}", repo().join(source).display()))
+            .arg(format!(
+                "-Mmsrwasm={}",
+                repo().join("guest-sdk/zig/msrwasm.zig").display()
+            ))
+            .arg(format!("-femit-bin={}", out.display())),
+    );
+    out
+}
+
+/// Builds an AssemblyScript plugin with the compiler from
+/// `guest-sdk/assemblyscript/node_modules` (`npm ci` there).
+pub fn build_as_plugin(source: &str) -> PathBuf {
+    let out = plugin_out("assemblyscript").join(Path::new(source).with_extension("wasm").file_name().unwrap());
+    toolchain(
+        &format!("asc on {source}"),
+        std::process::Command::new(repo().join("guest-sdk/assemblyscript/node_modules/.bin/asc"))
+            .arg(repo().join(source))
+            .arg("-o")
+            .arg(&out)
+            .args(["-O3", "--runtime", "stub", "--use", "abort="]),
+    );
+    out
 }
 
 /// A VM running on its own thread while the test changes files.

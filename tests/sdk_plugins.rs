@@ -6,7 +6,7 @@ use msrwasm_tests::{build_rust_plugin, guest, kvm_available, run};
 
 #[test]
 fn rust_sdk_thermal_plugin_answers_a_live_guest() {
-    let wasm = build_rust_plugin("thermal");
+    let wasm = build_rust_plugin("plugins/thermal", "thermal");
     if !kvm_available() {
         return;
     }

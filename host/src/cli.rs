@@ -46,10 +46,57 @@ enum Command {
     /// Build with --release for meaningful figures. Prints a table, or
     /// JSON with --json.
     Bench(BenchArgs),
+    /// Validate plugins without a VM: ABI version, export signatures,
+    /// imports, claims, whether init succeeds, metadata. Exits non-zero if
+    /// any plugin would be refused. For plugin authors' CI.
+    Check(CheckArgs),
+    /// Run MSR accesses from a script through a plugin on the host alone
+    /// (no KVM), with msr.now_ns under the script's control, and report
+    /// mismatches. Script lines: `config NAME VALUE`, `vcpu N`,
+    /// `reason unknown|inval|filter`, `advance 1s|5ms|10us|7ns`,
+    /// `rdmsr INDEX -> VALUE|handled|fault|pass|error|any`,
+    /// `wrmsr INDEX VALUE -> handled|fault|pass|error|any`; `#` comments.
+    Test(TestArgs),
     /// Write the built-in raw guests to a directory, for trying plugins by
     /// hand: demo.elf (the demo), msr_loop.elf (50000 RDMSR 0x4d53424d per
     /// vCPU, then HLT), msr_forever.elf (RDMSR 0x4d530020 until stopped).
     Guests(GuestsArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Plugin files (.wasm or .wat).
+    #[arg(required = true)]
+    plugins: Vec<PathBuf>,
+    /// A `[plugin.config]` value for init, as NAME=VALUE; repeatable.
+    #[arg(long, value_parser = parse_config)]
+    config: Vec<(String, i64)>,
+    /// Print the reports as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// The plugin file (.wasm or .wat).
+    plugin: PathBuf,
+    /// The script of accesses and expected answers.
+    #[arg(long = "case", required = true)]
+    cases: Vec<PathBuf>,
+    /// A `[plugin.config]` value, as NAME=VALUE; repeatable (script
+    /// `config` lines override it).
+    #[arg(long, value_parser = parse_config)]
+    config: Vec<(String, i64)>,
+}
+
+fn parse_config(s: &str) -> Result<(String, i64), String> {
+    let (name, value) = s.split_once('=').ok_or("expected NAME=VALUE")?;
+    let value = value
+        .parse::<i64>()
+        .ok()
+        .or_else(|| msrwasm::manifest_number(value).map(|v| v as i64))
+        .ok_or_else(|| format!("`{value}` is not an integer"))?;
+    Ok((name.trim().to_owned(), value))
 }
 
 #[derive(Args)]
@@ -137,6 +184,8 @@ pub fn main() -> i32 {
         Command::Demo(args) => demo(args),
         Command::Bench(args) => bench(args),
         Command::Guests(args) => guests(args),
+        Command::Check(args) => check(args),
+        Command::Test(args) => test(args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("msrwasm: error: {e:#}");
@@ -205,4 +254,32 @@ fn guests(args: GuestsArgs) -> Result<i32> {
         println!("{}", path.display());
     }
     Ok(0)
+}
+
+fn check(args: CheckArgs) -> Result<i32> {
+    let config = args.config.into_iter().collect();
+    let reports: Vec<_> = args.plugins.iter().map(|p| msrwasm::check::check(p, &config)).collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        for r in &reports {
+            print!("{}", r.text());
+        }
+    }
+    Ok(if reports.iter().all(|r| r.ok) { 0 } else { 1 })
+}
+
+fn test(args: TestArgs) -> Result<i32> {
+    let config: std::collections::BTreeMap<_, _> = args.config.into_iter().collect();
+    let (mut passed, mut failed) = (0, 0);
+    for case in &args.cases {
+        let report = msrwasm::script::run(&args.plugin, case, config.clone())?;
+        for failure in &report.failures {
+            println!("FAIL {failure}");
+        }
+        passed += report.passed;
+        failed += report.failures.len();
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 { 0 } else { 1 })
 }

@@ -45,7 +45,7 @@ fn help_lists_the_commands() {
     let o = msrwasm(&["--help"]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());
-    for cmd in ["run", "demo", "bench"] {
+    for cmd in ["run", "demo", "bench", "check", "test", "guests"] {
         assert!(out.contains(cmd), "{out}");
     }
     let run_help = String::from_utf8_lossy(&msrwasm(&["run", "--help"]).stdout).into_owned();
@@ -213,4 +213,66 @@ fn guests_writes_the_built_in_images() {
         let bytes = std::fs::read(out_dir.join(name)).unwrap();
         assert!(bytes.starts_with(b"\x7fELF"), "{name}");
     }
+}
+
+#[test]
+fn check_reports_and_fails_on_refused_plugins() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let rapl = format!("{root}/plugins/rapl.wat");
+    let o = msrwasm(&["check", &rapl]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    for line in [
+        "rapl.wat: ok",
+        "claims:   0x606, 0x610-0x614",
+        "init:     ok",
+        "meta:     name = rapl",
+    ] {
+        assert!(out.contains(line), "{out}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.wat");
+    std::fs::write(&bad, "(module)").unwrap();
+    let o = msrwasm(&["check", "--json", &rapl, bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let reports: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(reports[0]["ok"], true);
+    assert_eq!(reports[1]["ok"], false);
+    assert!(
+        reports[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("missing export `msrwasm_abi_version`")
+    );
+    // init refuses nonsense config: check says so
+    let o = msrwasm(&["check", "--config", "tdp_watts=0", &rapl]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("init() refused the load with code 1"));
+}
+
+#[test]
+fn test_runs_a_case_script_without_kvm() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let rapl = format!("{root}/plugins/rapl.wat");
+    let case = format!("{root}/tests/conformance/rapl.case");
+    let o = msrwasm(&["test", &rapl, "--case", &case]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(out.ends_with("15 passed, 0 failed\n"), "{out}");
+    // A wrong expectation is reported with file and line, and fails.
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.case");
+    std::fs::write(&wrong, "rdmsr 0x606 -> 0x1\n").unwrap();
+    let o = msrwasm(&["test", &rapl, "--case", wrong.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        out.contains("wrong.case:1: rdmsr 0x606 on vCPU 0: expected 0x1, got 0xa0e03"),
+        "{out}"
+    );
+    std::fs::write(&wrong, "rdmsr 0x606\n").unwrap();
+    refused(
+        &["test", &rapl, "--case", wrong.to_str().unwrap()],
+        "wrong.case:1: an access needs `-> EXPECTED`",
+    );
 }

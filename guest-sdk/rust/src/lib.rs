@@ -276,6 +276,22 @@ pub fn claim_entry(claims: &[(u32, u32)], n: i32) -> i64 {
     }
 }
 
+/// Embeds plugin metadata (the `msrwasm.meta` custom section, TOML) that
+/// `msrwasm check` prints, from a byte string literal:
+///
+/// ```ignore
+/// msrwasm_sdk::plugin_meta!(b"name = 'rapl'\nversion = '1.0.0'\nauthor = 'platform team'\n");
+/// ```
+#[macro_export]
+macro_rules! plugin_meta {
+    ($toml:literal) => {
+        #[cfg(target_arch = "wasm32")]
+        #[unsafe(link_section = "msrwasm.meta")]
+        #[used]
+        static __MSRWASM_META: [u8; $toml.len()] = *$toml;
+    };
+}
+
 /// Exports a [`Plugin`] type as an msrwasm ABI v1 plugin.
 #[macro_export]
 macro_rules! export_plugin {

@@ -27,6 +27,8 @@ pub struct PluginCtx {
     config: Arc<BTreeMap<String, i64>>,
     log_window: Instant,
     log_count: u32,
+    /// Overrides the host clock for `msr.now_ns` (scripted tests).
+    clock: Option<super::ManualClock>,
     /// Host-call time the running call may still use (see [`charge`]).
     pub(super) host_budget_ns: u64,
     pub(super) limits: StoreLimits,
@@ -39,6 +41,7 @@ impl PluginCtx {
         state: Arc<StateScope>,
         config: Arc<BTreeMap<String, i64>>,
         limits: StoreLimits,
+        clock: Option<super::ManualClock>,
     ) -> Self {
         Self {
             name: name.into(),
@@ -51,6 +54,7 @@ impl PluginCtx {
             log_window: Instant::now(),
             log_count: 0,
             host_budget_ns: 0,
+            clock,
             limits,
         }
     }
@@ -156,7 +160,10 @@ fn build_linker() -> wasmtime::Result<Linker<PluginCtx>> {
     })?;
     l.func_wrap("msr", "now_ns", |mut c: Caller<'_, PluginCtx>| {
         charge(&mut c, CHEAP_NS)?;
-        Ok(clock_origin().elapsed().as_nanos() as i64)
+        Ok(match &c.data().clock {
+            Some(clock) => clock.load(std::sync::atomic::Ordering::Relaxed) as i64,
+            None => clock_origin().elapsed().as_nanos() as i64,
+        })
     })?;
     l.func_wrap("msr", "state_get", |mut c: Caller<'_, PluginCtx>, key: i32| {
         charge(&mut c, STATE_NS)?;

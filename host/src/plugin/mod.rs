@@ -4,6 +4,7 @@
 pub mod abi;
 pub mod health;
 mod imports;
+pub mod meta;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -146,6 +147,7 @@ pub struct Plugin {
     state: Arc<StateScope>,
     config: Arc<BTreeMap<String, i64>>,
     health: health::Health,
+    meta: Option<meta::Meta>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -158,6 +160,9 @@ impl std::fmt::Debug for Plugin {
             .finish_non_exhaustive()
     }
 }
+
+/// A clock a test controls: nanoseconds that `msr.now_ns` returns.
+pub type ManualClock = Arc<std::sync::atomic::AtomicU64>;
 
 /// Largest plugin file the host reads (a guard against mistakes such as
 /// pointing `path` at a disk image).
@@ -235,6 +240,10 @@ impl Plugin {
                 module
             }
         };
+        let meta = meta::read(bytes).map_err(|reason| LoadError::Abi {
+            path: path.clone(),
+            reason,
+        })?;
         let shape = abi::check_shape(&module).map_err(|reason| LoadError::Abi {
             path: path.clone(),
             reason,
@@ -252,6 +261,7 @@ impl Plugin {
             shape,
             pre,
             health: health::Health::new(health::QuarantinePolicy::default()),
+            meta,
         };
         plugin.probe()?;
         Ok(plugin)
@@ -260,7 +270,7 @@ impl Plugin {
     /// Checks the version, runs `init` and reads `claim` on a throwaway instance.
     fn probe(&mut self) -> Result<(), LoadError> {
         let path = &self.settings.path;
-        let (mut store, instance) = self.instantiate_raw(0)?;
+        let (mut store, instance) = self.instantiate_raw(0, None)?;
         let version = instance
             .get_typed_func::<(), i32>(&mut store, "msrwasm_abi_version")
             .and_then(|f| f.call(&mut store, ()))
@@ -315,7 +325,11 @@ impl Plugin {
         self.settings.timeout_us.saturating_mul(fuel_per_us())
     }
 
-    fn instantiate_raw(&self, vcpu: u32) -> Result<(Store<PluginCtx>, wasmtime::Instance), LoadError> {
+    fn instantiate_raw(
+        &self,
+        vcpu: u32,
+        clock: Option<ManualClock>,
+    ) -> Result<(Store<PluginCtx>, wasmtime::Instance), LoadError> {
         let limits = self.store_limits();
         let ctx = PluginCtx::new(
             &self.settings.name,
@@ -323,6 +337,7 @@ impl Plugin {
             self.state.clone(),
             self.config.clone(),
             limits,
+            clock,
         );
         let mut store = Store::new(engine(), ctx);
         store.limiter(|ctx| &mut ctx.limits);
@@ -372,7 +387,17 @@ impl Plugin {
 
     /// A fresh instance for vCPU `vcpu`, `init` already run.
     pub fn instantiate(self: &Arc<Self>, vcpu: u32) -> Result<PluginInstance, LoadError> {
-        let (mut store, instance) = self.instantiate_raw(vcpu)?;
+        self.instantiate_with_clock(vcpu, None)
+    }
+
+    /// As [`Plugin::instantiate`], with `msr.now_ns` read from `clock`
+    /// instead of the host's clock when given (for scripted tests).
+    pub fn instantiate_with_clock(
+        self: &Arc<Self>,
+        vcpu: u32,
+        clock: Option<ManualClock>,
+    ) -> Result<PluginInstance, LoadError> {
+        let (mut store, instance) = self.instantiate_raw(vcpu, clock)?;
         self.run_init(&mut store, &instance)?;
         let rdmsr = self
             .shape
@@ -416,6 +441,22 @@ impl Plugin {
 
     pub fn shape(&self) -> Shape {
         self.shape
+    }
+
+    /// The `msrwasm.meta` section, if the plugin carries one.
+    pub fn meta(&self) -> Option<&meta::Meta> {
+        self.meta.as_ref()
+    }
+
+    /// Names of the module's exports and imports (`module.name`).
+    pub fn interface(&self) -> (Vec<String>, Vec<String>) {
+        let module = self.pre.module();
+        let exports = module.exports().map(|e| e.name().to_owned()).collect();
+        let imports = module
+            .imports()
+            .map(|i| format!("{}.{}", i.module(), i.name()))
+            .collect();
+        (exports, imports)
     }
 
     /// Error history and quarantine of this version.

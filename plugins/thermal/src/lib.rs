@@ -12,7 +12,11 @@
 //! the one before it, so per-core readings differ as on real parts.
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
-use msrwasm_sdk::{Decline, Plugin, config, export_plugin, vcpu};
+use msrwasm_sdk::{Decline, Plugin, config, export_plugin, plugin_meta, vcpu};
+
+plugin_meta!(
+    b"name = 'thermal'\nversion = '1.0.0'\ndescription = 'Intel thermal status and TjMax MSRs'\nauthor = 'msrwasm'\n"
+);
 
 pub const MSR_TEMPERATURE_TARGET: u32 = 0x1a2;
 pub const IA32_THERM_STATUS: u32 = 0x19c;
