@@ -119,11 +119,10 @@ impl Reloader {
             Some(manifest) => self.reload_manifest(&manifest),
             None => self.reload_plugins(changed),
         };
-        match &outcome {
-            Outcome::Applied { .. } => self.stats.applied.fetch_add(1, Ordering::Relaxed),
-            Outcome::Refused { .. } => self.stats.refused.fetch_add(1, Ordering::Relaxed),
-            Outcome::Unchanged => 0,
-        };
+        // Refusals are counted where they happen (one per refused file).
+        if let Outcome::Applied { .. } = outcome {
+            self.stats.applied.fetch_add(1, Ordering::Relaxed);
+        }
         outcome
     }
 
@@ -131,13 +130,13 @@ impl Reloader {
     fn reload_manifest(&mut self, manifest: &Path) -> Outcome {
         let spec = match PolicySpec::from_manifest(manifest) {
             Ok(spec) => spec,
-            Err(e) => return refuse(manifest, e.to_string()),
+            Err(e) => return self.refuse(manifest, e.to_string()),
         };
         let mut plugins = Vec::new();
         for settings in &spec.plugins {
             match self.load(settings) {
                 Ok(plugin) => plugins.push(plugin),
-                Err(e) => return refuse(manifest, e.to_string()),
+                Err(e) => return self.refuse(manifest, e.to_string()),
             }
         }
         if spec == self.spec && plugins.iter().zip(&self.plugins).all(|(a, b)| Arc::ptr_eq(a, b)) {
@@ -171,13 +170,9 @@ impl Reloader {
         match changed_file {
             Some(file) => self.go_live(self.spec.clone(), plugins, &file),
             None if refused.is_empty() => Outcome::Unchanged,
-            // counted above, per file
-            None => {
-                self.stats.refused.fetch_sub(1, Ordering::Relaxed);
-                Outcome::Refused {
-                    reason: refused.join("; "),
-                }
-            }
+            None => Outcome::Refused {
+                reason: refused.join("; "),
+            },
         }
     }
 
@@ -191,15 +186,14 @@ impl Reloader {
             return Ok(p.clone());
         }
         let started = Instant::now();
-        let cached = self.cache.len();
+        let cached = self.cache.contains(&sha256);
         let result = Plugin::load_cached(settings.clone(), &self.state, &self.cache);
         let old = running.map_or("-", |p| &p.sha256()[..16]);
         let took = started.elapsed();
-        let from_cache = self.cache.len() == cached && result.is_ok();
         match &result {
             Ok(_) => tracing::info!(
                 file = %settings.path.display(), old, new = &sha256[..16], compile_ms = took.as_secs_f64() * 1e3,
-                cached = from_cache, "plugin version validated"
+                cached, "plugin version validated"
             ),
             Err(e) => tracing::warn!(
                 file = %settings.path.display(), old, new = &sha256[..16], compile_ms = took.as_secs_f64() * 1e3,
@@ -209,16 +203,23 @@ impl Reloader {
         result.map(Arc::new)
     }
 
+    /// Logs and counts a refusal; what runs keeps running.
+    fn refuse(&self, file: &Path, reason: String) -> Outcome {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(file = %file.display(), "reload refused, the running policy stays: {reason}");
+        Outcome::Refused { reason }
+    }
+
     fn go_live(&mut self, spec: PolicySpec, plugins: Vec<Arc<Plugin>>, cause: &Path) -> Outcome {
         let policy = match Policy::from_plugins(plugins.clone(), spec.unhandled) {
             Ok(policy) => policy,
-            Err(e) => return refuse(cause, e.to_string()),
+            Err(e) => return self.refuse(cause, e.to_string()),
         };
         let current = self.cell.current().1;
         if policy.filter() != current.filter()
             && let Err(e) = policy.filter().apply(&self.vm)
         {
-            return refuse(cause, e.to_string());
+            return self.refuse(cause, e.to_string());
         }
         let generation = self.cell.replace(Arc::new(policy));
         tracing::info!(cause = %cause.display(), generation, "reload applied");
@@ -226,11 +227,6 @@ impl Reloader {
         self.plugins = plugins;
         Outcome::Applied { generation }
     }
-}
-
-fn refuse(file: &Path, reason: String) -> Outcome {
-    tracing::warn!(file = %file.display(), "reload refused, the running policy stays: {reason}");
-    Outcome::Refused { reason }
 }
 
 fn absolute(path: &Path) -> PathBuf {

@@ -501,6 +501,11 @@ impl ModuleCache {
         modules.push_back((sha256.to_owned(), module.clone()));
     }
 
+    /// Whether content with this hash is compiled already.
+    pub fn contains(&self, sha256: &str) -> bool {
+        self.get(sha256).is_some()
+    }
+
     /// Number of modules held.
     pub fn len(&self) -> usize {
         self.modules.lock().unwrap_or_else(|e| e.into_inner()).len()
