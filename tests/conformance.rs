@@ -66,7 +66,34 @@ fn every_language_answers_a_live_guest_identically() {
 }
 
 #[test]
-fn rust_and_c_plugins_carry_metadata() {
+fn metadata_from_the_sdks_or_added_afterwards() {
+    // Zig and AssemblyScript builds get theirs with `msrwasm meta --set`
+    // (msrwasm::plugin::meta::write); the plugin must still pass the script.
+    for (lang, wasm) in [
+        ("zig", build_zig_plugin("examples/rapl/zig/rapl.zig")),
+        (
+            "assemblyscript",
+            build_as_plugin("examples/rapl/assemblyscript/rapl.ts"),
+        ),
+    ] {
+        let fields =
+            msrwasm::plugin::meta::Meta::from([("name".into(), "rapl".into()), ("version".into(), "1.0.0".into())]);
+        let tagged = wasm.with_extension("meta.wasm");
+        std::fs::write(
+            &tagged,
+            msrwasm::plugin::meta::write(&std::fs::read(&wasm).unwrap(), &fields).unwrap(),
+        )
+        .unwrap();
+        let report =
+            msrwasm::script::run(&tagged, &repo().join("tests/conformance/rapl.case"), BTreeMap::new()).unwrap();
+        assert!(report.failures.is_empty(), "{lang}: {:?}", report.failures);
+        assert_eq!(
+            msrwasm::check::check(&tagged, &BTreeMap::new()).meta,
+            Some(fields),
+            "{lang}"
+        );
+    }
+
     for (lang, wasm) in [
         ("rust", build_rust_plugin("examples/rapl/rust", "rapl")),
         ("c", build_c_plugin("examples/rapl/c/rapl.c")),

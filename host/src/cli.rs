@@ -57,6 +57,9 @@ enum Command {
     /// `rdmsr INDEX -> VALUE|handled|fault|pass|error|any`,
     /// `wrmsr INDEX VALUE -> handled|fault|pass|error|any`; `#` comments.
     Test(TestArgs),
+    /// Show a plugin's metadata (the msrwasm.meta section), or set fields
+    /// of it in a .wasm whatever language it was built from.
+    Meta(MetaArgs),
     /// Write the built-in raw guests to a directory, for trying plugins by
     /// hand: demo.elf (the demo), msr_loop.elf (50000 RDMSR 0x4d53424d per
     /// vCPU, then HLT), msr_forever.elf (RDMSR 0x4d530020 until stopped).
@@ -97,6 +100,19 @@ fn parse_config(s: &str) -> Result<(String, i64), String> {
         .or_else(|| msrwasm::manifest_number(value).map(|v| v as i64))
         .ok_or_else(|| format!("`{value}` is not an integer"))?;
     Ok((name.trim().to_owned(), value))
+}
+
+#[derive(Args)]
+struct MetaArgs {
+    /// The plugin (.wasm; .wat files carry metadata as (@custom ...)).
+    plugin: PathBuf,
+    /// Set a field, as KEY=VALUE (name, version, description, author, ...);
+    /// repeatable. Without --set the metadata is printed.
+    #[arg(long)]
+    set: Vec<String>,
+    /// Write the result here instead of over PLUGIN.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -185,6 +201,7 @@ pub fn main() -> i32 {
         Command::Bench(args) => bench(args),
         Command::Guests(args) => guests(args),
         Command::Check(args) => check(args),
+        Command::Meta(args) => meta(args),
         Command::Test(args) => test(args),
     };
     result.unwrap_or_else(|e| {
@@ -282,4 +299,31 @@ fn test(args: TestArgs) -> Result<i32> {
     }
     println!("{passed} passed, {failed} failed");
     Ok(if failed == 0 { 0 } else { 1 })
+}
+
+fn meta(args: MetaArgs) -> Result<i32> {
+    use msrwasm::plugin::meta;
+    let bytes = msrwasm::plugin::read_plugin_file(&args.plugin)?;
+    let mut fields = meta::read(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.plugin.display()))?
+        .unwrap_or_default();
+    if args.set.is_empty() {
+        if fields.is_empty() {
+            println!("{}: no msrwasm.meta section", args.plugin.display());
+        }
+        for (k, v) in &fields {
+            println!("{k} = {v}");
+        }
+        return Ok(0);
+    }
+    for field in &args.set {
+        let (k, v) = field
+            .split_once('=')
+            .with_context(|| format!("--set {field}: expected KEY=VALUE"))?;
+        fields.insert(k.trim().to_owned(), v.to_owned());
+    }
+    let out = meta::write(&bytes, &fields).map_err(|e| anyhow::anyhow!("{}: {e}", args.plugin.display()))?;
+    let target = args.output.as_ref().unwrap_or(&args.plugin);
+    std::fs::write(target, out).with_context(|| format!("writing {}", target.display()))?;
+    Ok(0)
 }

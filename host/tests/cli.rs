@@ -45,7 +45,7 @@ fn help_lists_the_commands() {
     let o = msrwasm(&["--help"]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());
-    for cmd in ["run", "demo", "bench", "check", "test", "guests"] {
+    for cmd in ["run", "demo", "bench", "check", "test", "meta", "guests"] {
         assert!(out.contains(cmd), "{out}");
     }
     let run_help = String::from_utf8_lossy(&msrwasm(&["run", "--help"]).stdout).into_owned();
@@ -275,4 +275,26 @@ fn test_runs_a_case_script_without_kvm() {
         &["test", &rapl, "--case", wrong.to_str().unwrap()],
         "wrong.case:1: an access needs `-> EXPECTED`",
     );
+}
+
+#[test]
+fn meta_sets_and_shows_plugin_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("p.wasm");
+    let wasm = wat::parse_str(
+        r#"(module (func (export "msrwasm_abi_version") (result i32) (i32.const 1)) (func (export "rdmsr") (param i32) (result i32) (i32.const 2)))"#,
+    )
+    .unwrap();
+    std::fs::write(&plugin, wasm).unwrap();
+    let p = plugin.to_str().unwrap();
+    assert!(String::from_utf8_lossy(&msrwasm(&["meta", p]).stdout).contains("no msrwasm.meta section"));
+    assert!(
+        msrwasm(&["meta", p, "--set", "name=p", "--set", "version=0.2.0"])
+            .status
+            .success()
+    );
+    let shown = String::from_utf8_lossy(&msrwasm(&["meta", p]).stdout).into_owned();
+    assert_eq!(shown, "name = p\nversion = 0.2.0\n");
+    assert!(String::from_utf8_lossy(&msrwasm(&["check", p]).stdout).contains("meta:     version = 0.2.0"));
+    refused(&["meta", p, "--set", "novalue"], "expected KEY=VALUE");
 }
