@@ -10,6 +10,8 @@
 //! 4. Hot reload: on a running 2-vCPU VM, the time from renaming a new
 //!    plugin version into place to the first exit that version answers, and
 //!    the longest gap between two exits any vCPU saw meanwhile.
+//! 5. Budget enforcement: how long a plugin that never returns (a wasm loop,
+//!    a loop of host calls) runs before the default 1000 µs budget stops it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -112,6 +114,10 @@ pub struct BenchReport {
     /// Longest time a policy switch (with the new version's first answer,
     /// instantiation included) held a vCPU, milliseconds.
     pub longest_switch_ms: f64,
+    /// Median time until an endless wasm loop / an endless loop of host
+    /// calls was stopped, with the default 1000 µs budget, microseconds.
+    pub runaway_wasm_us: f64,
+    pub runaway_host_calls_us: f64,
 }
 
 impl BenchReport {
@@ -152,6 +158,10 @@ impl BenchReport {
         s += &format!(
             "  longest gap between two exits on a vCPU: {:.3} ms during swaps, {:.3} ms in a window without swaps\n",
             self.longest_vcpu_gap_ms, self.longest_vcpu_gap_no_swap_ms
+        );
+        s += &format!(
+            "budget (timeout_us = 1000): an endless wasm loop is stopped after {:.0} us, an endless loop of host calls after {:.0} us\n",
+            self.runaway_wasm_us, self.runaway_host_calls_us
         );
         s
     }
@@ -359,6 +369,32 @@ fn reload_latency(files: &Files, swaps: usize) -> Result<ReloadFigures, BenchErr
     })
 }
 
+/// Median microseconds until a call of `rdmsr_body` (which never returns)
+/// is stopped by the default budget.
+fn runaway_us(rdmsr_body: &str) -> Result<f64, BenchError> {
+    let wat = format!(
+        r#"(module (import "msr" "vcpu" (func $vcpu (result i32)))
+          (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
+          (func (export "rdmsr") (param i32) (result i32) {rdmsr_body}))"#
+    );
+    let settings = crate::plugin::PluginSettings::new("runaway", "runaway.wat");
+    let plugin =
+        Arc::new(Plugin::from_bytes(settings, wat.as_bytes(), &StateStore::default()).map_err(PolicyError::from)?);
+    let mut times = Vec::new();
+    for _ in 0..21 {
+        let mut instance = plugin.instantiate(0).map_err(PolicyError::from)?;
+        let started = Instant::now();
+        let result = instance.rdmsr(LOOP_MSR, REASON_UNKNOWN);
+        times.push(started.elapsed().as_secs_f64() * 1e6);
+        if result != Err(crate::plugin::CallError::Timeout) {
+            return Err(BenchError::Guest(VmEnd::Error(format!(
+                "the runaway plugin was not stopped: {result:?}"
+            ))));
+        }
+    }
+    Ok(median(times))
+}
+
 /// Runs every measurement; `progress` hears what is being measured.
 pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchReport, BenchError> {
     let files = Files::new()?;
@@ -382,6 +418,9 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
     progress(&format!("hot reload, {} swaps", options.swaps));
     let reload = reload_latency(&files, options.swaps.max(1))?;
     let worst = reload.latencies_ms.iter().copied().fold(0.0, f64::max);
+    progress("budget enforcement");
+    let runaway_wasm = runaway_us("(loop $l (br $l)) (i32.const 2)")?;
+    let runaway_host = runaway_us("(loop $l (drop (call $vcpu)) (br $l)) (i32.const 2)")?;
     let (native, wasm, chain, two) = (median(native), median(wasm), median(chain), median(two));
     Ok(BenchReport {
         release_build: !cfg!(debug_assertions),
@@ -403,5 +442,7 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
         longest_vcpu_gap_ms: reload.gap_ms,
         longest_vcpu_gap_no_swap_ms: reload.gap_no_swap_ms,
         longest_switch_ms: reload.switch_ms,
+        runaway_wasm_us: runaway_wasm,
+        runaway_host_calls_us: runaway_host,
     })
 }
