@@ -124,7 +124,7 @@ fn failing_plugins_fault_or_pass_as_configured_and_get_quarantined() {
         let wat = if on_read { bad_read(code) } else { bad_write(code) };
 
         // on_error = fault, unhandled = gp: every failing access is a #GP,
-        // the 5 errors and the 3 quarantined (unanswered) accesses alike.
+        // the errors and the quarantined (unanswered) accesses alike.
         let (seen, c) = contained(name, &wat, OnError::Fault, Unhandled::Gp);
         let expected = if on_read {
             Seen {
@@ -140,10 +140,7 @@ fn failing_plugins_fault_or_pass_as_configured_and_get_quarantined() {
             }
         };
         assert_eq!(seen, expected, "{name}");
-        // While quarantined it is skipped for everything: the other 3 reads
-        // and all 8 writes of a read failure, the other 3 writes otherwise.
-        let skipped = if on_read { 3 + 8 } else { 3 };
-        assert_eq!((c.errors, c.quarantines, c.skipped), (5, 1, skipped), "{name}: {c:?}");
+        quarantine_accounting(name, on_read, c);
 
         // on_error = pass, unhandled = ignore: the guest never notices.
         let (seen, c) = contained(name, &wat, OnError::Pass, Unhandled::Ignore);
@@ -157,8 +154,20 @@ fn failing_plugins_fault_or_pass_as_configured_and_get_quarantined() {
             },
             "{name}"
         );
-        assert_eq!((c.errors, c.quarantines, c.skipped), (5, 1, skipped), "{name}: {c:?}");
+        quarantine_accounting(name, on_read, c);
     }
+}
+
+/// The 5th error quarantines the plugin, which is then skipped; every
+/// access it was asked about is either an error or a skip. (How many of
+/// each depends on the wall clock: a slow run can outlast the 1 s backoff
+/// and call the plugin, failing, once more.)
+fn quarantine_accounting(name: &str, on_read: bool, c: msrwasm::policy::PluginCounters) {
+    // A catch-all plugin is asked about all 16 accesses once it fails on
+    // reads; one failing on writes answered its 8 reads first.
+    let asked = if on_read { 16 } else { 8 };
+    assert!(c.errors >= 5 && c.quarantines >= 1, "{name}: {c:?}");
+    assert_eq!(c.errors + c.skipped, asked, "{name}: {c:?}");
 }
 
 #[test]

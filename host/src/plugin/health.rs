@@ -43,7 +43,8 @@ pub struct Health {
 
 #[derive(Debug)]
 struct Window {
-    started_ns: u64,
+    /// When the first error of the current window happened.
+    started: Option<Instant>,
     errors: u32,
     next_backoff: Duration,
 }
@@ -60,7 +61,7 @@ impl Health {
             policy,
             until_ns: AtomicU64::new(0),
             window: Mutex::new(Window {
-                started_ns: 0,
+                started: None,
                 errors: 0,
                 next_backoff: policy.first_backoff,
             }),
@@ -89,10 +90,14 @@ impl Health {
 
     /// Counts an error; returns the backoff if it started a quarantine.
     pub fn record_error(&self) -> Option<Duration> {
-        let now = clock();
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        if now.saturating_sub(w.started_ns) > self.policy.window.as_nanos() as u64 {
-            w.started_ns = now;
+        // A window opens at the error that starts it, not at some fixed
+        // origin: errors in quick succession always share one.
+        let now = Instant::now();
+        if w.started
+            .is_none_or(|started| now.duration_since(started) > self.policy.window)
+        {
+            w.started = Some(now);
             w.errors = 0;
         }
         w.errors += 1;
@@ -102,8 +107,9 @@ impl Health {
         let backoff = w.next_backoff;
         w.next_backoff = (backoff * 2).min(self.policy.max_backoff);
         w.errors = 0;
-        w.started_ns = now;
-        self.until_ns.store(now + backoff.as_nanos() as u64, Ordering::Relaxed);
+        w.started = None;
+        self.until_ns
+            .store(clock() + backoff.as_nanos() as u64, Ordering::Relaxed);
         Some(backoff)
     }
 }
@@ -138,6 +144,24 @@ mod tests {
             Some(Duration::from_millis(50)),
             "doubled, capped at the maximum"
         );
+    }
+
+    #[test]
+    fn the_window_opens_at_the_first_error_whenever_that_is() {
+        // Errors in quick succession quarantine, however long after the
+        // process (and its clock) started they come.
+        let policy = QuarantinePolicy {
+            window: Duration::from_millis(50),
+            ..QuarantinePolicy::default()
+        };
+        for delay_ms in [0, 30, 45, 60, 95] {
+            let h = Health::new(policy);
+            clock();
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            let started = (0..5).filter_map(|_| h.record_error()).count();
+            assert_eq!(started, 1, "after {delay_ms} ms");
+            assert!(h.quarantined());
+        }
     }
 
     #[test]
