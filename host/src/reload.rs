@@ -6,9 +6,9 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, channel};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -187,7 +187,8 @@ impl Reloader {
         }
         let started = Instant::now();
         let cached = self.cache.contains(&sha256);
-        let result = Plugin::load_cached(settings.clone(), &self.state, &self.cache);
+        // The bytes just hashed, not a second read that may see newer content.
+        let result = Plugin::from_bytes_cached(settings.clone(), &bytes, &self.state, &self.cache);
         let old = running.map_or("-", |p| &p.sha256()[..16]);
         let took = started.elapsed();
         match &result {
@@ -237,7 +238,6 @@ fn absolute(path: &Path) -> PathBuf {
 pub struct Watcher {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    outcomes: Arc<Mutex<Vec<Outcome>>>,
 }
 
 impl Watcher {
@@ -250,8 +250,7 @@ impl Watcher {
         let mut dirs = BTreeSet::new();
         watch_dirs(&mut debouncer, &mut dirs, &reloader.files())?;
         let stop = Arc::new(AtomicBool::new(false));
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let (stop2, outcomes2) = (stop.clone(), outcomes.clone());
+        let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name("msrwasm-reload".into())
             .spawn(move || {
@@ -277,26 +276,18 @@ impl Watcher {
                     if changed.is_empty() {
                         continue;
                     }
-                    let outcome = reloader.reload(&changed);
-                    if let Outcome::Applied { .. } = outcome
+                    if let Outcome::Applied { .. } = reloader.reload(&changed)
                         && let Err(e) = watch_dirs(&mut debouncer, &mut dirs, &reloader.files())
                     {
                         tracing::warn!("{e}");
                     }
-                    outcomes2.lock().unwrap_or_else(|e| e.into_inner()).push(outcome);
                 }
             })
             .map_err(|e| WatchError::Start(e.to_string()))?;
         Ok(Self {
             stop,
             thread: Some(thread),
-            outcomes,
         })
-    }
-
-    /// Every reload attempt so far, in order.
-    pub fn outcomes(&self) -> Vec<Outcome> {
-        self.outcomes.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

@@ -205,7 +205,17 @@ impl Plugin {
     /// from `cache` (and adding to it).
     pub fn load_cached(settings: PluginSettings, state: &StateStore, cache: &ModuleCache) -> Result<Self, LoadError> {
         let bytes = read_plugin_file(&settings.path)?;
-        Self::build(settings, &bytes, state, Some(cache))
+        Self::from_bytes_cached(settings, &bytes, state, cache)
+    }
+
+    /// As [`Plugin::load_cached`], from bytes already read.
+    pub fn from_bytes_cached(
+        settings: PluginSettings,
+        bytes: &[u8],
+        state: &StateStore,
+        cache: &ModuleCache,
+    ) -> Result<Self, LoadError> {
+        Self::build(settings, bytes, state, Some(cache))
     }
 
     /// As [`Plugin::load`], from bytes already read (`settings.path` names them).
@@ -414,7 +424,6 @@ impl Plugin {
             reason: format!("{e:#}"),
         })?;
         Ok(PluginInstance {
-            plugin: self.clone(),
             store,
             rdmsr,
             wrmsr,
@@ -585,7 +594,6 @@ pub enum CallError {
 
 /// One vCPU's instance of a plugin, with its own `Store`.
 pub struct PluginInstance {
-    plugin: Arc<Plugin>,
     store: Store<PluginCtx>,
     rdmsr: Option<TypedFunc<i32, i32>>,
     wrmsr: Option<TypedFunc<(i32, i64), i32>>,
@@ -594,10 +602,6 @@ pub struct PluginInstance {
 }
 
 impl PluginInstance {
-    pub fn plugin(&self) -> &Arc<Plugin> {
-        &self.plugin
-    }
-
     /// Asks the plugin about `RDMSR index`.
     pub fn rdmsr(&mut self, index: u32, reason: u32) -> Result<Answer, CallError> {
         // Borrowed, not cloned: cloning a TypedFunc clones its registered

@@ -224,28 +224,28 @@ impl VcpuChain {
         &self.counters
     }
 
-    /// The chain for `policy` that follows this one: plugins that did not
-    /// change (the same loaded version) keep their instances and counters;
-    /// the counters of the others are returned, by plugin name.
-    pub fn succeed(self, policy: Arc<Policy>) -> (VcpuChain, Vec<(String, PluginCounters)>) {
-        let mut old: Vec<_> = self
+    /// Moves this chain to `policy`: plugins that did not change (the same
+    /// loaded version) keep their instances and counters; the counters of
+    /// the others are returned, by plugin name.
+    pub fn succeed(&mut self, policy: Arc<Policy>) -> Vec<(String, PluginCounters)> {
+        let next = VcpuChain::new(policy, self.vcpu);
+        let old = std::mem::replace(self, next);
+        let mut old: Vec<_> = old
             .policy
             .plugins
             .iter()
             .cloned()
-            .zip(self.instances)
-            .zip(self.counters)
+            .zip(old.instances)
+            .zip(old.counters)
             .collect();
-        let mut next = VcpuChain::new(policy, self.vcpu);
-        for (position, plugin) in next.policy.plugins.iter().enumerate() {
+        for (position, plugin) in self.policy.plugins.iter().enumerate() {
             if let Some(at) = old.iter().position(|((p, _), _)| Arc::ptr_eq(p, plugin)) {
                 let ((_, instance), counters) = old.swap_remove(at);
-                next.instances[position] = instance;
-                next.counters[position] = counters;
+                self.instances[position] = instance;
+                self.counters[position] = counters;
             }
         }
-        let retired = old.into_iter().map(|((p, _), c)| (p.name().to_owned(), c)).collect();
-        (next, retired)
+        old.into_iter().map(|((p, _), c)| (p.name().to_owned(), c)).collect()
     }
 
     /// Instantiates every plugin now rather than at first use.

@@ -290,10 +290,7 @@ impl ExitHandler {
     /// Moves to the policy now in force: fresh instances of what changed.
     fn switch_policy(&mut self) {
         let (generation, policy) = self.cell.current();
-        let placeholder = VcpuChain::new(policy.clone(), self.vcpu);
-        let old = std::mem::replace(&mut self.chain, placeholder);
-        let (chain, retired) = old.succeed(policy);
-        self.chain = chain;
+        let retired = self.chain.succeed(policy);
         self.retired.extend(retired);
         self.generation = generation;
     }

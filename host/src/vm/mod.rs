@@ -341,12 +341,6 @@ impl Vm {
         self
     }
 
-    /// The policy in force; replacing it takes effect at each vCPU's next
-    /// MSR exit.
-    pub fn policy_cell(&self) -> &Arc<PolicyCell> {
-        &self.cell
-    }
-
     /// A handle that ends the VM once it runs.
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
@@ -360,11 +354,6 @@ impl Vm {
     /// The VM-wide plugin state store.
     pub fn state(&self) -> &Arc<StateStore> {
         &self.state
-    }
-
-    /// The VM, for reprogramming the MSR filter while it runs.
-    pub fn vm_fd(&self) -> &Arc<VmFd> {
-        &self.vm
     }
 
     /// Runs every vCPU on its own thread until the VM ends.
