@@ -1,6 +1,19 @@
-;; template.wat — a commented starting point for a hand-written plugin.
+;; template.wat: a commented starting point for a hand-written plugin.
 ;; `msrwasm check template.wat` accepts it as it is; the host compiles WAT
-;; itself, so no toolchain is needed. See guest-sdk/ABI.md.
+;; itself, so no toolchain is needed. README.md beside this file has a
+;; complete plugin; the plugin ABI is guest-sdk/ABI.md in the repository.
+;;
+;; Every host import (module "msr"); import only what you use:
+;;   (import "msr" "reply"     (func $reply (param i64)))               ;; value of the current rdmsr
+;;   (import "msr" "vcpu"      (func $vcpu (result i32)))               ;; vCPU index, 0-based
+;;   (import "msr" "reason"    (func $reason (result i32)))             ;; 1 INVAL, 2 UNKNOWN, 4 FILTER
+;;   (import "msr" "now_ns"    (func $now_ns (result i64)))             ;; host monotonic clock, ns
+;;   (import "msr" "state_get" (func $state_get (param i32) (result i64)))       ;; VM-wide store: key -> value (0 if unset)
+;;   (import "msr" "state_set" (func $state_set (param i32 i64)))                ;; key, value
+;;   (import "msr" "state_add" (func $state_add (param i32 i64) (result i64)))   ;; key, delta -> new value (atomic)
+;;   (import "msr" "config"    (func $config (param i32 i32 i64) (result i64))) ;; name ptr, len, default
+;;   (import "msr" "log"       (func $log (param i32 i32 i32)))                  ;; level (0 error .. 3 debug), ptr, len
+;; config and log read UTF-8 strings from the exported memory.
 (module
   ;; Optional metadata that `msrwasm check` prints (TOML).
   (@custom "msrwasm.meta" "name = \"template\"\nversion = \"0.1.0\"\ndescription = \"a starting point\"\nauthor = \"you\"\n")

@@ -3,6 +3,14 @@
 // Build: see guest-sdk/assemblyscript/README.md.
 import { CLAIM_END, FAULT, HANDLED, PASS, claimRange, config, nowNs, reply } from "../../../guest-sdk/assemblyscript/msrwasm";
 
+// Plugin metadata, written into the .wasm by `--transform guest-sdk/assemblyscript/meta.mjs`.
+const MSRWASM_META = `
+name = "rapl"
+version = "1.0.0"
+description = "RAPL package power telemetry (AssemblyScript)"
+author = "msrwasm"
+`;
+
 let watts: i64 = 65;
 
 export function msrwasm_abi_version(): i32 {

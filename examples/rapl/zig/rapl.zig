@@ -2,6 +2,15 @@
 //! checked by tests/conformance.rs. Build: see guest-sdk/zig/README.md.
 const msr = @import("msrwasm");
 
+comptime {
+    _ = msr.Meta(.{
+        .name = "rapl",
+        .version = "1.0.0",
+        .description = "RAPL package power telemetry (Zig)",
+        .author = "msrwasm",
+    });
+}
+
 var watts: i64 = 65;
 
 export fn msrwasm_abi_version() i32 {

@@ -15,7 +15,10 @@
 use msrwasm_sdk::{Decline, Plugin, config, export_plugin, plugin_meta, vcpu};
 
 plugin_meta!(
-    b"name = 'thermal'\nversion = '1.0.0'\ndescription = 'Intel thermal status and TjMax MSRs'\nauthor = 'msrwasm'\n"
+    name = "thermal",
+    version = "1.0.0",
+    description = "Intel thermal status and TjMax MSRs",
+    author = "msrwasm",
 );
 
 pub const MSR_TEMPERATURE_TARGET: u32 = 0x1a2;

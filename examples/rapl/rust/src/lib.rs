@@ -5,7 +5,10 @@
 use msrwasm_sdk::{Decline, Plugin, config, export_plugin, now_ns, plugin_meta};
 
 plugin_meta!(
-    b"name = 'rapl'\nversion = '1.0.0'\ndescription = 'RAPL package power telemetry (Rust)'\nauthor = 'msrwasm'\n"
+    name = "rapl",
+    version = "1.0.0",
+    description = "RAPL package power telemetry (Rust)",
+    author = "msrwasm",
 );
 
 #[derive(Default)]
@@ -50,9 +53,10 @@ export_plugin!(Rapl);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use msrwasm_sdk::testing;
 
     // Natively the SDK stands in for the host: config gives the default
-    // (65 W) and the clock reads 0.
+    // (65 W) unless a test sets it, and the clock reads what the test sets.
     #[test]
     fn answers_from_config_and_refuses_writes() {
         let mut rapl = Rapl::default();
@@ -61,5 +65,15 @@ mod tests {
         assert_eq!(rapl.rdmsr(0x611), Ok(0));
         assert_eq!(rapl.rdmsr(0x612), Err(Decline::Pass));
         assert_eq!(rapl.wrmsr(0x610, 1), Err(Decline::Fault));
+    }
+
+    #[test]
+    fn energy_advances_with_the_clock() {
+        // As in tests/conformance/rapl.case: 95 W for 1 s.
+        testing::set_config("tdp_watts", 95);
+        let mut rapl = Rapl::default();
+        rapl.init().unwrap();
+        testing::set_now_ns(1_000_000_000);
+        assert_eq!(rapl.rdmsr(0x611), Ok(0x17c000));
     }
 }
