@@ -13,15 +13,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use msrwasm::plugin::abi::REASON_FILTER;
+use msrwasm::ExitReason;
 use msrwasm::plugin::state::StateStore;
-use msrwasm::plugin::{Answer, Plugin, PluginSettings};
+use msrwasm::plugin::{Answer, Plugin, PluginSettings, Runtime};
 
 const MSR_RAPL_POWER_UNIT: u32 = 0x606;
 const MSR_PKG_ENERGY_STATUS: u32 = 0x611;
 
 fn read(instance: &mut msrwasm::plugin::PluginInstance, index: u32) -> Result<u64> {
-    match instance.rdmsr(index, REASON_FILTER)? {
+    match instance.rdmsr(index, ExitReason::Filter.bits())? {
         Answer::Handled(value) => Ok(value),
         other => bail!("rdmsr {index:#x} answered {other:?}"),
     }
@@ -33,7 +33,7 @@ fn main() -> Result<()> {
     settings.config.insert("tdp_watts".into(), 95);
 
     // Compiles, validates the ABI, runs init() and claim() on a probe instance.
-    let plugin = Arc::new(Plugin::load(settings, &StateStore::default())?);
+    let plugin = Arc::new(Plugin::load(&Runtime::shared(), settings, &StateStore::default())?);
     println!("claims: {:x?}", plugin.claims().unwrap_or_default());
 
     let mut vcpu0 = plugin.instantiate(0)?;
@@ -46,6 +46,6 @@ fn main() -> Result<()> {
     println!("energy counter advanced {before:#x} -> {after:#x}: about {watts:.0} W");
 
     // Writes to RAPL MSRs fault, as the plugin documents.
-    println!("wrmsr 0x610 -> {:?}", vcpu0.wrmsr(0x610, 0, REASON_FILTER)?);
+    println!("wrmsr 0x610 -> {:?}", vcpu0.wrmsr(0x610, 0, ExitReason::Filter.bits())?);
     Ok(())
 }

@@ -1,4 +1,4 @@
-include!("../host/guests/assemble.rs");
+include!("../host/cli/guests/assemble.rs");
 
 fn main() {
     // Every test guest in guests/ (names ending in .flat become flat binaries).
@@ -16,8 +16,9 @@ fn main() {
     names.sort();
     println!("cargo::rerun-if-changed=guests");
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    assemble_guests(std::path::Path::new("guests"), &names);
-    assemble_guests(std::path::Path::new("../host/guests"), &["msr_loop", "msr_forever"]);
+    let ld_dir = std::path::Path::new("../host/cli/guests");
+    assemble_guests(std::path::Path::new("guests"), ld_dir, &names);
+    assemble_guests(ld_dir, ld_dir, &["msr_loop", "msr_forever"]);
     println!(
         "cargo::rustc-env=MSRWASM_TEST_GUESTS={}",
         std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")

@@ -3,7 +3,6 @@
 //! each built from source with its real toolchain, must answer identically:
 //! through `msrwasm test` with a scripted clock, and on a live guest.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use msrwasm::policy::PolicySpec;
@@ -28,10 +27,11 @@ fn every_language() -> Vec<(&'static str, PathBuf)> {
 fn every_language_passes_the_same_script() {
     let case = repo().join("tests/conformance/rapl.case");
     for (lang, wasm) in every_language() {
-        let report = msrwasm::script::run(&wasm, &case, BTreeMap::new()).unwrap_or_else(|e| panic!("{lang}: {e}"));
+        let report =
+            msrwasm::script::run(msrwasm_tests::settings(&wasm), &case).unwrap_or_else(|e| panic!("{lang}: {e}"));
         assert!(report.failures.is_empty(), "{lang}: {:#?}", report.failures);
         assert_eq!(report.passed, 15, "{lang}");
-        let check = msrwasm::check::check(&wasm, &BTreeMap::new());
+        let check = msrwasm::check::check(msrwasm_tests::settings(&wasm));
         assert!(check.ok, "{lang}: {check:?}");
         assert_eq!(
             check.claims.as_deref(),
@@ -84,11 +84,14 @@ fn metadata_from_the_sdks_or_added_afterwards() {
             msrwasm::plugin::meta::write(&std::fs::read(&wasm).unwrap(), &fields).unwrap(),
         )
         .unwrap();
-        let report =
-            msrwasm::script::run(&tagged, &repo().join("tests/conformance/rapl.case"), BTreeMap::new()).unwrap();
+        let report = msrwasm::script::run(
+            msrwasm_tests::settings(&tagged),
+            &repo().join("tests/conformance/rapl.case"),
+        )
+        .unwrap();
         assert!(report.failures.is_empty(), "{lang}: {:?}", report.failures);
         assert_eq!(
-            msrwasm::check::check(&tagged, &BTreeMap::new()).meta,
+            msrwasm::check::check(msrwasm_tests::settings(&tagged)).meta,
             Some(fields),
             "{lang}"
         );
@@ -99,7 +102,7 @@ fn metadata_from_the_sdks_or_added_afterwards() {
         ("c", build_c_plugin("examples/rapl/c/rapl.c")),
         ("wat", repo().join("plugins/rapl.wat")),
     ] {
-        let meta = msrwasm::check::check(&wasm, &BTreeMap::new())
+        let meta = msrwasm::check::check(msrwasm_tests::settings(&wasm))
             .meta
             .unwrap_or_else(|| panic!("{lang}: no metadata"));
         assert_eq!(

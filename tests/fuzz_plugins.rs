@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use arbitrary::Unstructured;
-use msrwasm::plugin::abi::REASON_UNKNOWN;
+use msrwasm::ExitReason;
 use msrwasm::plugin::state::StateStore;
 use msrwasm::plugin::{Answer, CallError, Plugin, PluginSettings};
 
@@ -54,7 +54,7 @@ impl Rng {
 fn exercise(seed: u64, bytes: &[u8], rng: &mut Rng) -> bool {
     let state = StateStore::default();
     let settings = PluginSettings::new("fuzz", format!("case-{seed}.wasm"));
-    let plugin = match Plugin::from_bytes(settings, bytes, &state) {
+    let plugin = match Plugin::from_bytes(&msrwasm::plugin::Runtime::shared(), settings, bytes, &state) {
         Ok(plugin) => Arc::new(plugin),
         Err(e) => {
             let msg = e.to_string();
@@ -75,12 +75,18 @@ fn exercise(seed: u64, bytes: &[u8], rng: &mut Rng) -> bool {
         for _ in 0..16 {
             let index = [0, 0x10, 0x4d53_4800, 0xc000_0080, u32::MAX][rng.below(5) as usize];
             let result = match rng.below(2) {
-                0 => instance.rdmsr(index, REASON_UNKNOWN),
-                _ => instance.wrmsr(index, rng.next(), REASON_UNKNOWN),
+                0 => instance.rdmsr(index, ExitReason::Unknown.bits()),
+                _ => instance.wrmsr(index, rng.next(), ExitReason::Unknown.bits()),
             };
             match result {
                 Ok(Answer::Handled(_) | Answer::Fault | Answer::Pass) => {}
-                Err(CallError::Trap(_) | CallError::Timeout | CallError::BadStatus(_) | CallError::NoReply) => {
+                Err(
+                    CallError::Trap(_)
+                    | CallError::Timeout
+                    | CallError::BadStatus(_)
+                    | CallError::NoReply
+                    | CallError::Instantiate(_),
+                ) => {
                     // the host throws a failed instance away; so does this test
                     match plugin.instantiate(vcpu) {
                         Ok(fresh) => instance = fresh,

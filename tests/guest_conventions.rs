@@ -2,7 +2,7 @@
 //! #GP delivery, and multi-vCPU behaviour.
 
 use msrwasm::policy::{PolicySpec, Unhandled};
-use msrwasm::vm::VmEnd;
+use msrwasm_cli::runner::VmEnd;
 use msrwasm_tests::{guest, kvm_available, run, test_plugin};
 
 fn with(plugins: &[&str], unhandled: Unhandled) -> PolicySpec {
@@ -17,8 +17,8 @@ fn fault_is_gp_through_the_guest_idt_and_values_reach_edx_eax() {
     }
     let r = run(&guest("gp_idt.elf"), 1, with(&["values.wat"], Unhandled::Gp)).unwrap();
     r.expect_status(0);
-    assert_eq!(r.report.total().gp, 2);
-    assert_eq!(r.report.plugins["values"].fault, 2);
+    assert_eq!(r.report.stats.total().gp, 2);
+    assert_eq!(r.report.stats.plugins["values"].fault, 2);
 }
 
 #[test]
@@ -29,7 +29,7 @@ fn each_vcpu_sees_its_index_and_state_add_sums_exactly() {
     let vcpus = 4;
     let r = run(&guest("multi_vcpu.elf"), vcpus, with(&["counter.wat"], Unhandled::Gp)).unwrap();
     r.expect_status(0);
-    let per_vcpu: Vec<u64> = r.report.vcpus.iter().map(|s| s.wrmsr).collect();
+    let per_vcpu: Vec<u64> = r.report.stats.vcpus.values().map(|s| s.wrmsr).collect();
     assert_eq!(per_vcpu, vec![300; vcpus as usize]);
     for v in 0..vcpus {
         let seen: Vec<_> = r
@@ -59,7 +59,7 @@ fn all_vcpus_halting_ends_with_status_0() {
     let r = run(&guest("msr_loop.elf"), 2, with(&["echo.wat"], Unhandled::Gp)).unwrap();
     r.expect_status(0);
     assert_eq!(r.report.end, VmEnd::AllHalted);
-    assert_eq!(r.report.total().rdmsr, 100_000);
+    assert_eq!(r.report.stats.total().rdmsr, 100_000);
 }
 
 #[test]
@@ -87,7 +87,7 @@ fn unanswered_accesses_follow_the_unhandled_policy() {
     for policy in [Unhandled::Ignore, Unhandled::Log] {
         let r = run(&guest("msr_loop.elf"), 1, PolicySpec::from_paths(&[], policy)).unwrap();
         r.expect_status(0);
-        assert_eq!(r.report.total().unhandled, 50_000);
+        assert_eq!(r.report.stats.total().unhandled(), 50_000);
     }
     let r = run(&guest("msr_loop.elf"), 1, PolicySpec::default()).unwrap();
     assert!(matches!(&r.report.end, VmEnd::Crash(c) if c.what.contains("triple fault")));

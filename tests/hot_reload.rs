@@ -6,7 +6,7 @@ use std::path::Path;
 
 use msrwasm::plugin::content_hash;
 use msrwasm::policy::{PolicySpec, Unhandled};
-use msrwasm::vm::VmEnd;
+use msrwasm_cli::runner::VmEnd;
 use msrwasm_tests::{atomic_write, guest, kvm_available, start, wait_until};
 
 /// A plugin version that answers `value` and records it in state key 1.
@@ -76,7 +76,7 @@ fn atomic_rename_and_in_place_rewrite_take_over_cleanly() {
         "old values, then new values, never back"
     );
     assert_eq!(values.iter().copied().collect::<HashSet<_>>(), HashSet::from([1, 2, 3]));
-    assert!(run.report.reloads_applied >= 2);
+    assert!(run.report.stats.reloads_applied >= 2);
 }
 
 #[test]
@@ -125,7 +125,7 @@ fn a_reload_storm_loses_nothing_and_never_serves_a_refused_version() {
     let run = vm.join(std::time::Duration::from_secs(30));
     run.expect_status(0);
 
-    for (v, stats) in run.report.vcpus.iter().enumerate() {
+    for (v, stats) in run.report.exits.iter().enumerate() {
         let line = format!("vcpu {v} count 0x");
         let at = run.serial.find(&line).unwrap_or_else(|| panic!("{}", run.serial)) + line.len();
         let guest_count = u64::from_str_radix(&run.serial[at..at + 16], 16).unwrap();
@@ -151,7 +151,7 @@ fn a_reload_storm_loses_nothing_and_never_serves_a_refused_version() {
     }
     // 48 settled writes: about 12 of each kind judged (timing decides exactly).
     assert!(
-        run.report.reloads_applied >= 5 && run.report.reloads_refused >= 10,
+        run.report.stats.reloads_applied >= 5 && run.report.stats.reloads_refused >= 10,
         "{}",
         run.report.summary()
     );
@@ -218,7 +218,7 @@ fn a_manifest_change_moves_the_msr_filter_on_the_running_vm() {
         }
     }
     assert_eq!(
-        (run.report.reloads_applied, run.report.reloads_refused),
+        (run.report.stats.reloads_applied, run.report.stats.reloads_refused),
         (2, 1),
         "{}",
         run.report.summary()

@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use msrwasm::policy::PolicySpec;
 use msrwasm::trace::TraceRecord;
-use msrwasm::vm::{self, VmConfig, VmReport};
+use msrwasm_cli::runner::{self as vm, VmConfig, VmReport};
 
 /// Whether KVM tests can run. Under CI (`CI=true`) a missing `/dev/kvm` is
-/// a failure, not a skip; elsewhere the test says why it skips.
+/// a failure, not a skip. Elsewhere the test is reported as skipped: it
+/// prints a `SKIPPED:` line that `tests/run.sh` counts (a skip is never a
+/// pass).
 pub fn kvm_available() -> bool {
     let usable = std::fs::OpenOptions::new()
         .read(true)
@@ -21,7 +23,8 @@ pub fn kvm_available() -> bool {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("/dev/kvm is missing or not accessible, and CI=true: KVM tests must run in CI");
         }
-        eprintln!("skipping: /dev/kvm is missing or not accessible (set up KVM to run this test)");
+        let test = std::thread::current().name().unwrap_or("a test").to_owned();
+        println!("SKIPPED: {test}: /dev/kvm is missing or not accessible");
     }
     usable
 }
@@ -29,6 +32,14 @@ pub fn kvm_available() -> bool {
 /// Path of an assembled test guest: `name.elf`, or `name.bin` for flat ones.
 pub fn guest(file: &str) -> PathBuf {
     Path::new(env!("MSRWASM_TEST_GUESTS")).join(file)
+}
+
+/// Default settings for the plugin at `path` (named after its file stem).
+pub fn settings(path: &Path) -> msrwasm::plugin::PluginSettings {
+    let name = path
+        .file_stem()
+        .map_or("plugin".into(), |s| s.to_string_lossy().into_owned());
+    msrwasm::plugin::PluginSettings::new(name, path)
 }
 
 /// Path of a test plugin in `tests/plugins/`.
@@ -108,15 +119,13 @@ impl Outputs {
 
     /// A VM config that traces every MSR access and captures serial output.
     fn config(&self, guest: &Path, vcpus: u32, policy: PolicySpec, watch: bool) -> VmConfig {
-        VmConfig {
-            vcpus,
-            mem_mib: 64,
-            guest: guest.to_owned(),
-            policy,
-            trace: Some(self.trace_path()),
-            serial: Box::new(self.serial.clone()),
-            watch,
-        }
+        let mut config = VmConfig::new(guest, policy);
+        config.vcpus = vcpus;
+        config.mem_mib = 64;
+        config.trace = Some(self.trace_path());
+        config.serial = Box::new(self.serial.clone());
+        config.watch = watch;
+        config
     }
 
     fn collect(&self, report: VmReport) -> Run {
@@ -224,7 +233,8 @@ pub fn build_c_plugin(source: &str) -> PathBuf {
     out
 }
 
-/// Builds a Zig plugin with Zig 0.14 from PyPI and `guest-sdk/zig/msrwasm.zig`.
+/// Builds a Zig plugin with Zig 0.14 from PyPI and `guest-sdk/zig/msrwasm.zig`
+/// (Zig's wasm linker leaves `<out>.o` beside the output: removed).
 pub fn build_zig_plugin(source: &str) -> PathBuf {
     let dir = plugin_out("zig");
     let out = dir.join(Path::new(source).with_extension("wasm").file_name().unwrap());
@@ -252,6 +262,7 @@ pub fn build_zig_plugin(source: &str) -> PathBuf {
             ))
             .arg(format!("-femit-bin={}", out.display())),
     );
+    let _ = std::fs::remove_file(out.with_extension("wasm.o"));
     out
 }
 
@@ -265,7 +276,9 @@ pub fn build_as_plugin(source: &str) -> PathBuf {
             .arg(repo().join(source))
             .arg("-o")
             .arg(&out)
-            .args(["-O3", "--runtime", "stub", "--use", "abort="]),
+            .args(["-O3", "--runtime", "stub", "--use", "abort="])
+            .arg("--transform")
+            .arg(repo().join("guest-sdk/assemblyscript/meta.mjs")),
     );
     out
 }
@@ -275,6 +288,8 @@ pub struct Started {
     pub stop: vm::StopHandle,
     /// The VM's plugin state store, to watch progress from the test.
     pub state: Arc<msrwasm::plugin::state::StateStore>,
+    /// The VM's engine.
+    pub engine: msrwasm::Engine,
     thread: std::thread::JoinHandle<Result<VmReport, vm::VmError>>,
     out: Outputs,
 }
@@ -283,11 +298,12 @@ pub struct Started {
 pub fn start(guest: &Path, vcpus: u32, policy: PolicySpec) -> Started {
     let out = Outputs::new();
     let vm = vm::Vm::new(out.config(guest, vcpus, policy, true)).unwrap_or_else(|e| panic!("{e}"));
-    let (stop, state) = (vm.stop_handle(), vm.state().clone());
+    let (stop, engine) = (vm.stop_handle(), vm.engine().clone());
     let thread = std::thread::spawn(move || vm.run());
     Started {
         stop,
-        state,
+        state: engine.state().clone(),
+        engine,
         thread,
         out,
     }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use msrwasm::policy::{PolicySpec, Unhandled};
-use msrwasm::vm::{self, VmConfig};
+use msrwasm_cli::runner::{self as vm, VmConfig};
 use msrwasm_tests::{guest, kvm_available, shipped_plugin};
 
 const VERSION: &str = r#"(func (export "msrwasm_abi_version") (result i32) i32.const 1)"#;
@@ -19,18 +19,12 @@ fn refusal(file: &str, content: &[u8]) -> String {
 }
 
 fn load_error(plugins: Vec<PathBuf>) -> String {
-    let config = VmConfig {
-        vcpus: 1,
-        mem_mib: 16,
-        guest: guest("msr_loop.elf"),
-        policy: PolicySpec::from_paths(&plugins, Unhandled::Gp),
-        trace: None,
-        serial: Box::new(std::io::sink()),
-        watch: false,
-    };
+    let mut config = VmConfig::new(guest("msr_loop.elf"), PolicySpec::from_paths(&plugins, Unhandled::Gp));
+    config.mem_mib = 16;
+    config.serial = Box::new(std::io::sink());
     match vm::run(config) {
         Ok(report) => panic!("the plugin was accepted and the VM ran: {:?}", report.end),
-        Err(e) => e.to_string(),
+        Err(e) => msrwasm::error_chain(&e),
     }
 }
 
@@ -133,15 +127,9 @@ fn init_refusal_and_bad_config() {
     )
     .unwrap();
     let spec = PolicySpec::from_manifest(&manifest).unwrap();
-    let config = VmConfig {
-        vcpus: 1,
-        mem_mib: 16,
-        guest: guest("msr_loop.elf"),
-        policy: spec,
-        trace: None,
-        serial: Box::new(std::io::sink()),
-        watch: false,
-    };
-    let e = vm::run(config).expect_err("refused").to_string();
-    assert!(e.contains("rapl.wat: init() refused the load with code 1"), "{e}");
+    let mut config = VmConfig::new(guest("msr_loop.elf"), spec);
+    config.mem_mib = 16;
+    config.serial = Box::new(std::io::sink());
+    let e = msrwasm::error_chain(&vm::run(config).expect_err("refused"));
+    assert!(e.contains("rapl.wat: init() refused the load: code 1"), "{e}");
 }

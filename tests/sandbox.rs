@@ -63,12 +63,7 @@ fn seen(serial: &str) -> Seen {
 
 /// Runs the hostile guest against `wat` with `on_error`; returns what the
 /// guest saw and the plugin's counters.
-fn contained(
-    name: &str,
-    wat: &str,
-    on_error: OnError,
-    unhandled: Unhandled,
-) -> (Seen, msrwasm::policy::PluginCounters) {
+fn contained(name: &str, wat: &str, on_error: OnError, unhandled: Unhandled) -> (Seen, msrwasm::stats::PluginStats) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("{name}.wat"));
     std::fs::write(&path, wat).unwrap();
@@ -76,7 +71,7 @@ fn contained(
     spec.plugins[0].on_error = on_error;
     let r = run(&guest("hostile.elf"), 1, spec).unwrap_or_else(|e| panic!("{name}: refused at load: {e}"));
     r.expect_status(0);
-    (seen(&r.serial), r.report.plugins[name])
+    (seen(&r.serial), r.report.stats.plugins[name].clone())
 }
 
 /// Plugins that fail on every read (or write): 5 errors start a quarantine,
@@ -162,7 +157,7 @@ fn failing_plugins_fault_or_pass_as_configured_and_get_quarantined() {
 /// access it was asked about is either an error or a skip. (How many of
 /// each depends on the wall clock: a slow run can outlast the 1 s backoff
 /// and call the plugin, failing, once more.)
-fn quarantine_accounting(name: &str, on_read: bool, c: msrwasm::policy::PluginCounters) {
+fn quarantine_accounting(name: &str, on_read: bool, c: msrwasm::stats::PluginStats) {
     // A catch-all plugin is asked about all 16 accesses once it fails on
     // reads; one failing on writes answered its 8 reads first.
     let asked = if on_read { 16 } else { 8 };
@@ -196,11 +191,11 @@ fn resource_hogs_are_capped_without_errors() {
 fn hostile_modules_are_refused_at_load_naming_the_file_and_reason() {
     let cases: &[(&str, String, &str)] = &[
         ("trap_in_init", plugin(r#"(func (export "rdmsr") (param i32) (result i32) (i32.const 2)) (func (export "init") (result i32) unreachable)"#), "init() failed"),
-        ("init_refuses", plugin(r#"(func (export "rdmsr") (param i32) (result i32) (i32.const 2)) (func (export "init") (result i32) (i32.const 9))"#), "init() refused the load with code 9"),
+        ("init_refuses", plugin(r#"(func (export "rdmsr") (param i32) (result i32) (i32.const 2)) (func (export "init") (result i32) (i32.const 9))"#), "init() refused the load: code 9"),
         ("start_loops", plugin(r#"(func (export "rdmsr") (param i32) (result i32) (i32.const 2)) (func $s (loop $l (br $l))) (start $s)"#), "timed out"),
-        ("huge_table", r#"(module (table 10000000 funcref) (func (export "msrwasm_abi_version") (result i32) (i32.const 1)) (func (export "rdmsr") (param i32) (result i32) (i32.const 2)))"#.into(), "instantiation failed"),
-        ("huge_memory", r#"(module (memory 2000) (func (export "msrwasm_abi_version") (result i32) (i32.const 1)) (func (export "rdmsr") (param i32) (result i32) (i32.const 2)))"#.into(), "instantiation failed"),
-        ("claim_loops", plugin(r#"(func (export "rdmsr") (param i32) (result i32) (i32.const 2)) (func (export "claim") (param i32) (result i64) (loop $l (br $l)) (i64.const -1))"#), "claim(): timed out"),
+        ("huge_table", r#"(module (table 10000000 funcref) (func (export "msrwasm_abi_version") (result i32) (i32.const 1)) (func (export "rdmsr") (param i32) (result i32) (i32.const 2)))"#.into(), "over the 65536-element limit"),
+        ("huge_memory", r#"(module (memory 2000) (func (export "msrwasm_abi_version") (result i32) (i32.const 1)) (func (export "rdmsr") (param i32) (result i32) (i32.const 2)))"#.into(), "memory_max_kib = 128000"),
+        ("claim_loops", plugin(r#"(func (export "rdmsr") (param i32) (result i32) (i32.const 2)) (func (export "claim") (param i32) (result i64) (loop $l (br $l)) (i64.const -1))"#), "claim() failed: timed out"),
         ("claim_reversed", plugin(r#"(func (export "rdmsr") (param i32) (result i32) (i32.const 2)) (func (export "claim") (param i32) (result i64) (i64.const 0x0000002000000010))"#), "is reversed"),
         ("wasi_import", r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32))) (func (export "msrwasm_abi_version") (result i32) (i32.const 1)) (func (export "rdmsr") (param i32) (result i32) (i32.const 2)))"#.into(), "not part of the msrwasm ABI"),
         ("wrong_rdmsr_type", r#"(module (func (export "msrwasm_abi_version") (result i32) (i32.const 1)) (func (export "rdmsr") (param i64) (result i64) (i64.const 2)))"#.into(), "export `rdmsr` has type (i64) -> i64"),
@@ -226,10 +221,12 @@ fn hostile_modules_are_refused_at_load_naming_the_file_and_reason() {
 
 fn load_error(path: &std::path::Path) -> String {
     let spec = PolicySpec::from_paths(&[path.to_owned()], Unhandled::Gp);
-    let state = msrwasm::plugin::state::StateStore::default();
-    match msrwasm::policy::Policy::load(&spec, &state, &msrwasm::plugin::ModuleCache::default()) {
+    let engine = msrwasm::Engine::builder()
+        .filter(msrwasm::policy::filter::RecordingFilter::default())
+        .build(spec);
+    match engine {
         Ok(_) => panic!("{} was accepted", path.display()),
-        Err(e) => e.to_string(),
+        Err(e) => msrwasm::error_chain(&e),
     }
 }
 
@@ -259,9 +256,9 @@ fn an_msr_storm_over_every_index_class_keeps_the_host_answering() {
         )
         .unwrap();
         r.expect_status(0);
-        let t = r.report.total();
-        assert_eq!(t.unexpected, 0);
-        assert_eq!(r.report.plugins["catchall"].errors, 0);
+        assert_eq!(r.report.total_exits().unexpected, 0);
+        let t = r.report.stats.total();
+        assert_eq!(r.report.stats.plugins["catchall"].errors, 0);
         for v in 0..vcpus {
             assert!(r.serial.contains(&format!("vcpu {v} gp ")), "{}", r.serial);
         }
@@ -279,7 +276,7 @@ fn an_msr_storm_over_every_index_class_keeps_the_host_answering() {
         // comes from the host's answers, and each one reached the guest.
         assert_eq!(guest_gp, t.gp, "guest saw {guest_gp} #GP, host injected {}", t.gp);
         if expect_plugin_answers {
-            assert!(r.report.plugins["catchall"].handled > 0);
+            assert!(r.report.stats.plugins["catchall"].handled > 0);
         }
         let classes: std::collections::BTreeSet<&str> = r.trace.iter().map(|x| x.reason.as_str()).collect();
         eprintln!(
@@ -309,7 +306,7 @@ fn a_quarantined_plugin_serves_again_once_a_fixed_version_is_dropped_in() {
     let scope = vm.state.scope("flaky");
     msrwasm_tests::wait_until("the fixed version answers", || scope.get(1) == 0x42);
     let run = vm.finish();
-    let c = run.report.plugins["flaky"];
+    let c = run.report.stats.plugins["flaky"].clone();
     assert!(c.errors >= 5 && c.quarantines >= 1 && c.skipped > 0, "{c:?}");
     assert!(c.handled > 0, "{c:?}");
     // Once the fixed version answered, every later access is its answer.

@@ -12,8 +12,8 @@ fn rust_sdk_thermal_plugin_answers_a_live_guest() {
     }
     let r = run(&guest("thermal.elf"), 1, PolicySpec::from_paths(&[wasm], Unhandled::Gp)).unwrap();
     r.expect_status(0);
-    assert_eq!(r.report.plugins["thermal"].handled, 4);
-    assert_eq!(r.report.plugins["thermal"].fault, 1);
+    assert_eq!(r.report.stats.plugins["thermal"].handled, 4);
+    assert_eq!(r.report.stats.plugins["thermal"].fault, 1);
     // the SDK's claim list put all three MSRs into the filter
     assert!(r.trace.iter().all(|t| t.reason == "filter"), "{:#?}", r.trace);
 }

@@ -1,5 +1,6 @@
 include!("guests/assemble.rs");
 
 fn main() {
-    assemble_guests(std::path::Path::new("guests"), &["demo", "msr_loop", "msr_forever"]);
+    let guests = std::path::Path::new("guests");
+    assemble_guests(guests, guests, &["demo", "msr_loop", "msr_forever"]);
 }

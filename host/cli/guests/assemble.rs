@@ -4,11 +4,11 @@
 
 /// Assembles `dir/NAME.S` for each name into `$OUT_DIR/NAME.elf`
 /// (long-mode ELF) or, for names ending in `.flat`, `$OUT_DIR/NAME.bin`
-/// (flat real-mode binary).
-fn assemble_guests(dir: &std::path::Path, names: &[&str]) {
+/// (flat real-mode binary), with `guest.inc` and the linker scripts from
+/// `ld_dir` (`host/cli/guests`).
+fn assemble_guests(dir: &std::path::Path, ld_dir: &std::path::Path, names: &[&str]) {
     let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let cc = std::env::var("MSRWASM_GUEST_CC").unwrap_or_else(|_| "cc".into());
-    let ld_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../host/guests");
     for name in names {
         let src = dir.join(format!("{name}.S"));
         let (script, target) = match name.strip_suffix(".flat") {
@@ -20,7 +20,7 @@ fn assemble_guests(dir: &std::path::Path, names: &[&str]) {
         let status = std::process::Command::new(&cc)
             .args(["-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments"])
             .arg("-I")
-            .arg(&ld_dir)
+            .arg(ld_dir)
             .arg("-T")
             .arg(&script)
             .arg("-o")

@@ -1,22 +1,40 @@
 /*
- * The built-in demo guest of `msrwasm demo`: every vCPU reads, round after
- * round, MSRs that KVM does not model (core/thread count, RAPL energy),
- * which the built-in plugins answer (one of them is hot-swapped midway); tries to write a read-only RAPL MSR (#GP from the
- * plugin); reads an MSR no plugin knows (the VM's `unhandled = "log"`
- * policy answers 0); then halts. The VM ends when all vCPUs have halted.
+ * The built-in demo guest of `msrwasm demo`: every vCPU reads MSRs that KVM
+ * does not model (core/thread count, RAPL energy), which the built-in
+ * plugins answer; then waits at a gate (RDMSR 0x4d530002, answered by the
+ * demo's gate plugin) until the host has hot-swapped topology.wat and
+ * opened the gate; reads them again (the new version answers); tries to
+ * write a read-only RAPL MSR (#GP from the plugin); reads an MSR no plugin
+ * knows (the VM's `unhandled = "log"` policy answers 0); then halts. The
+ * host, not a delay loop, paces the demo. The VM ends when all vCPUs halt.
  */
 #include "guest.inc"
 
-#define ROUNDS 8
-#define DELAY 150000
+#define GATE_MSR 0x4d530002
 
     .text
     .globl _start
 _start:
     GUEST_START
 
-    mov $ROUNDS, %r13
-round_loop:
+    call round
+    call round
+    LINE_BEGIN
+    PRINT "vcpu "
+    mov %r15, %rax
+    call putdig
+    PRINT ": at the gate, waiting for the host's hot swap\n"
+    LINE_END
+    mov $GATE_MSR, %ecx
+gate_closed:
+    rdmsr
+    test %eax, %eax
+    jz gate_closed
+    call round
+    call round
+    jmp after_rounds
+
+round:
     mov $0x35, %ecx
     rdmsr
     shl $32, %rdx
@@ -39,11 +57,9 @@ round_loop:
     call puthex
     PRINT "\n"
     LINE_END
-    mov $DELAY, %rcx
-    call delay
-    dec %r13
-    jnz round_loop
+    ret
 
+after_rounds:
     RESET_GP
     mov $0x610, %ecx
     xor %eax, %eax

@@ -16,17 +16,16 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::plugin::Plugin;
-use crate::plugin::abi::REASON_UNKNOWN;
-use crate::plugin::state::StateStore;
-use crate::policy::{Access, NoKvm, Policy, PolicyCell, PolicyError, Unhandled};
-use crate::vm::exit::{Action, Exit, ExitHandler};
-use crate::vm::io::IoBus;
-use crate::vm::{Vm, VmConfig, VmEnd, VmError};
+use msrwasm::plugin::state::StateStore;
+use msrwasm::plugin::{Plugin, PluginSettings, Runtime};
+use msrwasm::policy::filter::RecordingFilter;
+use msrwasm::{Access, Engine, ExitReason, NoKvm, PolicySpec, Reply, Unhandled};
 
-/// The guest: RDMSR 0x4d53424d in a loop, then HLT (`host/guests/msr_loop.S`).
+use crate::runner::{Vm, VmConfig, VmEnd, VmError};
+
+/// The guest: RDMSR 0x4d53424d in a loop, then HLT (`host/cli/guests/msr_loop.S`).
 pub const LOOP_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/msr_loop.elf"));
-/// The reload guest: RDMSR 0x4d530020 forever (`host/guests/msr_forever.S`).
+/// The reload guest: RDMSR 0x4d530020 forever (`host/cli/guests/msr_forever.S`).
 pub const FOREVER_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/msr_forever.elf"));
 /// RDMSRs each vCPU of the loop guest executes.
 pub const LOOP_ITERATIONS: u64 = 50_000;
@@ -44,19 +43,21 @@ pub const PASS_WAT: &str = r#"(module
   (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
   (func (export "rdmsr") (param $i i32) (result i32) (i32.const 2)))"#;
 
-fn native_answer(_vcpu: u32, access: Access) -> Option<u64> {
-    Some(u64::from(access.index))
+fn native_answer(_vcpu: u32, access: Access) -> Reply {
+    Reply::Read(u64::from(access.index))
 }
 
 /// Why the benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("cannot write benchmark files: {0}")]
+    #[error("cannot write benchmark files")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
-    Policy(#[from] PolicyError),
+    Engine(#[from] msrwasm::EngineError),
+    #[error(transparent)]
+    Load(#[from] msrwasm::plugin::LoadError),
     #[error("the benchmark guest did not finish cleanly: {0:?}")]
     Guest(VmEnd),
 }
@@ -188,36 +189,32 @@ impl Files {
         Ok(Self { dir })
     }
 
-    fn policy(&self, answerer: Answerer) -> crate::policy::PolicySpec {
+    fn policy(&self, answerer: Answerer) -> PolicySpec {
         let p = |f: &str| self.dir.path().join(f);
         let plugins = match answerer {
             Answerer::Native => vec![],
             Answerer::Wasm => vec![p("answer.wat")],
             Answerer::Chain => vec![p("pass.wat"), p("answer.wat")],
         };
-        crate::policy::PolicySpec::from_paths(&plugins, Unhandled::Gp)
+        PolicySpec::from_paths(&plugins, Unhandled::Gp)
     }
 
     /// One run; returns total exits/s over all vCPUs.
     fn run(&self, answerer: Answerer, vcpus: u32) -> Result<f64, BenchError> {
-        let config = VmConfig {
-            vcpus,
-            mem_mib: 16,
-            guest: self.dir.path().join("loop.elf"),
-            policy: self.policy(answerer),
-            trace: None,
-            serial: Box::new(std::io::sink()),
-            watch: false,
-        };
+        let mut config = VmConfig::new(self.dir.path().join("loop.elf"), self.policy(answerer));
+        config.vcpus = vcpus;
+        config.mem_mib = 16;
+        config.serial = Box::new(std::io::sink());
         let mut vm = Vm::new(config)?;
         if let Answerer::Native = answerer {
             vm = vm.with_native_msr(native_answer);
         }
         let report = vm.run()?;
-        if report.end != VmEnd::AllHalted || report.total().rdmsr != LOOP_ITERATIONS * u64::from(vcpus) {
+        let rdmsr = report.total_exits().rdmsr;
+        if report.end != VmEnd::AllHalted || rdmsr != LOOP_ITERATIONS * u64::from(vcpus) {
             return Err(BenchError::Guest(report.end));
         }
-        Ok(report.total().rdmsr as f64 / report.elapsed.as_secs_f64())
+        Ok(rdmsr as f64 / report.elapsed.as_secs_f64())
     }
 }
 
@@ -226,33 +223,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Nanoseconds per synthetic RDMSR exit through the exit handler.
+/// Nanoseconds per synthetic RDMSR exit through the dispatcher (the
+/// native baseline: the same loop calling the Rust handler).
 fn dispatch_ns(files: &Files, answerer: Answerer, n: u64) -> Result<f64, BenchError> {
-    let state = StateStore::default();
-    let spec = files.policy(answerer);
-    let plugins = spec
-        .plugins
-        .iter()
-        .map(|s| Plugin::load(s.clone(), &state).map(Arc::new))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(PolicyError::from)?;
-    let cell = Arc::new(PolicyCell::new(Arc::new(Policy::from_plugins(plugins, Unhandled::Gp)?)));
-    let io = Arc::new(IoBus::new(Box::new(std::io::sink())));
-    let mut handler = ExitHandler::new(0, cell, io, None, Instant::now());
+    let access = Access::read(LOOP_MSR, ExitReason::Unknown);
+    let expected = Reply::Read(u64::from(LOOP_MSR));
     if let Answerer::Native = answerer {
-        handler.set_native(Some(native_answer));
+        let started = Instant::now();
+        for _ in 0..n {
+            if native_answer(0, std::hint::black_box(access)) != expected {
+                return Err(BenchError::Guest(VmEnd::Error("native answer changed".into())));
+            }
+        }
+        return Ok(started.elapsed().as_nanos() as f64 / n as f64);
     }
-    handler.chain_mut().warm_up().map_err(PolicyError::from)?;
-    let exit = Exit::Rdmsr {
-        index: LOOP_MSR,
-        reason: REASON_UNKNOWN,
-    };
+    let engine = Engine::builder()
+        .filter(RecordingFilter::default())
+        .build(files.policy(answerer))?;
+    let mut dispatcher = engine.dispatcher(0);
+    dispatcher.warm_up()?;
     let started = Instant::now();
     for _ in 0..n {
-        let action = handler.handle(std::hint::black_box(exit.clone()), &mut NoKvm);
-        if action != Action::CompleteMsr(Some(u64::from(LOOP_MSR))) {
+        let reply = dispatcher.handle(std::hint::black_box(access), &mut NoKvm).reply;
+        if reply != expected {
             return Err(BenchError::Guest(VmEnd::Error(format!(
-                "unexpected dispatch result {action:?}"
+                "unexpected dispatch result {reply:?}"
             ))));
         }
     }
@@ -289,16 +284,17 @@ fn reload_latency(files: &Files, swaps: usize) -> Result<ReloadFigures, BenchErr
     let plugin = dir.join("swap.wat");
     std::fs::write(&plugin, reload_version(1))?;
     let trace = dir.join("reload.jsonl");
-    let vm = Vm::new(VmConfig {
-        vcpus: 2,
-        mem_mib: 16,
-        guest: dir.join("forever.elf"),
-        policy: crate::policy::PolicySpec::from_paths(std::slice::from_ref(&plugin), Unhandled::Gp),
-        trace: Some(trace.clone()),
-        serial: Box::new(std::io::sink()),
-        watch: true,
-    })?;
-    let (stop, epoch, scope) = (vm.stop_handle(), vm.epoch(), vm.state().scope("swap"));
+    let mut config = VmConfig::new(
+        dir.join("forever.elf"),
+        PolicySpec::from_paths(std::slice::from_ref(&plugin), Unhandled::Gp),
+    );
+    config.vcpus = 2;
+    config.mem_mib = 16;
+    config.trace = Some(trace.clone());
+    config.serial = Box::new(std::io::sink());
+    config.watch = true;
+    let vm = Vm::new(config)?;
+    let (stop, epoch, scope) = (vm.stop_handle(), vm.trace_epoch(), vm.engine().state().scope("swap"));
     let running = std::thread::spawn(move || vm.run());
     let live = |k: usize| {
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
@@ -333,7 +329,7 @@ fn reload_latency(files: &Files, swaps: usize) -> Result<ReloadFigures, BenchErr
     if !ok || report.end != VmEnd::Signal(libc::SIGTERM) {
         return Err(BenchError::Guest(report.end));
     }
-    let records: Vec<crate::trace::TraceRecord> = std::fs::read_to_string(&trace)?
+    let records: Vec<msrwasm::trace::TraceRecord> = std::fs::read_to_string(&trace)?
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
@@ -365,7 +361,7 @@ fn reload_latency(files: &Files, swaps: usize) -> Result<ReloadFigures, BenchErr
         latencies_ms: latencies,
         gap_ms: longest_gap(swaps_from, u64::MAX),
         gap_no_swap_ms: longest_gap(quiet_from.as_nanos() as u64, quiet_to.as_nanos() as u64),
-        switch_ms: report.total().longest_switch_ns as f64 / 1e6,
+        switch_ms: report.stats.total().longest_switch_ns as f64 / 1e6,
     })
 }
 
@@ -377,16 +373,20 @@ fn runaway_us(rdmsr_body: &str) -> Result<f64, BenchError> {
           (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
           (func (export "rdmsr") (param i32) (result i32) {rdmsr_body}))"#
     );
-    let settings = crate::plugin::PluginSettings::new("runaway", "runaway.wat");
-    let plugin =
-        Arc::new(Plugin::from_bytes(settings, wat.as_bytes(), &StateStore::default()).map_err(PolicyError::from)?);
+    let settings = PluginSettings::new("runaway", "runaway.wat");
+    let plugin = Arc::new(Plugin::from_bytes(
+        &Runtime::shared(),
+        settings,
+        wat.as_bytes(),
+        &StateStore::default(),
+    )?);
     let mut times = Vec::new();
     for _ in 0..21 {
-        let mut instance = plugin.instantiate(0).map_err(PolicyError::from)?;
+        let mut instance = plugin.instantiate(0)?;
         let started = Instant::now();
-        let result = instance.rdmsr(LOOP_MSR, REASON_UNKNOWN);
+        let result = instance.rdmsr(LOOP_MSR, ExitReason::Unknown.bits());
         times.push(started.elapsed().as_secs_f64() * 1e6);
-        if result != Err(crate::plugin::CallError::Timeout) {
+        if result != Err(msrwasm::plugin::CallError::Timeout) {
             return Err(BenchError::Guest(VmEnd::Error(format!(
                 "the runaway plugin was not stopped: {result:?}"
             ))));

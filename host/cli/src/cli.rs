@@ -1,11 +1,17 @@
 //! Command-line parsing and the glue from arguments to library calls.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use msrwasm::plugin::PluginSettings;
 use msrwasm::policy::{PolicySpec, Unhandled};
-use msrwasm::vm::{self, VmConfig};
+
+use crate::runner::{self, VmConfig};
+use crate::{err, out};
 
 /// Run KVM guests whose MSR accesses are answered by WebAssembly plugins.
 ///
@@ -18,8 +24,7 @@ struct Cli {
     /// Host log level (error, warn, info, debug, trace), or a tracing filter
     /// such as `msrwasm=debug`. Logs go to standard error. `info` shows every
     /// hot-reload attempt (file, old and new content hash, compile time,
-    /// result); `debug` also prints every MSR access with the plugin and
-    /// plugin version that answered it.
+    /// result).
     #[arg(long, global = true, default_value = "warn", env = "MSRWASM_LOG")]
     log: String,
 
@@ -35,9 +40,11 @@ enum Command {
     /// and the closing summary go to standard error. Exit status: the value
     /// the guest wrote to port 0xf4, 0 when every vCPU halted, 1 when a vCPU
     /// crashed (triple fault, KVM error), 2 for bad arguments or a refused
-    /// plugin/manifest, 130/143 on SIGINT/SIGTERM.
+    /// plugin/manifest, 128+N when stopped by signal N (SIGINT 130, SIGTERM
+    /// 143; also SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM).
     Run(RunArgs),
-    /// Boot the built-in demo guest on 2 vCPUs, answered by built-in plugins.
+    /// Boot the built-in demo guest on 2 vCPUs, answered by built-in plugins,
+    /// and hot-swap one plugin while it runs.
     Demo(DemoArgs),
     /// Measure what plugins cost: wasm vs a native handler on the same
     /// guest loop, the dispatcher alone, 1 vs 2 vCPUs, and hot-reload
@@ -47,8 +54,9 @@ enum Command {
     /// JSON with --json.
     Bench(BenchArgs),
     /// Validate plugins without a VM: ABI version, export signatures,
-    /// imports, claims, whether init succeeds, metadata. Exits non-zero if
-    /// any plugin would be refused. For plugin authors' CI.
+    /// imports, claims (as `run` would program them), whether init succeeds,
+    /// metadata. Exits non-zero if any plugin would be refused. For plugin
+    /// authors' CI.
     Check(CheckArgs),
     /// Run MSR accesses from a script through a plugin on the host alone
     /// (no KVM), with msr.now_ns under the script's control, and report
@@ -66,14 +74,84 @@ enum Command {
     Guests(GuestsArgs),
 }
 
+/// Limits and config that `run` takes from a manifest, for `check`/`test`.
 #[derive(Args)]
-struct CheckArgs {
-    /// Plugin files (.wasm or .wat).
-    #[arg(required = true)]
-    plugins: Vec<PathBuf>,
-    /// A `[plugin.config]` value for init, as NAME=VALUE; repeatable.
+struct PluginLimits {
+    /// Take the plugin's settings (limits, config, claims) from this
+    /// manifest: the same limits `run --manifest` applies.
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// A `[plugin.config]` value, as NAME=VALUE; repeatable.
     #[arg(long, value_parser = parse_config)]
     config: Vec<(String, i64)>,
+    /// Linear memory cap in KiB (manifest `memory_max_kib`; default 1024).
+    #[arg(long)]
+    memory_max_kib: Option<u64>,
+    /// Per-call CPU budget in microseconds (manifest `timeout_us`; default 1000).
+    #[arg(long)]
+    timeout_us: Option<u64>,
+    /// Budget of `_initialize`/`init` in microseconds (manifest
+    /// `init_timeout_us`; default 100 x timeout_us).
+    #[arg(long)]
+    init_timeout_us: Option<u64>,
+}
+
+impl PluginLimits {
+    /// Settings for the plugin at `path`: from the manifest when given
+    /// (matched by path, or by name), then overridden by the flags.
+    fn settings(&self, path: &std::path::Path, manifest_spec: Option<&PolicySpec>) -> Result<PluginSettings> {
+        let mut settings = match manifest_spec {
+            Some(spec) => {
+                let wanted = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+                let found = spec.plugins.iter().find(|p| {
+                    std::path::absolute(&p.path).is_ok_and(|a| a == wanted) || p.name == path.to_string_lossy()
+                });
+                match found {
+                    Some(p) => p.clone(),
+                    None => bail!(
+                        "{} is not a plugin of manifest {} (give its path or its name)",
+                        path.display(),
+                        self.manifest
+                            .as_ref()
+                            .map(|m| m.display().to_string())
+                            .unwrap_or_default()
+                    ),
+                }
+            }
+            None => PluginSettings::new(
+                path.file_stem()
+                    .map_or("plugin".into(), |s| s.to_string_lossy().into_owned()),
+                path,
+            ),
+        };
+        settings.config.extend(self.config.iter().cloned());
+        if let Some(v) = self.memory_max_kib {
+            settings.memory_max_kib = v.clamp(64, 4 << 20);
+        }
+        if let Some(v) = self.timeout_us {
+            settings.timeout_us = v.clamp(1, 1_000_000);
+        }
+        if let Some(v) = self.init_timeout_us {
+            settings.init_timeout_us = Some(v.clamp(1, 10_000_000));
+        }
+        Ok(settings)
+    }
+
+    fn spec(&self) -> Result<Option<PolicySpec>> {
+        self.manifest
+            .as_ref()
+            .map(|m| PolicySpec::from_manifest(m).map_err(anyhow::Error::from))
+            .transpose()
+    }
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Plugin files (.wasm or .wat); with --manifest and none given, every
+    /// plugin of the manifest.
+    plugins: Vec<PathBuf>,
+    #[command(flatten)]
+    limits: PluginLimits,
     /// Print the reports as JSON.
     #[arg(long)]
     json: bool,
@@ -81,15 +159,13 @@ struct CheckArgs {
 
 #[derive(Args)]
 struct TestArgs {
-    /// The plugin file (.wasm or .wat).
+    /// The plugin file (.wasm or .wat), or its name in --manifest.
     plugin: PathBuf,
-    /// The script of accesses and expected answers.
+    /// The script of accesses and expected answers; repeatable.
     #[arg(long = "case", required = true)]
     cases: Vec<PathBuf>,
-    /// A `[plugin.config]` value, as NAME=VALUE; repeatable (script
-    /// `config` lines override it).
-    #[arg(long, value_parser = parse_config)]
-    config: Vec<(String, i64)>,
+    #[command(flatten)]
+    limits: PluginLimits,
 }
 
 fn parse_config(s: &str) -> Result<(String, i64), String> {
@@ -97,7 +173,7 @@ fn parse_config(s: &str) -> Result<(String, i64), String> {
     let value = value
         .parse::<i64>()
         .ok()
-        .or_else(|| msrwasm::manifest_number(value).map(|v| v as i64))
+        .or_else(|| msrwasm::parse_number(value).map(|v| v as i64))
         .ok_or_else(|| format!("`{value}` is not an integer"))?;
     Ok((name.trim().to_owned(), value))
 }
@@ -127,7 +203,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
     rounds: u64,
     /// Synthetic exits per dispatcher measurement.
-    #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1000..))]
+    #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1000..=1_000_000_000))]
     dispatches: u64,
     /// Plugin versions swapped into a running VM for the reload latency.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
@@ -140,12 +216,12 @@ struct BenchArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Number of vCPUs, each on its own thread.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(vm::MAX_VCPUS)))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(runner::MAX_VCPUS)))]
     vcpus: u32,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = vm::DEFAULT_MEM_MIB, value_parser = clap::value_parser!(u64).range(vm::MIN_MEM_MIB..=vm::MAX_MEM_MIB))]
+    #[arg(long, default_value_t = runner::DEFAULT_MEM_MIB, value_parser = clap::value_parser!(u64).range(runner::MIN_MEM_MIB..=runner::MAX_MEM_MIB))]
     mem: u64,
-    /// VM manifest (TOML) composing the plugins; see shared/spec/manifest.md.
+    /// VM manifest (TOML) composing the plugins; see docs/manifest.md.
     #[arg(long, conflicts_with_all = ["plugin", "unhandled"])]
     manifest: Option<PathBuf>,
     /// A plugin (.wasm or .wat) to add to the chain; repeat for more, asked
@@ -154,10 +230,11 @@ struct RunArgs {
     plugin: Vec<PathBuf>,
     /// What happens to an MSR access no plugin answers: gp injects #GP (as
     /// KVM does), ignore reads 0 and drops writes, log is ignore plus one log
-    /// line per distinct MSR.
-    #[arg(long, value_enum)]
+    /// line per distinct MSR. Accesses KVM found invalid stay #GP.
+    #[arg(long, value_parser = parse_unhandled)]
     unhandled: Option<Unhandled>,
-    /// Write one JSON line per MSR access to this file.
+    /// Write one JSON line per MSR access to this file (records the disk
+    /// or reader cannot keep up with are dropped and counted).
     #[arg(long)]
     trace: Option<PathBuf>,
     /// Do not watch the manifest and plugin files. By default a changed
@@ -170,6 +247,10 @@ struct RunArgs {
     guest: PathBuf,
 }
 
+fn parse_unhandled(s: &str) -> Result<Unhandled, String> {
+    s.parse()
+}
+
 #[derive(Args)]
 struct DemoArgs {
     /// Write the demo's trace (one JSON line per MSR access) to this file.
@@ -180,11 +261,14 @@ struct DemoArgs {
 /// Exit status for bad input: arguments, files, manifests, plugins.
 const STATUS_USAGE: i32 = 2;
 
+/// Runs the command line; returns the process exit status.
 pub fn main() -> i32 {
     let cli = Cli::parse();
     // A bare level is msrwasm's; dependencies (cranelift is chatty) stay at warn.
     let directives = match cli.log.as_str() {
-        level @ ("error" | "warn" | "info" | "debug" | "trace") => format!("warn,msrwasm={level}"),
+        level @ ("error" | "warn" | "info" | "debug" | "trace") => {
+            format!("warn,msrwasm={level},msrwasm_cli={level}")
+        }
         other => other.to_owned(),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&directives)
@@ -194,6 +278,8 @@ pub fn main() -> i32 {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
+        // A closed standard error must not become a panic.
+        .log_internal_errors(false)
         .init();
     let result = match cli.command {
         Command::Run(args) => run(args),
@@ -205,7 +291,7 @@ pub fn main() -> i32 {
         Command::Test(args) => test(args),
     };
     result.unwrap_or_else(|e| {
-        eprintln!("msrwasm: error: {e:#}");
+        err!("msrwasm: error: {e:#}");
         STATUS_USAGE
     })
 }
@@ -215,46 +301,55 @@ fn run(args: RunArgs) -> Result<i32> {
         Some(path) => PolicySpec::from_manifest(path)?,
         None => PolicySpec::from_paths(&args.plugin, args.unhandled.unwrap_or_default()),
     };
-    let config = VmConfig {
-        vcpus: args.vcpus,
-        mem_mib: args.mem,
-        guest: args.guest,
-        policy,
-        trace: args.trace,
-        serial: Box::new(std::io::stdout()),
-        watch: !args.no_watch,
-    };
-    run_vm(config)
+    let mut config = VmConfig::new(args.guest, policy);
+    config.vcpus = args.vcpus;
+    config.mem_mib = args.mem;
+    config.trace = args.trace;
+    config.watch = !args.no_watch;
+    run_vm(runner::Vm::new(config)?, None)
 }
 
-fn run_vm(config: VmConfig) -> Result<i32> {
-    vm::install_termination_handlers();
-    let report = vm::run(config)?;
-    if let vm::VmEnd::Crash(crash) = &report.end {
-        eprintln!("msrwasm: {crash}");
+/// Runs a set-up VM with the clean-stop signal handlers, prints its
+/// summary; `after` runs once the VM ended.
+fn run_vm(vm: runner::Vm, after: Option<&dyn Fn()>) -> Result<i32> {
+    for note in vm.engine().policy().filter().notes() {
+        err!("msrwasm: note: {note}");
     }
-    eprint!("{}", report.summary());
+    runner::install_termination_handlers();
+    let report = vm.run()?;
+    if let Some(after) = after {
+        after();
+    }
+    if let runner::VmEnd::Crash(crash) = &report.end {
+        err!("msrwasm: {crash}");
+    }
+    err!("{}", report.summary().trim_end());
     Ok(report.exit_status())
 }
 
 fn demo(args: DemoArgs) -> Result<i32> {
-    let demo = msrwasm::demo::Demo::prepare().context("preparing the demo")?;
-    eprintln!("{}", demo.describe());
+    let demo = crate::demo::Demo::prepare().context("preparing the demo")?;
+    err!("{}", demo.describe());
     let config = demo.config(args.trace, Box::new(std::io::stdout()))?;
-    run_vm(config)
+    let vm = runner::Vm::new(config)?;
+    let done = Arc::new(AtomicBool::new(false));
+    let conductor = demo.conduct(vm.engine().clone(), done.clone(), |line| err!("{line}"));
+    let status = run_vm(vm, Some(&|| done.store(true, Ordering::Release)));
+    let _ = conductor.join();
+    status
 }
 
 fn bench(args: BenchArgs) -> Result<i32> {
-    let options = msrwasm::bench::BenchOptions {
+    let options = crate::bench::BenchOptions {
         rounds: args.rounds as usize,
         dispatches: args.dispatches,
         swaps: args.swaps as usize,
     };
-    let report = msrwasm::bench::run(options, |what| eprintln!("msrwasm bench: {what}"))?;
+    let report = crate::bench::run(options, |what| err!("msrwasm bench: {what}"))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out!("{}\n", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", report.table());
+        out!("{}", report.table());
     }
     Ok(0)
 }
@@ -262,57 +357,84 @@ fn bench(args: BenchArgs) -> Result<i32> {
 fn guests(args: GuestsArgs) -> Result<i32> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     for (name, bytes) in [
-        ("demo.elf", msrwasm::demo::GUEST),
-        ("msr_loop.elf", msrwasm::bench::LOOP_GUEST),
-        ("msr_forever.elf", msrwasm::bench::FOREVER_GUEST),
+        ("demo.elf", crate::demo::GUEST),
+        ("msr_loop.elf", crate::bench::LOOP_GUEST),
+        ("msr_forever.elf", crate::bench::FOREVER_GUEST),
     ] {
         let path = args.dir.join(name);
         std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
-        println!("{}", path.display());
+        out!("{}\n", path.display());
     }
     Ok(0)
 }
 
 fn check(args: CheckArgs) -> Result<i32> {
-    let config = args.config.into_iter().collect();
-    let reports: Vec<_> = args.plugins.iter().map(|p| msrwasm::check::check(p, &config)).collect();
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
-    } else {
-        for r in &reports {
-            print!("{}", r.text());
+    let spec = args.limits.spec()?;
+    let plugins: Vec<PathBuf> = match (&spec, args.plugins.is_empty()) {
+        (Some(spec), true) => spec.plugins.iter().map(|p| p.path.clone()).collect(),
+        (None, true) => bail!("give plugin files to check, or --manifest"),
+        (_, false) => args.plugins.clone(),
+    };
+    let mut reports = Vec::new();
+    for path in &plugins {
+        reports.push(msrwasm::check::check(args.limits.settings(path, spec.as_ref())?));
+    }
+    // The manifest as a whole: what `run` composes (chain, firewall).
+    let mut refused = None;
+    if let Some(spec) = &spec {
+        match msrwasm::Engine::builder()
+            .filter(msrwasm::policy::filter::RecordingFilter::default())
+            .build(spec.clone())
+        {
+            Ok(engine) => engine.policy().filter().notes().iter().for_each(|n| err!("note: {n}")),
+            Err(e) => refused = Some(msrwasm::error_chain(&e)),
         }
     }
-    Ok(if reports.iter().all(|r| r.ok) { 0 } else { 1 })
+    if args.json {
+        out!("{}\n", serde_json::to_string_pretty(&reports)?);
+    } else {
+        for r in &reports {
+            out!("{}", r.text());
+        }
+    }
+    if let Some(e) = &refused {
+        err!("manifest REFUSED: {}", msrwasm::plugin::sanitize(e));
+    }
+    Ok(if refused.is_none() && reports.iter().all(|r| r.ok) {
+        0
+    } else {
+        1
+    })
 }
 
 fn test(args: TestArgs) -> Result<i32> {
-    let config: std::collections::BTreeMap<_, _> = args.config.into_iter().collect();
+    let spec = args.limits.spec()?;
+    let settings = args.limits.settings(&args.plugin, spec.as_ref())?;
     let (mut passed, mut failed) = (0, 0);
     for case in &args.cases {
-        let report = msrwasm::script::run(&args.plugin, case, config.clone())?;
+        let report = msrwasm::script::run(settings.clone(), case)?;
         for failure in &report.failures {
-            println!("FAIL {failure}");
+            out!("FAIL {failure}\n");
         }
         passed += report.passed;
         failed += report.failures.len();
     }
-    println!("{passed} passed, {failed} failed");
+    out!("{passed} passed, {failed} failed\n");
     Ok(if failed == 0 { 0 } else { 1 })
 }
 
 fn meta(args: MetaArgs) -> Result<i32> {
     use msrwasm::plugin::meta;
     let bytes = msrwasm::plugin::read_plugin_file(&args.plugin)?;
-    let mut fields = meta::read(&bytes)
+    let mut fields: BTreeMap<String, String> = meta::read(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.plugin.display()))?
         .unwrap_or_default();
     if args.set.is_empty() {
         if fields.is_empty() {
-            println!("{}: no msrwasm.meta section", args.plugin.display());
+            out!("{}: no msrwasm.meta section\n", args.plugin.display());
         }
         for (k, v) in &fields {
-            println!("{k} = {v}");
+            out!("{} = {}\n", msrwasm::plugin::sanitize(k), msrwasm::plugin::sanitize(v));
         }
         return Ok(0);
     }
@@ -324,6 +446,12 @@ fn meta(args: MetaArgs) -> Result<i32> {
     }
     let out = meta::write(&bytes, &fields).map_err(|e| anyhow::anyhow!("{}: {e}", args.plugin.display()))?;
     let target = args.output.as_ref().unwrap_or(&args.plugin);
-    std::fs::write(target, out).with_context(|| format!("writing {}", target.display()))?;
+    std::fs::write(target, &out).with_context(|| format!("writing {}", target.display()))?;
+    out!(
+        "{}: msrwasm.meta set ({}), sha256 {}\n",
+        target.display(),
+        fields.keys().cloned().collect::<Vec<_>>().join(", "),
+        msrwasm::plugin::content_hash(&out)
+    );
     Ok(0)
 }

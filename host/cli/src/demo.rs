@@ -1,28 +1,51 @@
 //! `msrwasm demo`: the built-in guest and plugins, runnable with no wasm
 //! toolchain. Everything is written to a temporary directory and run from
-//! there exactly as `msrwasm run --manifest` would.
+//! there exactly as `msrwasm run --manifest` would; a conductor thread on
+//! the host paces the hot swap (not a delay loop in the guest), so the demo
+//! shows the same thing on slow and fast machines.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use crate::policy::PolicySpec;
-use crate::vm::{SerialOut, VmConfig};
+use msrwasm::Engine;
+use msrwasm::policy::PolicySpec;
 
-/// The demo guest (assembled from `host/guests/demo.S` at build time).
+use crate::runner::{SerialOut, VmConfig};
+
+/// The demo guest (assembled from `host/cli/guests/demo.S` at build time).
 pub const GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
 /// The built-in plugins, as WAT text (compiled by the host at load).
-pub const RAPL_WAT: &str = include_str!("../../plugins/rapl.wat");
-pub const TOPOLOGY_WAT: &str = include_str!("../../plugins/topology.wat");
+pub const RAPL_WAT: &str = include_str!("../../../plugins/rapl.wat");
+/// MSR_CORE_THREAD_COUNT.
+pub const TOPOLOGY_WAT: &str = include_str!("../../../plugins/topology.wat");
 /// The topology version swapped in midway: SMT hidden.
 pub const TOPOLOGY_NOSMT_WAT: &str = include_str!("demo_topology_nosmt.wat");
-
-/// Serial lines the guest prints before the demo swaps the plugin: two
-/// rounds of both vCPUs, leaving most rounds to show the new version.
-pub const SWAP_AFTER_LINES: usize = 2 * VCPUS as usize;
+/// The gate the guest waits at until the host opened it (state key 0), and
+/// where it says it arrived (state key 1 counts vCPUs).
+pub const GATE_WAT: &str = r#";; The demo's gate: RDMSR 0x4d530002 reads 0 until the host opens it.
+(module
+  (import "msr" "reply" (func $reply (param i64)))
+  (import "msr" "state_get" (func $get (param i32) (result i64)))
+  (import "msr" "state_add" (func $add (param i32 i64) (result i64)))
+  (global $arrived (mut i32) (i32.const 0))
+  (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
+  (func (export "claim") (param $n i32) (result i64)
+    (if (result i64) (i32.eqz (local.get $n))
+      (then (i64.const 0x4d5300024d530002)) (else (i64.const -1))))
+  (func (export "rdmsr") (param $i i32) (result i32)
+    (if (i32.eqz (global.get $arrived))
+      (then (drop (call $add (i32.const 1) (i64.const 1))) (global.set $arrived (i32.const 1))))
+    (call $reply (call $get (i32.const 0)))
+    (i32.const 0)))
+"#;
 
 /// vCPUs of the demo VM.
 pub const VCPUS: u32 = 2;
 
-const MANIFEST: &str = r#"# The demo VM's MSR policy (see shared/spec/manifest.md).
+const MANIFEST: &str = r#"# The demo VM's MSR policy (see docs/manifest.md).
 # MSRs no plugin answers read as 0 and are logged once, instead of #GP.
 unhandled = "log"
 
@@ -38,15 +61,23 @@ name = "rapl"
 path = "rapl.wat"
 [plugin.config]
 tdp_watts = 95
+
+[[plugin]]
+name = "gate"
+path = "gate.wat"
 "#;
 
 /// Why the demo could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("cannot write the demo files to {}: {source}", dir.display())]
-    Write { dir: PathBuf, source: std::io::Error },
+    #[error("cannot write the demo files to {}", dir.display())]
+    Write {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
-    Manifest(#[from] crate::policy::ManifestError),
+    Manifest(#[from] msrwasm::policy::ManifestError),
 }
 
 /// The demo's files, in a temporary directory that lives as long as this.
@@ -64,10 +95,11 @@ impl Demo {
                 dir: std::env::temp_dir(),
                 source,
             })?;
-        let files: [(&str, &[u8]); 4] = [
+        let files: [(&str, &[u8]); 5] = [
             ("demo.elf", GUEST),
             ("rapl.wat", RAPL_WAT.as_bytes()),
             ("topology.wat", TOPOLOGY_WAT.as_bytes()),
+            ("gate.wat", GATE_WAT.as_bytes()),
             ("demo.toml", MANIFEST.as_bytes()),
         ];
         for (name, bytes) in files {
@@ -79,81 +111,84 @@ impl Demo {
         Ok(Self { dir })
     }
 
+    /// The demo's directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    pub fn manifest(&self) -> PathBuf {
-        self.dir().join("demo.toml")
     }
 
     /// What the demo is about to show, for standard error.
     pub fn describe(&self) -> String {
         format!(
             "msrwasm demo: {VCPUS} vCPUs read MSRs that KVM does not model; the built-in plugins answer them.\n\
-             msrwasm demo: after {SWAP_AFTER_LINES} lines of output the demo replaces topology.wat with a version that hides SMT;\n\
-             msrwasm demo: watch MSR_CORE_THREAD_COUNT change while the VM keeps running.\n\
+             msrwasm demo: after two rounds the vCPUs wait at a gate while the host replaces topology.wat with a\n\
+             msrwasm demo: version that hides SMT; watch MSR_CORE_THREAD_COUNT change while the VM keeps running.\n\
              msrwasm demo: manifest, plugins and guest are in {}",
             self.dir().display()
         )
     }
 
-    /// Replaces topology.wat the way an editor saves: write a temporary
-    /// file beside it, then rename it over the original.
-    pub fn swap_topology(dir: &Path) -> std::io::Result<()> {
-        let temp = dir.join(".topology.wat.new");
-        std::fs::write(&temp, TOPOLOGY_NOSMT_WAT)?;
-        std::fs::rename(&temp, dir.join("topology.wat"))
-    }
-
-    /// The VM to run; `serial` gets the guest's output, and the hot swap
-    /// happens once the guest has printed [`SWAP_AFTER_LINES`] lines.
+    /// The VM to run; `serial` gets the guest's output.
     pub fn config(&self, trace: Option<PathBuf>, serial: SerialOut) -> Result<VmConfig, DemoError> {
-        let serial = Box::new(SwapAfterLines {
-            inner: serial,
-            lines: 0,
-            dir: self.dir().to_owned(),
-        });
-        Ok(VmConfig {
-            vcpus: VCPUS,
-            mem_mib: 64,
-            guest: self.dir().join("demo.elf"),
-            policy: PolicySpec::from_manifest(&self.manifest())?,
-            trace,
-            serial,
-            watch: true,
-        })
+        let mut config = VmConfig::new(
+            self.dir().join("demo.elf"),
+            PolicySpec::from_manifest(&self.dir().join("demo.toml"))?,
+        );
+        config.vcpus = VCPUS;
+        config.mem_mib = 64;
+        config.trace = trace;
+        config.serial = serial;
+        config.watch = true;
+        Ok(config)
     }
-}
 
-/// Passes the guest's output through and triggers the hot swap once
-/// enough lines went by, so the swap lands mid-run whatever the speed.
-struct SwapAfterLines {
-    inner: SerialOut,
-    lines: usize,
-    dir: PathBuf,
-}
-
-impl std::io::Write for SwapAfterLines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        let before = self.lines;
-        self.lines += buf[..n].iter().filter(|&&b| b == b'\n').count();
-        if before < SWAP_AFTER_LINES && self.lines >= SWAP_AFTER_LINES {
-            self.inner.flush()?;
-            // Off the vCPU thread: this thread must go back to its guest.
-            let dir = self.dir.clone();
-            std::thread::spawn(move || {
-                eprintln!("msrwasm demo: hot-swapping topology.wat (SMT hidden) on the running VM");
-                if let Err(e) = Demo::swap_topology(&dir) {
-                    eprintln!("msrwasm demo: could not swap topology.wat: {e}");
+    /// Paces the demo from the host: once every vCPU waits at the gate,
+    /// replaces topology.wat the way an editor saves (write beside, rename
+    /// over), waits until the engine has the new version in force, then
+    /// opens the gate. Stops when `done` is set.
+    pub fn conduct(&self, engine: Engine, done: Arc<AtomicBool>, say: fn(&str)) -> JoinHandle<()> {
+        let dir = self.dir().to_owned();
+        std::thread::spawn(move || {
+            let gate = engine.state().scope("gate");
+            let wait = |what: &dyn Fn() -> bool| {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !what() {
+                    if done.load(Ordering::Acquire) || Instant::now() > deadline {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
                 }
-            });
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+                true
+            };
+            if !wait(&|| gate.get(1) >= i64::from(VCPUS)) {
+                return;
+            }
+            say("msrwasm demo: every vCPU is at the gate; hot-swapping topology.wat (SMT hidden) on the running VM");
+            let started = Instant::now();
+            let temp = dir.join(".topology.wat.new");
+            if let Err(e) = std::fs::write(&temp, TOPOLOGY_NOSMT_WAT)
+                .and_then(|()| std::fs::rename(&temp, dir.join("topology.wat")))
+            {
+                say(&format!("msrwasm demo: could not swap topology.wat: {e}"));
+                return;
+            }
+            let new = msrwasm::plugin::content_hash(TOPOLOGY_NOSMT_WAT.as_bytes());
+            let live = || {
+                engine
+                    .policy()
+                    .plugins()
+                    .iter()
+                    .any(|p| p.name() == "topology" && p.sha256() == new)
+            };
+            if !wait(&live) {
+                say("msrwasm demo: the new topology.wat did not go live");
+                return;
+            }
+            say(&format!(
+                "msrwasm demo: new version in force (generation {}) {:.1} ms after the rename; opening the gate",
+                engine.generation(),
+                started.elapsed().as_secs_f64() * 1e3
+            ));
+            let _ = gate.set(0, 1);
+        })
     }
 }

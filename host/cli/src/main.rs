@@ -1,7 +1,6 @@
-//! The `msrwasm` command line; the work happens in the library.
-
-mod cli;
+//! The `msrwasm` command line; the work happens in `msrwasm_cli` and the
+//! `msrwasm` engine library.
 
 fn main() {
-    std::process::exit(cli::main());
+    std::process::exit(msrwasm_cli::cli::main());
 }

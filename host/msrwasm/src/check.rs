@@ -1,96 +1,148 @@
 //! `msrwasm check`: validates plugins without a VM (what a plugin author's
 //! CI runs): ABI version, export signatures, imports, claims, `init`.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 
+use crate::dispatch::ExitReason;
 use crate::plugin::meta::Meta;
 use crate::plugin::state::StateStore;
-use crate::plugin::{Plugin, PluginSettings, abi, read_plugin_file};
+use crate::plugin::{Answer, Flavour, Plugin, PluginSettings, Runtime, abi, content_hash, read_plugin_file};
+use crate::policy::{Policy, PolicySpec, fallback};
 
 /// The verdict on one plugin file.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct CheckReport {
+    /// The file.
     pub file: String,
+    /// Whether `run` would load it.
     pub ok: bool,
     /// Why it is refused, when it is.
     pub error: Option<String>,
+    /// Content sha256 (what a manifest's `sha256` pins).
     pub sha256: Option<String>,
+    /// File size.
     pub size: Option<u64>,
+    /// `core` (ABI v1) or `component` (WIT world).
+    pub flavour: Option<Flavour>,
+    /// The ABI version spoken.
     pub abi_version: Option<i32>,
+    /// Export names.
     pub exports: Vec<String>,
+    /// Import names (`module.name`).
     pub imports: Vec<String>,
     /// Claimed ranges, hex; `None` when the plugin claims nothing itself.
     pub claims: Option<Vec<String>>,
+    /// `ok` or `none`.
     pub init: Option<String>,
+    /// The `msrwasm.meta` fields.
     pub meta: Option<Meta>,
+    /// Things that load fine but probably do not do what the author wants.
+    pub warnings: Vec<String>,
 }
 
-/// Loads `path` as the host would (with `config` for `msr.config`) and
-/// reports what it found.
-pub fn check(path: &Path, config: &BTreeMap<String, i64>) -> CheckReport {
+/// Loads the plugin `settings` describe as `run` would (its limits and
+/// config apply), composes it into a policy alone (so claims `run` would
+/// refuse are refused here too), and reports what it found.
+pub fn check(settings: PluginSettings) -> CheckReport {
+    let path = settings.path.clone();
     let mut report = CheckReport {
         file: path.display().to_string(),
         ok: false,
         error: None,
         sha256: None,
         size: None,
+        flavour: None,
         abi_version: None,
         exports: Vec::new(),
         imports: Vec::new(),
         claims: None,
         init: None,
         meta: None,
+        warnings: Vec::new(),
     };
-    let bytes = match read_plugin_file(path) {
+    let bytes = match read_plugin_file(&path) {
         Ok(bytes) => bytes,
         Err(e) => {
-            report.error = Some(e.to_string());
+            report.error = Some(crate::error_chain(&e));
             return report;
         }
     };
     report.size = Some(bytes.len() as u64);
-    report.sha256 = Some(crate::plugin::content_hash(&bytes));
-    let name = path
-        .file_stem()
-        .map_or("plugin".into(), |s| s.to_string_lossy().into_owned());
-    let mut settings = PluginSettings::new(name, path);
-    settings.config = config.clone();
-    match Plugin::from_bytes(settings, &bytes, &StateStore::default()) {
-        Ok(plugin) => {
-            let plugin = Arc::new(plugin);
-            (report.exports, report.imports) = plugin.interface();
-            report.abi_version = Some(abi::ABI_VERSION);
-            report.claims = plugin.claims().map(|c| {
-                c.iter()
-                    .map(|&(f, l)| {
-                        if f == l {
-                            format!("{f:#x}")
-                        } else {
-                            format!("{f:#x}-{l:#x}")
-                        }
-                    })
-                    .collect()
-            });
-            report.init = Some(if plugin.shape().init { "ok" } else { "none" }.into());
-            report.meta = plugin.meta().cloned();
-            report.ok = true;
+    report.sha256 = Some(content_hash(&bytes));
+    let runtime = Runtime::shared();
+    let plugin = match Plugin::from_bytes(&runtime, settings, &bytes, &StateStore::default()) {
+        Ok(plugin) => Arc::new(plugin),
+        Err(e) => {
+            report.error = Some(crate::error_chain(&e));
+            return report;
         }
-        Err(e) => report.error = Some(e.to_string()),
+    };
+    (report.exports, report.imports) = plugin.interface();
+    report.flavour = Some(plugin.flavour());
+    report.abi_version = Some(abi::ABI_VERSION);
+    report.claims = plugin
+        .claims()
+        .map(|c| c.iter().map(|&r| crate::format_range(r)).collect());
+    report.init = Some(if plugin.shape().init { "ok" } else { "none" }.into());
+    report.meta = plugin.meta().cloned();
+    if let Err(e) = Policy::compose(vec![plugin.clone()], &PolicySpec::default(), 1) {
+        report.error = Some(crate::error_chain(&e));
+        return report;
     }
+    if plugin.claims().is_none() {
+        report.warnings.extend(catch_all_warnings(&plugin));
+    }
+    report.ok = true;
     report
 }
 
+/// A plugin that claims nothing is asked only about MSRs KVM sends to user
+/// space by itself: reads of MSRs KVM handles never reach it. Asks it about
+/// those MSRs and warns for each one it answers.
+fn catch_all_warnings(plugin: &Arc<Plugin>) -> Vec<String> {
+    let Ok(mut instance) = plugin.instantiate(0) else {
+        return Vec::new();
+    };
+    let known = fallback::READ_SAME
+        .iter()
+        .map(|&(f, l, n)| (f, l, n))
+        .chain(fallback::REFUSED.iter().map(|&(f, l, n, _)| (f, l, n)))
+        .chain(fallback::EMULATED.iter().map(|&(i, n, ..)| (i, i, n)));
+    let mut answered = Vec::new();
+    for (first, last, name) in known {
+        for index in first..=last.min(first.saturating_add(255)) {
+            if matches!(
+                instance.rdmsr(index, ExitReason::Unknown.bits()),
+                Ok(Answer::Handled(_) | Answer::Fault)
+            ) {
+                answered.push(format!("{index:#x} ({name})"));
+            }
+            if answered.len() >= 8 {
+                break;
+            }
+        }
+    }
+    if answered.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "claims nothing, but answers rdmsr of {}: KVM handles reads of these MSRs itself, so they never reach a plugin that does not claim them (only accesses KVM finds invalid arrive, with reason `inval`); claim them (a `claim` export or manifest `msrs`) to answer them",
+        answered.join(", ")
+    )]
+}
+
 impl CheckReport {
-    /// A few lines for people.
+    /// A few lines for people (plugin-provided text escaped).
     pub fn text(&self) -> String {
         let mut s = format!("{}: {}\n", self.file, if self.ok { "ok" } else { "REFUSED" });
         if let Some(e) = &self.error {
-            s += &format!("  error:    {e}\n");
+            s += &format!("  error:    {}\n", crate::plugin::sanitize(e));
         }
         if let (Some(sha), Some(size)) = (&self.sha256, self.size) {
             s += &format!("  sha256:   {sha} ({size} bytes)\n");
+        }
+        if let Some(flavour) = self.flavour {
+            s += &format!("  flavour:  {flavour}\n");
         }
         if self.ok {
             s += &format!("  abi:      version {}\n", abi::ABI_VERSION);
@@ -114,11 +166,20 @@ impl CheckReport {
         match &self.meta {
             Some(meta) => {
                 for (k, v) in meta {
-                    s += &format!("  meta:     {k} = {v}\n");
+                    // Metadata is the plugin's text: escaped so it cannot
+                    // fake other lines or drive the terminal.
+                    s += &format!(
+                        "  meta:     {} = {}\n",
+                        crate::plugin::sanitize(k),
+                        crate::plugin::sanitize(v)
+                    );
                 }
             }
             None if self.ok => s += "  meta:     none (no msrwasm.meta section)\n",
             None => {}
+        }
+        for w in &self.warnings {
+            s += &format!("  warning:  {w}\n");
         }
         s
     }
@@ -140,7 +201,7 @@ mod tests {
                 (func (export "rdmsr") (param i32) (result i32) (i32.const 2)))"#,
         )
         .unwrap();
-        let r = check(&good, &BTreeMap::new());
+        let r = check(PluginSettings::new("good", &good));
         assert!(r.ok, "{r:?}");
         assert_eq!(r.claims, Some(vec!["0x35".to_string()]));
         assert_eq!(r.meta.as_ref().unwrap()["version"], "0.1.0");
@@ -148,7 +209,7 @@ mod tests {
 
         let bad = dir.path().join("bad.wat");
         std::fs::write(&bad, "(module)").unwrap();
-        let r = check(&bad, &BTreeMap::new());
+        let r = check(PluginSettings::new("bad", &bad));
         assert!(
             !r.ok
                 && r.error

@@ -1,359 +1,479 @@
-//! What the host does with each vCPU exit, as plain functions over decoded
-//! exits: the vCPU loop decodes, this module decides, the loop applies.
-//! Nothing here touches KVM, so every path is testable with synthetic exits.
+//! The per-vCPU dispatcher: one per vCPU thread, answering each deflected
+//! MSR access with the policy in force. Plain code over decoded accesses:
+//! nothing here touches KVM, so every path is testable with synthetic
+//! exits ([`NoKvm`] stands in for KVM's own MSRs).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::plugin::abi::{REASON_FILTER, REASON_INVAL, REASON_UNKNOWN};
-use crate::policy::{Access, Decision, KvmMsrs, PluginCounters, PolicyCell, Responder, VcpuChain};
-use crate::trace::{TraceRecord, TraceSender};
+use crate::engine::Shared;
+use crate::events::{CallResult, Events, VcpuEvents};
+use crate::plugin::{Answer, CallError, OnError, Plugin, PluginInfo, PluginInstance};
+use crate::policy::{FilterDefault, Policy, Unhandled, fallback};
+use crate::stats::StatsSink;
 
-use super::io::{IoBus, PortEffect};
-
-/// An exit, decoded and owned (the loop handles the two exits that carry a
-/// buffer to fill, port and MMIO reads, with [`ExitHandler::io_in`] and
-/// [`ExitHandler::mmio_read`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Exit {
-    Rdmsr {
-        index: u32,
-        reason: u32,
-    },
-    Wrmsr {
-        index: u32,
-        value: u64,
-        reason: u32,
-    },
-    IoOut {
-        port: u16,
-        data: Vec<u8>,
-    },
-    MmioWrite {
-        addr: u64,
-        len: usize,
-    },
-    Hlt,
-    /// Triple fault.
-    Shutdown,
-    InternalError,
-    FailEntry {
-        reason: u64,
-        cpu: u32,
-    },
-    /// KVM_RUN returned EINTR/EAGAIN: someone kicked this vCPU.
-    Interrupted,
-    /// Anything else KVM reported.
-    Unexpected {
-        what: String,
-    },
+/// Why KVM sent an access to user space (`KVM_MSR_EXIT_REASON_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExitReason {
+    /// KVM knows the MSR but found the access invalid (a bad value,
+    /// reserved bits, a read-only MSR).
+    Inval,
+    /// KVM does not know the MSR.
+    Unknown,
+    /// The MSR filter denied the access (a plugin claimed the MSR, the
+    /// firewall denies it, or the VMM's own filter range covers it).
+    Filter,
 }
 
-/// What the vCPU loop must do next.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    Resume,
-    /// Complete the pending MSR exit: `Some(value)` succeeds (the value is
-    /// read by RDMSR), `None` injects #GP.
-    CompleteMsr(Option<u64>),
-    /// This vCPU halted for good.
-    Halt,
-    /// The guest asked to end the VM with this status.
-    Exit(u8),
-    /// The vCPU cannot go on; report its registers and end the VM.
-    Crash(String),
-}
+impl ExitReason {
+    /// KVM's bit for this reason (what `msr.reason` returns to plugins).
+    pub fn bits(self) -> u32 {
+        match self {
+            ExitReason::Inval => 1,
+            ExitReason::Unknown => 2,
+            ExitReason::Filter => 4,
+        }
+    }
 
-/// Counters of one vCPU.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct VcpuStats {
-    pub exits: u64,
-    pub rdmsr: u64,
-    pub wrmsr: u64,
-    /// MSR accesses answered with #GP.
-    pub gp: u64,
-    /// MSR accesses that fell back to KVM's own MSR.
-    pub kvm_fallback: u64,
-    /// MSR accesses decided by the `unhandled` policy.
-    pub unhandled: u64,
-    pub port_io: u64,
-    /// Accesses to ports nobody decodes.
-    pub unknown_ports: u64,
-    pub mmio: u64,
-    /// Exits the host does not expect (logged as errors).
-    pub unexpected: u64,
-    /// Policy generations this vCPU moved to (hot reloads).
-    pub switches: u64,
-    /// Longest time one switch held this vCPU, including the first answer
-    /// of the new version (instantiation), nanoseconds.
-    pub longest_switch_ns: u64,
-}
+    /// The reason for KVM's bits, if they name exactly one.
+    pub fn from_bits(bits: u32) -> Option<Self> {
+        match bits {
+            1 => Some(ExitReason::Inval),
+            2 => Some(ExitReason::Unknown),
+            4 => Some(ExitReason::Filter),
+            _ => None,
+        }
+    }
 
-/// A Rust MSR handler used instead of the plugin chain (a benchmark
-/// baseline): `Some(value)` completes the access, `None` injects #GP.
-pub type NativeMsr = fn(vcpu: u32, access: Access) -> Option<u64>;
-
-impl std::ops::AddAssign<&VcpuStats> for VcpuStats {
-    fn add_assign(&mut self, s: &VcpuStats) {
-        self.exits += s.exits;
-        self.rdmsr += s.rdmsr;
-        self.wrmsr += s.wrmsr;
-        self.gp += s.gp;
-        self.kvm_fallback += s.kvm_fallback;
-        self.unhandled += s.unhandled;
-        self.port_io += s.port_io;
-        self.unknown_ports += s.unknown_ports;
-        self.mmio += s.mmio;
-        self.unexpected += s.unexpected;
-        self.switches += s.switches;
-        self.longest_switch_ns = self.longest_switch_ns.max(s.longest_switch_ns);
+    /// `inval`, `unknown` or `filter`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitReason::Inval => "inval",
+            ExitReason::Unknown => "unknown",
+            ExitReason::Filter => "filter",
+        }
     }
 }
 
-/// Per-vCPU exit handling state.
-pub struct ExitHandler {
-    vcpu: u32,
-    cell: Arc<PolicyCell>,
-    generation: u64,
-    chain: VcpuChain,
-    /// Counters of chains left behind by policy switches, by plugin name.
-    retired: Vec<(String, PluginCounters)>,
-    io: Arc<IoBus>,
-    trace: Option<TraceSender>,
-    started: Instant,
-    native: Option<NativeMsr>,
-    pub stats: VcpuStats,
+/// RDMSR, or WRMSR with the value written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// RDMSR.
+    Read,
+    /// WRMSR of this value (EDX:EAX).
+    Write(u64),
 }
 
-impl ExitHandler {
-    pub fn new(vcpu: u32, cell: Arc<PolicyCell>, io: Arc<IoBus>, trace: Option<TraceSender>, started: Instant) -> Self {
-        let (generation, policy) = cell.current();
+/// A deflected MSR access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Access {
+    /// The MSR index (ECX).
+    pub index: u32,
+    /// Read or write.
+    pub op: Op,
+    /// Why KVM sent it to user space.
+    pub reason: ExitReason,
+}
+
+impl Access {
+    /// A deflected RDMSR.
+    pub fn read(index: u32, reason: ExitReason) -> Self {
+        Self {
+            index,
+            op: Op::Read,
+            reason,
+        }
+    }
+
+    /// A deflected WRMSR.
+    pub fn write(index: u32, value: u64, reason: ExitReason) -> Self {
+        Self {
+            index,
+            op: Op::Write(value),
+            reason,
+        }
+    }
+
+    /// Whether this is a WRMSR.
+    pub fn is_write(&self) -> bool {
+        matches!(self.op, Op::Write(_))
+    }
+}
+
+/// What the guest gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reply {
+    /// The RDMSR completes with this value.
+    Read(u64),
+    /// The WRMSR completes.
+    Written,
+    /// The instruction faults with #GP(0).
+    Gp,
+}
+
+/// Who decided an access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnsweredBy<'a> {
+    /// A plugin answered HANDLED or FAULT, or failed and its
+    /// `on_error = "fault"` decided (`error`).
+    Plugin {
+        /// The plugin version.
+        plugin: &'a PluginInfo,
+        /// Its position in the chain.
+        position: usize,
+        /// Whether a plugin error decided.
+        error: bool,
+    },
+    /// Every plugin passed on a claimed MSR and KVM's own handling decided.
+    Kvm,
+    /// Nobody answered; the VM's `unhandled` policy decided.
+    Unhandled(Unhandled),
+}
+
+/// The decision on one access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome<'a> {
+    /// What the guest gets.
+    pub reply: Reply,
+    /// Who decided.
+    pub by: AnsweredBy<'a>,
+    /// The policy generation that decided.
+    pub generation: u64,
+}
+
+/// KVM's own handling of an MSR, for claimed MSRs every plugin passed on
+/// (`KVM_GET_MSRS`/`KVM_SET_MSRS` on the vCPU: see
+/// [`crate::kvm::VcpuMsrs`]).
+pub trait KvmMsrs {
+    /// KVM's value, or `None` if KVM does not know the MSR.
+    fn get(&mut self, index: u32) -> Option<u64>;
+    /// Whether KVM accepted the write.
+    fn set(&mut self, index: u32, value: u64) -> bool;
+}
+
+/// KVM as a host without one sees it: it knows no MSR. For driving a
+/// dispatcher without a VM (tests, `msrwasm test`); a VMM passes its vCPU
+/// instead ([`crate::kvm::VcpuMsrs`]), or "PASS falls back to KVM" is lost.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoKvm;
+
+impl KvmMsrs for NoKvm {
+    fn get(&mut self, _: u32) -> Option<u64> {
+        None
+    }
+
+    fn set(&mut self, _: u32, _: u64) -> bool {
+        false
+    }
+}
+
+/// Who decided, before it is tied to the policy's plugin names.
+#[derive(Clone, Copy)]
+enum Who {
+    Plugin { position: usize, error: bool },
+    Kvm,
+    Unhandled,
+}
+
+/// The per-vCPU dispatcher. `Send`: create it anywhere, use it on the vCPU
+/// thread. It follows policy generations by itself: a hot reload, an
+/// [`crate::Engine::update`] or an API change reaches it at its next access
+/// with no code in the VMM.
+pub struct Dispatcher {
+    vcpu: u32,
+    shared: Arc<Shared>,
+    generation: u64,
+    policy: Arc<Policy>,
+    /// This vCPU's instance of each plugin; `None` until first use, and
+    /// again after a failure threw it away.
+    instances: Vec<Option<PluginInstance>>,
+    stats: StatsSink,
+    sinks: Vec<Box<dyn VcpuEvents>>,
+    time_calls: bool,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("vcpu", &self.vcpu)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher {
+    pub(crate) fn new(shared: Arc<Shared>, vcpu: u32) -> Self {
+        let policy = shared.current();
+        let mut stats = shared.stats.sink(vcpu);
+        let mut sinks = shared.events.vcpu_sinks(vcpu);
+        stats.policy(&policy);
+        sinks.iter_mut().for_each(|s| s.policy(&policy));
+        let time_calls = shared.time_calls;
         Self {
             vcpu,
-            chain: VcpuChain::new(policy, vcpu),
-            cell,
-            generation,
-            retired: Vec::new(),
-            io,
-            trace,
-            started,
-            native: None,
-            stats: VcpuStats::default(),
+            generation: policy.generation(),
+            instances: (0..policy.plugins().len()).map(|_| None).collect(),
+            policy,
+            shared,
+            stats,
+            sinks,
+            time_calls,
         }
     }
 
-    /// Answers MSRs with `native` instead of the chain (see [`NativeMsr`]).
-    pub fn set_native(&mut self, native: Option<NativeMsr>) {
-        self.native = native;
+    /// The vCPU this dispatcher answers for.
+    pub fn vcpu(&self) -> u32 {
+        self.vcpu
     }
 
-    /// The chain this vCPU answers with now.
-    pub fn chain_mut(&mut self) -> &mut VcpuChain {
-        &mut self.chain
+    /// The policy generation it answers with now.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
-    /// Decides one exit.
-    pub fn handle(&mut self, exit: Exit, kvm: &mut dyn KvmMsrs) -> Action {
-        self.stats.exits += 1;
-        match exit {
-            Exit::Rdmsr { index, reason } => {
-                self.stats.rdmsr += 1;
-                Action::CompleteMsr(self.msr(
-                    Access {
-                        index,
-                        reason,
-                        write: None,
-                    },
-                    kvm,
-                ))
-            }
-            Exit::Wrmsr { index, value, reason } => {
-                self.stats.wrmsr += 1;
-                Action::CompleteMsr(self.msr(
-                    Access {
-                        index,
-                        reason,
-                        write: Some(value),
-                    },
-                    kvm,
-                ))
-            }
-            Exit::IoOut { port, data } => {
-                self.stats.port_io += 1;
-                match self.io.write(port, &data) {
-                    Some(PortEffect::Exit(status)) => Action::Exit(status),
-                    Some(PortEffect::None) => Action::Resume,
-                    None => {
-                        self.stats.unknown_ports += 1;
-                        Action::Resume
-                    }
-                }
-            }
-            Exit::MmioWrite { addr, len } => {
-                self.stats.mmio += 1;
-                tracing::debug!(
-                    vcpu = self.vcpu,
-                    "dropped {len}-byte MMIO write to {addr:#x} (no device there)"
-                );
-                Action::Resume
-            }
-            Exit::Hlt => Action::Halt,
-            Exit::Interrupted => {
-                self.stats.exits -= 1;
-                Action::Resume
-            }
-            Exit::Shutdown => Action::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
-            Exit::InternalError => Action::Crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into()),
-            Exit::FailEntry { reason, cpu } => Action::Crash(format!(
-                "VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"
-            )),
-            Exit::Unexpected { what } => {
-                self.stats.unexpected += 1;
-                tracing::error!(vcpu = self.vcpu, "unexpected exit: {what}");
-                Action::Crash(format!("unexpected exit: {what}"))
+    /// The policy it answers with now.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// Instantiates every plugin now (running `init` on this vCPU) rather
+    /// than at first use, and moves to the newest policy first: `init`
+    /// failures surface before the guest runs.
+    pub fn warm_up(&mut self) -> Result<(), crate::plugin::LoadError> {
+        if self.shared.generation() != self.generation {
+            self.switch();
+        }
+        for (slot, plugin) in self.instances.iter_mut().zip(self.policy.plugins()) {
+            if slot.is_none() {
+                *slot = Some(plugin.instantiate(self.vcpu)?);
             }
         }
+        Ok(())
     }
 
-    /// A port read: COM1 registers, all ones elsewhere.
-    pub fn io_in(&mut self, port: u16, data: &mut [u8]) {
-        self.stats.exits += 1;
-        self.stats.port_io += 1;
-        if !self.io.read(port, data) {
-            self.stats.unknown_ports += 1;
-        }
-    }
-
-    /// A read of unbacked guest-physical memory: all ones, like an empty bus.
-    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
-        self.stats.exits += 1;
-        self.stats.mmio += 1;
-        data.fill(0xff);
-        tracing::debug!(
-            vcpu = self.vcpu,
-            "MMIO read of {addr:#x} (no device there) reads all ones"
-        );
-    }
-
-    fn msr(&mut self, access: Access, kvm: &mut dyn KvmMsrs) -> Option<u64> {
-        let switch_started = (self.cell.generation() != self.generation).then(|| {
+    /// Decides one deflected access: the claiming plugins in chain order,
+    /// then KVM's own handling for claimed MSRs, then `unhandled`.
+    pub fn handle(&mut self, access: Access, kvm: &mut dyn KvmMsrs) -> Outcome<'_> {
+        let switch_started = (self.shared.generation() != self.generation).then(|| {
             let started = Instant::now();
-            self.switch_policy();
+            self.switch();
             started
         });
-        let decision = match self.native {
-            Some(native) => Decision {
-                result: native(self.vcpu, access),
-                by: Responder::Native,
+        let (reply, who) = self.decide(access, kvm);
+        let Self {
+            policy, stats, sinks, ..
+        } = self;
+        let outcome = Outcome {
+            reply,
+            by: match who {
+                Who::Plugin { position, error } => AnsweredBy::Plugin {
+                    plugin: policy.plugins()[position].info(),
+                    position,
+                    error,
+                },
+                Who::Kvm => AnsweredBy::Kvm,
+                Who::Unhandled => AnsweredBy::Unhandled(policy.unhandled()),
             },
-            None => self.chain.answer(access, kvm),
+            generation: policy.generation(),
         };
-        match decision.by {
-            Responder::Kvm => self.stats.kvm_fallback += 1,
-            Responder::Unhandled(_) => self.stats.unhandled += 1,
-            Responder::Plugin { .. } | Responder::Native => {}
-        }
-        if decision.result.is_none() {
-            self.stats.gp += 1;
+        stats.access(&access, &outcome);
+        for sink in sinks.iter_mut() {
+            sink.access(&access, &outcome);
         }
         if let Some(started) = switch_started {
             // The switch and this first answer (which instantiates what
-            // changed) are what a reload costs this vCPU.
-            self.stats.switches += 1;
-            self.stats.longest_switch_ns = self.stats.longest_switch_ns.max(started.elapsed().as_nanos() as u64);
-        }
-        let debug = tracing::enabled!(tracing::Level::DEBUG);
-        if self.trace.is_some() || debug {
-            let record = self.record(access, decision);
-            if debug {
-                tracing::debug!(
-                    vcpu = record.vcpu,
-                    op = record.op,
-                    index = record.index,
-                    value = record.value,
-                    reason = record.reason,
-                    by = record.by,
-                    plugin = record.plugin,
-                    version = record.version,
-                    status = record.status,
-                    "msr access"
-                );
-            }
-            if let Some(trace) = &self.trace {
-                // A closed trace (the writer failed) must not stop the guest.
-                let _ = trace.send(record);
+            // was not prepared) are what a change costs this vCPU.
+            let took = started.elapsed();
+            stats.switched(outcome.generation, took);
+            for sink in sinks.iter_mut() {
+                sink.switched(outcome.generation, took);
             }
         }
-        decision.result
+        outcome
     }
 
-    /// Moves to the policy now in force: fresh instances of what changed.
-    fn switch_policy(&mut self) {
-        let (generation, policy) = self.cell.current();
-        let retired = self.chain.succeed(policy);
-        self.retired.extend(retired);
-        self.generation = generation;
-    }
-
-    /// Plugin counters by name, including those of replaced policies.
-    pub fn plugin_counters(&self) -> Vec<(String, PluginCounters)> {
-        let mut all = self.retired.clone();
-        for (plugin, counters) in self.chain.policy().plugins().iter().zip(self.chain.counters()) {
-            all.push((plugin.name().to_owned(), *counters));
-        }
-        all
-    }
-
-    fn record(&self, access: Access, decision: Decision) -> TraceRecord {
-        let policy = self.chain.policy();
-        let (by, plugin, version, status) = match decision.by {
-            Responder::Plugin { position, error } => {
-                let p = &policy.plugins()[position];
-                let status = match (error, decision.result) {
-                    (true, _) => "error",
-                    (false, Some(_)) => "handled",
-                    (false, None) => "fault",
-                };
-                (
-                    "plugin",
-                    Some(p.name().to_owned()),
-                    Some(p.sha256()[..16].to_owned()),
-                    status.to_owned(),
-                )
+    fn decide(&mut self, access: Access, kvm: &mut dyn KvmMsrs) -> (Reply, Who) {
+        // Disjoint borrows instead of cloning Arcs: no shared cache line is
+        // written on the exit path.
+        let Self {
+            vcpu,
+            shared,
+            policy,
+            instances,
+            stats,
+            sinks,
+            time_calls,
+            ..
+        } = self;
+        let mut event = |position: usize, result: CallResult<'_>, took: Option<Duration>| {
+            stats.plugin_call(position, result, took);
+            for sink in sinks.iter_mut() {
+                sink.plugin_call(position, result, took);
             }
-            Responder::Kvm => ("kvm", None, None, "kvm".to_owned()),
-            Responder::Native => ("native", None, None, "handled".to_owned()),
-            Responder::Unhandled(policy) => ("unhandled", None, None, format!("{policy:?}").to_ascii_lowercase()),
         };
-        let value = match access.write {
-            Some(v) => Some(v),
-            None => decision.result,
-        };
-        TraceRecord {
-            t_ns: self.started.elapsed().as_nanos() as u64,
-            vcpu: self.vcpu,
-            op: if access.write.is_some() { "wrmsr" } else { "rdmsr" }.into(),
-            index: format!("{:#x}", access.index),
-            value: value.map(|v| format!("{v:#x}")),
-            reason: reason_name(access.reason).into(),
-            by: by.into(),
-            plugin,
-            version,
-            status,
-            outcome: if decision.result.is_some() { "ok" } else { "gp" }.into(),
+        for &position in policy.askers(access.index) {
+            let plugin = &policy.plugins()[position];
+            if plugin.health().quarantined() {
+                event(position, CallResult::Skipped, None);
+                continue;
+            }
+            let started = time_calls.then(Instant::now);
+            let result = ask(&mut instances[position], plugin, *vcpu, access);
+            let took = started.map(|s| s.elapsed());
+            match result {
+                Ok(Answer::Pass) => event(position, CallResult::Pass, took),
+                Ok(Answer::Handled(value)) => {
+                    event(position, CallResult::Handled, took);
+                    let reply = match access.op {
+                        Op::Read => Reply::Read(value),
+                        Op::Write(_) => Reply::Written,
+                    };
+                    return (reply, Who::Plugin { position, error: false });
+                }
+                Ok(Answer::Fault) => {
+                    event(position, CallResult::Fault, took);
+                    return (Reply::Gp, Who::Plugin { position, error: false });
+                }
+                Err(error) => {
+                    // A trap may leave wasm state half-written: start afresh.
+                    instances[position] = None;
+                    let quarantined = plugin.health().record_error();
+                    plugin_failed(shared, *vcpu, plugin, access, &error, quarantined);
+                    event(
+                        position,
+                        CallResult::Error {
+                            error: &error,
+                            quarantined,
+                        },
+                        took,
+                    );
+                    if plugin.settings().on_error == OnError::Fault {
+                        return (Reply::Gp, Who::Plugin { position, error: true });
+                    }
+                }
+            }
+        }
+        if access.reason == ExitReason::Filter
+            && !self.firewall_denies(access.index)
+            && let Some(reply) = kvm_fallback(access, kvm)
+        {
+            return (reply, Who::Kvm);
+        }
+        (self.unhandled(access), Who::Unhandled)
+    }
+
+    /// Whether the firewall (a deny default) keeps `index` from KVM.
+    fn firewall_denies(&self, index: u32) -> bool {
+        let plan = self.policy.filter();
+        plan.default == FilterDefault::Deny && !plan.allow.iter().any(|&(f, l)| (f..=l).contains(&index))
+    }
+
+    fn unhandled(&self, access: Access) -> Reply {
+        // KVM found the access invalid: it stays #GP, as with kvm.ignore_msrs.
+        if access.reason == ExitReason::Inval {
+            return Reply::Gp;
+        }
+        let policy = self.policy.unhandled();
+        let firewall = access.reason == ExitReason::Filter && self.firewall_denies(access.index);
+        if policy == Unhandled::Log || firewall {
+            self.shared.log_unhandled_once(self.vcpu, access, policy, firewall);
+        }
+        match (policy, access.op) {
+            (Unhandled::Gp, _) => Reply::Gp,
+            (Unhandled::Ignore | Unhandled::Log, Op::Read) => Reply::Read(0),
+            (Unhandled::Ignore | Unhandled::Log, Op::Write(_)) => Reply::Written,
+        }
+    }
+
+    /// Moves to the policy in force: carried-over plugins keep their
+    /// instances, new versions take the instances prepared for this vCPU.
+    fn switch(&mut self) {
+        let next = self.shared.current();
+        let mut instances: Vec<Option<PluginInstance>> = (0..next.plugins().len()).map(|_| None).collect();
+        for (position, plugin) in next.plugins().iter().enumerate() {
+            if let Some(old) = self.policy.plugins().iter().position(|p| Arc::ptr_eq(p, plugin)) {
+                instances[position] = self.instances[old].take();
+            }
+        }
+        for (position, instance) in next.take_prepared(self.vcpu) {
+            if let Some(slot) = instances.get_mut(position).filter(|s| s.is_none()) {
+                *slot = Some(instance);
+            }
+        }
+        let old_instances = std::mem::replace(&mut self.instances, instances);
+        let old_policy = std::mem::replace(&mut self.policy, next);
+        // Dropping instances and policies can take a while (large
+        // memories): not on the vCPU thread.
+        self.shared.bury(old_instances, old_policy);
+        self.generation = self.policy.generation();
+        self.stats.policy(&self.policy);
+        for sink in &mut self.sinks {
+            sink.policy(&self.policy);
         }
     }
 }
 
-/// Name of a `KVM_MSR_EXIT_REASON_*` value.
-pub fn reason_name(reason: u32) -> &'static str {
-    match reason {
-        REASON_INVAL => "inval",
-        REASON_UNKNOWN => "unknown",
-        REASON_FILTER => "filter",
-        _ => "other",
+fn plugin_failed(
+    shared: &Shared,
+    vcpu: u32,
+    plugin: &Plugin,
+    access: Access,
+    error: &CallError,
+    quarantined: Option<Duration>,
+) {
+    tracing::warn!(
+        plugin = plugin.name(), version = plugin.info().short_version(), vcpu,
+        index = format_args!("{:#x}", access.index), on_error = ?plugin.settings().on_error,
+        "plugin error: {error}"
+    );
+    if let Some(backoff) = quarantined {
+        tracing::warn!(
+            plugin = plugin.name(), version = plugin.info().short_version(), file = %plugin.path().display(),
+            "plugin quarantined for {backoff:?} after repeated errors: skipped (as PASS) until its file changes or the backoff expires"
+        );
+        shared.events.quarantine(plugin.info(), backoff);
+    }
+}
+
+/// Calls one plugin, instantiating it first if its instance was thrown away.
+fn ask(
+    slot: &mut Option<PluginInstance>,
+    plugin: &Arc<Plugin>,
+    vcpu: u32,
+    access: Access,
+) -> Result<Answer, CallError> {
+    let instance = match slot {
+        Some(instance) => instance,
+        None => slot.insert(
+            plugin
+                .instantiate(vcpu)
+                .map_err(|e| CallError::Instantiate(crate::error_chain(&e)))?,
+        ),
+    };
+    match access.op {
+        Op::Read => instance.rdmsr(access.index, access.reason.bits()),
+        Op::Write(value) => instance.wrmsr(access.index, value, access.reason.bits()),
+    }
+}
+
+/// What the guest would have got from KVM for a claimed MSR nobody
+/// answered, where msrwasm can know it ([`fallback`]); `None` otherwise.
+fn kvm_fallback(access: Access, kvm: &mut dyn KvmMsrs) -> Option<Reply> {
+    match fallback::rule(access.index, access.is_write())? {
+        fallback::Rule::Kvm => match access.op {
+            Op::Read => kvm.get(access.index).map(Reply::Read),
+            Op::Write(value) if kvm.set(access.index, value) => Some(Reply::Written),
+            Op::Write(_) => Some(Reply::Gp),
+        },
+        fallback::Rule::Gp => Some(Reply::Gp),
+        fallback::Rule::Ignore => Some(match access.op {
+            Op::Read => Reply::Read(0),
+            Op::Write(_) => Reply::Written,
+        }),
     }
 }
 
 #[cfg(test)]
+#[path = "dispatch_tests.rs"]
 mod tests;

@@ -13,29 +13,44 @@
 //! wrmsr 0x610 0x1 -> fault     # writes: handled, fault, pass, error
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::manifest_number;
-use crate::plugin::abi::{REASON_FILTER, REASON_INVAL, REASON_UNKNOWN};
+use crate::dispatch::ExitReason;
+use crate::parse_number;
+use crate::plugin::clock::ManualClock;
 use crate::plugin::state::StateStore;
-use crate::plugin::{Answer, LoadError, Plugin, PluginInstance, PluginSettings};
+use crate::plugin::{Answer, LoadError, Plugin, PluginInstance, PluginSettings, Runtime, RuntimeOptions};
 
 /// A script that cannot be run.
 #[derive(Debug, thiserror::Error)]
 pub enum ScriptError {
-    #[error("{}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    /// The script cannot be read.
+    #[error("{}", path.display())]
+    Read {
+        /// The script.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: crate::files::ReadError,
+    },
+    /// A line cannot be understood.
     #[error("{}:{line}: {message}", path.display())]
     Syntax {
+        /// The script.
         path: PathBuf,
+        /// The line.
         line: usize,
+        /// What is wrong.
         message: String,
     },
+    /// The plugin is refused.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The runtime with the script's clock did not start.
+    #[error(transparent)]
+    Runtime(#[from] crate::plugin::RuntimeError),
 }
 
 /// What a step expects.
@@ -53,7 +68,7 @@ enum Expect {
 enum Step {
     Config(String, i64),
     Vcpu(u32),
-    Reason(u32),
+    Reason(ExitReason),
     Advance(u64),
     Rdmsr(u32, Expect),
     Wrmsr(u32, u64, Expect),
@@ -62,13 +77,14 @@ enum Step {
 /// The result of running a script.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ScriptReport {
+    /// Steps that matched.
     pub passed: usize,
     /// `file:line: what was expected, what happened`.
     pub failures: Vec<String>,
 }
 
 fn parse_u64(word: &str) -> Option<u64> {
-    manifest_number(word)
+    parse_number(word)
 }
 
 fn parse_duration(word: &str) -> Option<u64> {
@@ -133,9 +149,9 @@ fn parse(path: &Path, text: &str) -> Result<Vec<(usize, Step)>, ScriptError> {
             }
             ["vcpu", v] => Step::Vcpu(v.parse().map_err(|_| bad(format!("`{v}` is not a vCPU index")))?),
             ["reason", r] => Step::Reason(match *r {
-                "unknown" => REASON_UNKNOWN,
-                "inval" => REASON_INVAL,
-                "filter" => REASON_FILTER,
+                "unknown" => ExitReason::Unknown,
+                "inval" => ExitReason::Inval,
+                "filter" => ExitReason::Filter,
                 _ => return Err(bad(format!("reason `{r}` is not unknown, inval or filter"))),
             }),
             ["advance", d] => Step::Advance(
@@ -165,28 +181,29 @@ fn parse(path: &Path, text: &str) -> Result<Vec<(usize, Step)>, ScriptError> {
     Ok(steps)
 }
 
-/// Runs the script at `script` through the plugin at `plugin`, with
-/// `config` as the starting `[plugin.config]`.
-pub fn run(plugin: &Path, script: &Path, mut config: BTreeMap<String, i64>) -> Result<ScriptReport, ScriptError> {
-    let text = std::fs::read_to_string(script).map_err(|source| ScriptError::Read {
+/// Runs the script at `script` through the plugin `settings` describe
+/// (its limits and `[plugin.config]`; the script's `config` lines add to
+/// that config).
+pub fn run(mut settings: PluginSettings, script: &Path) -> Result<ScriptReport, ScriptError> {
+    let bytes = crate::files::read_regular(script, 1 << 20).map_err(|source| ScriptError::Read {
         path: script.to_owned(),
         source,
     })?;
+    let text = String::from_utf8_lossy(&bytes);
     let steps = parse(script, &text)?;
     for (_, step) in &steps {
         if let Step::Config(name, value) = step {
-            config.insert(name.clone(), *value);
+            settings.config.insert(name.clone(), *value);
         }
     }
-    let name = plugin
-        .file_stem()
-        .map_or("plugin".into(), |s| s.to_string_lossy().into_owned());
-    let mut settings = PluginSettings::new(name, plugin);
-    settings.config = config;
-    let plugin = Arc::new(Plugin::load(settings, &StateStore::default())?);
-    let clock = Arc::new(AtomicU64::new(0));
+    let clock = Arc::new(ManualClock::new(0));
+    let runtime = Runtime::new(RuntimeOptions {
+        clock: clock.clone(),
+        ..RuntimeOptions::default()
+    })?;
+    let plugin = Arc::new(Plugin::load(&runtime, settings, &StateStore::default())?);
     let mut instances: HashMap<u32, PluginInstance> = HashMap::new();
-    let (mut vcpu, mut reason) = (0, REASON_UNKNOWN);
+    let (mut vcpu, mut reason) = (0, ExitReason::Unknown);
     let mut report = ScriptReport::default();
     for (line, step) in steps {
         let (what, expect, result) = match step {
@@ -200,19 +217,23 @@ pub fn run(plugin: &Path, script: &Path, mut config: BTreeMap<String, i64>) -> R
                 continue;
             }
             Step::Advance(ns) => {
-                clock.fetch_add(ns, Ordering::Relaxed);
+                clock.advance(ns);
                 continue;
             }
             Step::Rdmsr(index, expect) => {
-                let instance = instance(&mut instances, &plugin, vcpu, &clock)?;
-                (format!("rdmsr {index:#x}"), expect, instance.rdmsr(index, reason))
+                let instance = instance(&mut instances, &plugin, vcpu)?;
+                (
+                    format!("rdmsr {index:#x}"),
+                    expect,
+                    instance.rdmsr(index, reason.bits()),
+                )
             }
             Step::Wrmsr(index, value, expect) => {
-                let instance = instance(&mut instances, &plugin, vcpu, &clock)?;
+                let instance = instance(&mut instances, &plugin, vcpu)?;
                 (
                     format!("wrmsr {index:#x} {value:#x}"),
                     expect,
-                    instance.wrmsr(index, value, reason),
+                    instance.wrmsr(index, value, reason.bits()),
                 )
             }
         };
@@ -256,13 +277,10 @@ fn instance<'a>(
     instances: &'a mut HashMap<u32, PluginInstance>,
     plugin: &Arc<Plugin>,
     vcpu: u32,
-    clock: &Arc<AtomicU64>,
 ) -> Result<&'a mut PluginInstance, LoadError> {
     Ok(match instances.entry(vcpu) {
         std::collections::hash_map::Entry::Occupied(slot) => slot.into_mut(),
-        std::collections::hash_map::Entry::Vacant(slot) => {
-            slot.insert(plugin.instantiate_with_clock(vcpu, Some(clock.clone()))?)
-        }
+        std::collections::hash_map::Entry::Vacant(slot) => slot.insert(plugin.instantiate(vcpu)?),
     })
 }
 
@@ -293,7 +311,7 @@ mod tests {
             "rdmsr 1 -> 0\nadvance 1500ms\nrdmsr 0x1 -> 1500000000\nvcpu 3\nrdmsr 2 -> 3\nrdmsr 3 -> error\nrdmsr 4 -> pass\nwrmsr 4 7 -> fault\nrdmsr 2 -> 4  # wrong on purpose\n",
         )
         .unwrap();
-        let r = run(&plugin, &script, BTreeMap::new()).unwrap();
+        let r = run(PluginSettings::new("p", &plugin), &script).unwrap();
         assert_eq!(r.passed, 6);
         assert_eq!(r.failures.len(), 1);
         assert!(

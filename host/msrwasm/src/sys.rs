@@ -1,29 +1,19 @@
-//! The only module of the host with `unsafe` code: the few KVM operations
-//! that kvm-ioctls cannot offer safely.
+//! The only module of the library with `unsafe` code: the few operations
+#![allow(unsafe_code)]
+//! that neither kvm-ioctls nor the standard library offer safely.
 
-use kvm_bindings::{KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR, kvm_run, kvm_userspace_memory_region};
-use kvm_ioctls::VmFd;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-
-/// Registers every region of `mem` with the VM as a KVM memory slot.
-pub fn register_guest_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), kvm_ioctls::Error> {
-    for (slot, region) in mem.iter().enumerate() {
-        let host_addr = mem
-            .get_host_address(region.start_addr())
-            .map_err(|_| kvm_ioctls::Error::new(libc::EFAULT))?;
-        let desc = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host_addr as u64,
-        };
-        // SAFETY: the region is a live mmap owned by `mem`, which the caller
-        // keeps alive for as long as the VM exists (the VM owns both), and no
-        // two slots overlap because they come from distinct memory regions.
-        unsafe { vm.set_user_memory_region(desc)? };
+/// CPU time the calling thread has used, nanoseconds.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is
+    // always supported on Linux, and the call writes nothing else.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
     }
-    Ok(())
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// Writes the answer to a pending `KVM_EXIT_X86_RDMSR`/`WRMSR` into the run
@@ -31,7 +21,9 @@ pub fn register_guest_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), kvm
 /// come from `KVM_GET_MSRS` on the same vCPU). `None` answers with #GP.
 ///
 /// Returns false, and writes nothing, if the pending exit is not an MSR exit.
-pub fn complete_msr_exit(run: &mut kvm_run, value: Option<u64>) -> bool {
+#[cfg(feature = "kvm")]
+pub fn complete_msr_exit(run: &mut kvm_bindings::kvm_run, value: Option<u64>) -> bool {
+    use kvm_bindings::{KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR};
     if run.exit_reason != KVM_EXIT_X86_RDMSR && run.exit_reason != KVM_EXIT_X86_WRMSR {
         return false;
     }

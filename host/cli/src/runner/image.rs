@@ -1,12 +1,12 @@
 //! Recognises and loads raw guest images: ELF64 executables at their
 //! physical addresses, anything else as a flat real-mode binary at 0x1000.
 
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr};
 use linux_loader::loader::{Elf, KernelLoader};
+use msrwasm::files::ReadError;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::boot::{ELF_MIN_ADDR, FLAT_LOAD_ADDR};
@@ -23,10 +23,16 @@ const BZIMAGE_MAGIC_OFFSET: usize = 0x202;
 /// Why a guest image cannot be run.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("guest image {}: {source}", path.display())]
-    Open { path: PathBuf, source: std::io::Error },
+    #[error("guest image {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("guest image {} is a directory, not a file", path.display())]
     Directory { path: PathBuf },
+    #[error("guest image {} is a {kind}, not a regular file", path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
     #[error("guest image {} is empty", path.display())]
     Empty { path: PathBuf },
     #[error("guest image {} ({size} bytes) does not fit in guest memory ({mem} bytes); raise --mem", path.display())]
@@ -53,24 +59,39 @@ pub fn load(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result<LoadedI
         path: path.to_owned(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(open_err)?;
-    if meta.is_dir() {
-        return Err(ImageError::Directory { path: path.to_owned() });
-    }
-    let size = meta.len();
+    // Opened without blocking and checked after opening: a FIFO, a device
+    // or a directory is refused, never waited on or read without end.
+    let (mut file, size) = match msrwasm::files::open_regular(path, mem_size) {
+        Ok(opened) => opened,
+        Err(ReadError::NotRegular("directory")) => return Err(ImageError::Directory { path: path.to_owned() }),
+        Err(ReadError::NotRegular(kind)) => {
+            return Err(ImageError::NotRegular {
+                path: path.to_owned(),
+                kind,
+            });
+        }
+        Err(ReadError::TooLarge { size, .. }) => {
+            return Err(ImageError::TooLarge {
+                path: path.to_owned(),
+                size,
+                mem: mem_size,
+            });
+        }
+        Err(ReadError::Io(e)) => return Err(open_err(e)),
+    };
     if size == 0 {
         return Err(ImageError::Empty { path: path.to_owned() });
     }
-    if size > mem_size {
-        return Err(ImageError::TooLarge {
-            path: path.to_owned(),
-            size,
-            mem: mem_size,
-        });
-    }
-    let mut file = File::open(path).map_err(open_err)?;
     let mut bytes = Vec::with_capacity(size as usize);
-    file.read_to_end(&mut bytes).map_err(open_err)?;
+    (&mut file)
+        .take(mem_size + 1)
+        .read_to_end(&mut bytes)
+        .map_err(open_err)?;
+    if bytes.len() as u64 != size {
+        return Err(open_err(std::io::Error::other(
+            "the file changed size while it was read",
+        )));
+    }
 
     if bytes.starts_with(ELF_MAGIC) {
         let plan = plan_elf(&bytes, mem_size).map_err(|reason| ImageError::BadElf {

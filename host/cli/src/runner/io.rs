@@ -1,7 +1,10 @@
 //! The guest's I/O ports: COM1 (a 16550 from vm-superio) and the exit port.
 
+use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -33,15 +36,79 @@ pub enum PortEffect {
     Exit(u8),
 }
 
+/// Bytes of serial output held while standard output is slow; past this,
+/// output is dropped (and counted) rather than stalling a vCPU.
+pub const SERIAL_BUFFER: usize = 1 << 20;
+
+#[derive(Default)]
+struct Pipe {
+    bytes: VecDeque<u8>,
+    dropped: u64,
+    closed: bool,
+}
+
+/// The UART's output: a bounded queue a writer thread drains into the
+/// real sink, so a vCPU never blocks on a slow or stalled reader.
+#[derive(Clone)]
+struct QueueWriter(Arc<(Mutex<Pipe>, Condvar)>);
+
+impl Write for QueueWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (lock, cvar) = &*self.0;
+        let mut pipe = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let room = SERIAL_BUFFER.saturating_sub(pipe.bytes.len());
+        let take = room.min(buf.len());
+        pipe.bytes.extend(&buf[..take]);
+        pipe.dropped += (buf.len() - take) as u64;
+        cvar.notify_one();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Ports shared by all vCPUs.
 pub struct IoBus {
-    serial: Mutex<Serial<NoInterrupt, NoEvents, SerialOut>>,
+    serial: Mutex<Serial<NoInterrupt, NoEvents, QueueWriter>>,
+    pipe: QueueWriter,
+    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl IoBus {
-    pub fn new(out: SerialOut) -> Self {
+    /// A bus whose COM1 output goes to `out` (through the bounded queue).
+    pub fn new(mut out: SerialOut) -> Self {
+        let pipe = QueueWriter(Arc::new((Mutex::new(Pipe::default()), Condvar::new())));
+        let drain = pipe.clone();
+        let writer = std::thread::Builder::new()
+            .name("msrwasm-serial".into())
+            .spawn(move || {
+                let (lock, cvar) = &*drain.0;
+                loop {
+                    let chunk: Vec<u8> = {
+                        let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
+                        while p.bytes.is_empty() && !p.closed {
+                            p = cvar.wait(p).unwrap_or_else(|e| e.into_inner());
+                        }
+                        if p.bytes.is_empty() {
+                            break;
+                        }
+                        p.bytes.drain(..).collect()
+                    };
+                    // A failing sink (closed pipe) must not stop the guest.
+                    if out.write_all(&chunk).and_then(|_| out.flush()).is_err() {
+                        let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
+                        p.dropped += chunk.len() as u64;
+                    }
+                }
+                let _ = out.flush();
+            })
+            .ok();
         Self {
-            serial: Mutex::new(Serial::new(NoInterrupt, out)),
+            serial: Mutex::new(Serial::new(NoInterrupt, pipe.clone())),
+            pipe,
+            writer: Mutex::new(writer),
         }
     }
 
@@ -53,7 +120,6 @@ impl IoBus {
             COM1_BASE..=COM1_LAST => {
                 let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
                 for &byte in data {
-                    // A failing stdout (closed pipe) must not stop the guest.
                     let _ = serial.write((port - COM1_BASE) as u8, byte);
                 }
                 Some(PortEffect::None)
@@ -78,14 +144,24 @@ impl IoBus {
         }
     }
 
-    /// Flushes pending serial output.
-    pub fn flush(&self) {
-        let _ = self
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .writer_mut()
-            .flush();
+    /// Writes what is queued, waiting at most `grace` for a slow sink (a
+    /// stalled reader is abandoned, not waited for); returns the bytes
+    /// dropped over the run.
+    pub fn finish(&self, grace: Duration) -> u64 {
+        let (lock, cvar) = &*self.pipe.0;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        cvar.notify_all();
+        if let Some(writer) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let deadline = Instant::now() + grace;
+            while !writer.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if writer.is_finished() {
+                let _ = writer.join();
+            }
+        }
+        let p = lock.lock().unwrap_or_else(|e| e.into_inner());
+        p.dropped + p.bytes.len() as u64
     }
 }
 
@@ -115,7 +191,32 @@ mod tests {
         let mut lsr = [0u8];
         assert!(bus.read(0x3fd, &mut lsr));
         assert_ne!(lsr[0] & 0x20, 0);
+        assert_eq!(bus.finish(Duration::from_secs(1)), 0);
         assert_eq!(&*out.0.lock().unwrap(), b"h\n");
+    }
+
+    /// A sink that never returns, like a pipe whose reader stopped.
+    struct Stalled;
+    impl Write for Stalled {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            std::thread::sleep(Duration::from_secs(3600));
+            Ok(0)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_reader_never_blocks_a_vcpu() {
+        let bus = IoBus::new(Box::new(Stalled));
+        let started = Instant::now();
+        for _ in 0..(SERIAL_BUFFER + 4096) {
+            assert_eq!(bus.write(0x3f8, b"x"), Some(PortEffect::None));
+        }
+        let dropped = bus.finish(Duration::from_millis(50));
+        assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+        assert!(dropped >= 4096, "{dropped}");
     }
 
     #[test]

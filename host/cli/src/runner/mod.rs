@@ -1,13 +1,14 @@
-//! Running a raw guest on KVM with its MSR accesses answered by a policy.
+//! `msrwasm run`: a raw-guest VMM on kvm-ioctls, built only on msrwasm's
+//! public engine API (the same API any VMM embeds): it owns the VM, guest
+//! memory, vCPU threads and their run loops; msrwasm answers MSR exits.
 
 pub mod boot;
-pub mod exit;
 pub mod image;
 pub mod io;
-mod signals;
+mod memory;
+pub mod signals;
 mod vcpu;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,26 +16,27 @@ use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_enable_cap};
-use kvm_ioctls::{Cap, Kvm, MsrExitReason, VcpuFd, VmFd};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use msrwasm::events::Events;
+use msrwasm::kvm::{KvmError, KvmFilter};
+use msrwasm::policy::PolicySpec;
+use msrwasm::stats::StatsSnapshot;
+use msrwasm::trace::{Trace, TraceError, TraceReport};
+use msrwasm::{Engine, EngineError};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::plugin::ModuleCache;
-use crate::plugin::state::StateStore;
-use crate::policy::{PluginCounters, Policy, PolicyCell, PolicyError, PolicySpec};
-use crate::reload::{ReloadStats, Reloader, Watcher};
-use crate::trace::{TraceError, TraceWriter};
-pub use exit::VcpuStats;
 use image::{ImageError, LoadedImage};
 use io::IoBus;
 pub use io::SerialOut;
 pub use signals::install_termination_handlers;
 use vcpu::{Event, VcpuThread};
+pub use vcpu::{ExitStats, exit_reason_name};
 
 /// Default guest memory, MiB.
 pub const DEFAULT_MEM_MIB: u64 = 256;
 /// Smallest guest memory: room for the boot structures, a 1 MiB image base
-/// and the stacks.
+/// and a stack.
 pub const MIN_MEM_MIB: u64 = 2;
 /// Largest guest memory this host maps.
 pub const MAX_MEM_MIB: u64 = 64 * 1024;
@@ -43,15 +45,41 @@ pub const MAX_VCPUS: u32 = 64;
 
 /// Everything `msrwasm run` needs.
 pub struct VmConfig {
+    /// vCPUs, each on its own thread.
     pub vcpus: u32,
+    /// Guest memory, MiB.
     pub mem_mib: u64,
+    /// The guest image.
     pub guest: PathBuf,
+    /// The MSR policy.
     pub policy: PolicySpec,
+    /// `--trace FILE`.
     pub trace: Option<PathBuf>,
+    /// Where COM1 output goes.
     pub serial: SerialOut,
-    /// Hot reload: watch the manifest and plugin files and put changed
-    /// versions in force while the VM runs.
+    /// Hot reload: watch the manifest and plugin files.
     pub watch: bool,
+    /// More event sinks (the footprint, the API's metrics, a test's probe).
+    pub events: Vec<Arc<dyn Events>>,
+    /// Time every plugin call (for the call-time histogram).
+    pub time_calls: bool,
+}
+
+impl VmConfig {
+    /// A config with the defaults of `msrwasm run`.
+    pub fn new(guest: impl Into<PathBuf>, policy: PolicySpec) -> Self {
+        Self {
+            vcpus: 1,
+            mem_mib: DEFAULT_MEM_MIB,
+            guest: guest.into(),
+            policy,
+            trace: None,
+            serial: Box::new(std::io::stdout()),
+            watch: false,
+            events: Vec::new(),
+            time_calls: false,
+        }
+    }
 }
 
 /// Why a VM could not be set up.
@@ -61,23 +89,39 @@ pub enum VmError {
     Vcpus(u32),
     #[error("--mem {0}: must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB")]
     Mem(u64),
-    #[error("cannot use KVM: {what}: {source}")]
+    #[error("cannot use KVM: {what}")]
     Kvm {
         what: &'static str,
+        #[source]
         source: kvm_ioctls::Error,
     },
-    #[error("this KVM lacks {0}, which msrwasm needs (Linux 5.10 or newer)")]
-    MissingCap(&'static str),
-    #[error("guest memory: {0}")]
-    Memory(String),
+    #[error(transparent)]
+    KvmSupport(#[from] KvmError),
+    #[error("cannot map guest memory")]
+    Memory(#[source] vm_memory::mmap::FromRangesError),
+    #[error("cannot write the boot structures")]
+    Boot(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot start a vCPU thread")]
+    Thread(#[source] std::io::Error),
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
-    Policy(#[from] PolicyError),
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Policy(#[from] msrwasm::PolicyError),
     #[error(transparent)]
     Trace(#[from] TraceError),
     #[error(transparent)]
-    Watch(#[from] crate::reload::WatchError),
+    Watch(#[from] msrwasm::watch::WatchError),
+    #[error(
+        "--mem {mem_mib} MiB is too small for {vcpus} vCPUs: their {stack_kib} KiB stacks and the image need at least {needed_mib} MiB; raise --mem"
+    )]
+    Stacks {
+        mem_mib: u64,
+        vcpus: u32,
+        stack_kib: u64,
+        needed_mib: u64,
+    },
     #[error("the vCPU stacks at the top of memory [{bottom:#x}, {top:#x}) overlap the guest image; raise --mem")]
     StackOverlap { bottom: u64, top: u64 },
 }
@@ -119,7 +163,8 @@ pub enum VmEnd {
     AllHalted,
     /// Triple fault, internal KVM error, failed entry or unexpected exit.
     Crash(Box<CrashReport>),
-    /// SIGINT or SIGTERM.
+    /// A termination signal (SIGINT, SIGTERM, SIGHUP, ...), or a stop
+    /// handle (reported as SIGTERM).
     Signal(i32),
     /// The host itself failed while running.
     Error(String),
@@ -133,18 +178,18 @@ pub const STATUS_CRASH: i32 = 1;
 pub struct VmReport {
     pub end: VmEnd,
     pub elapsed: Duration,
-    pub vcpus: Vec<VcpuStats>,
-    /// Counters per plugin name, summed over vCPUs and policy generations.
-    pub plugins: BTreeMap<String, PluginCounters>,
-    /// Records written to the trace file, if any.
-    pub traced: Option<u64>,
-    /// Hot reloads put in force, and refused.
-    pub reloads_applied: u64,
-    pub reloads_refused: u64,
+    /// Per vCPU: exits the runner saw (ports, MMIO, MSRs ...).
+    pub exits: Vec<ExitStats>,
+    /// The engine's counters (MSR accesses, plugins, reloads).
+    pub stats: StatsSnapshot,
+    /// How the trace ended, if there was one.
+    pub trace: Option<TraceReport>,
+    /// Serial output bytes dropped because standard output did not keep up.
+    pub serial_dropped: u64,
 }
 
 impl VmReport {
-    /// The process exit status `guest-conventions.md` asks for.
+    /// The process exit status the guest conventions ask for.
     pub fn exit_status(&self) -> i32 {
         match &self.end {
             VmEnd::ExitPort(v) => i32::from(*v),
@@ -154,9 +199,9 @@ impl VmReport {
         }
     }
 
-    /// All vCPUs' counters added up.
-    pub fn total(&self) -> VcpuStats {
-        self.vcpus.iter().fold(VcpuStats::default(), |mut t, s| {
+    /// All vCPUs' exit counters added up.
+    pub fn total_exits(&self) -> ExitStats {
+        self.exits.iter().fold(ExitStats::default(), |mut t, s| {
             t += s;
             t
         })
@@ -164,30 +209,31 @@ impl VmReport {
 
     /// A few lines for standard error.
     pub fn summary(&self) -> String {
-        let t = self.total();
+        let t = self.total_exits();
+        let m = self.stats.total();
         let end = match &self.end {
             VmEnd::ExitPort(v) => format!("guest wrote exit port: status {v}"),
             VmEnd::AllHalted => "all vCPUs halted".into(),
             VmEnd::Crash(report) => format!("crashed: {report}"),
-            VmEnd::Signal(sig) => format!("stopped by signal {sig}"),
+            VmEnd::Signal(sig) => format!("stopped by signal {sig} ({})", signals::name(*sig)),
             VmEnd::Error(e) => format!("host error: {e}"),
         };
         let secs = self.elapsed.as_secs_f64();
         let mut s = format!(
             "msrwasm: {end} after {secs:.2}s\nmsrwasm: {} exits, {} rdmsr + {} wrmsr deflected ({:.0}/s), {} #GP, {} KVM fallback, {} unhandled, {} port I/O ({} unknown), {} MMIO, {} unexpected\n",
             t.exits,
-            t.rdmsr,
-            t.wrmsr,
-            (t.rdmsr + t.wrmsr) as f64 / secs.max(1e-9),
-            t.gp,
-            t.kvm_fallback,
-            t.unhandled,
+            m.rdmsr,
+            m.wrmsr,
+            (m.rdmsr + m.wrmsr) as f64 / secs.max(1e-9),
+            m.gp,
+            m.kvm_fallback(),
+            m.unhandled(),
             t.port_io,
             t.unknown_ports,
             t.mmio,
             t.unexpected
         );
-        for (name, c) in &self.plugins {
+        for (name, c) in &self.stats.plugins {
             s += &format!(
                 "msrwasm: plugin {name}: {} handled, {} fault, {} pass, {} errors",
                 c.handled, c.fault, c.pass, c.errors
@@ -197,41 +243,41 @@ impl VmReport {
             }
             s += "\n";
         }
-        if self.reloads_applied + self.reloads_refused > 0 {
+        if self.stats.reloads_applied + self.stats.reloads_refused > 0 {
             s += &format!(
-                "msrwasm: hot reload: {} applied, {} refused\n",
-                self.reloads_applied, self.reloads_refused
+                "msrwasm: policy changes: {} applied, {} refused\n",
+                self.stats.reloads_applied, self.stats.reloads_refused
             );
         }
-        if let Some(n) = self.traced {
-            s += &format!("msrwasm: {n} trace records written\n");
+        if let Some(t) = &self.trace {
+            s += &format!("msrwasm: {} trace records written", t.written);
+            if t.dropped > 0 {
+                s += &format!(", {} dropped (the trace could not keep up or failed)", t.dropped);
+            }
+            if let Some(e) = &t.error {
+                s += &format!("; trace write error: {e}");
+            }
+            if t.deleted {
+                s += "; the trace file was deleted while the VM ran";
+            }
+            s += "\n";
+        }
+        if self.serial_dropped > 0 {
+            s += &format!(
+                "msrwasm: {} bytes of serial output dropped (standard output did not keep up)\n",
+                self.serial_dropped
+            );
         }
         s
     }
 }
 
-/// A VM set up and ready to run.
-pub struct Vm {
-    vm: Arc<VmFd>,
-    _mem: GuestMemoryMmap,
-    vcpus: Vec<VcpuFd>,
-    spec: PolicySpec,
-    cell: Arc<PolicyCell>,
-    state: Arc<StateStore>,
-    cache: Arc<ModuleCache>,
-    io: Arc<IoBus>,
-    trace: Option<PathBuf>,
-    watch: bool,
-    native: Option<exit::NativeMsr>,
-    stop: StopHandle,
-    epoch: Instant,
-}
-
-/// Ends a running VM from another thread (as SIGTERM would, status 143).
+/// Ends a running VM from another thread (reported as SIGTERM, status 143).
 #[derive(Clone, Debug, Default)]
 pub struct StopHandle(Arc<AtomicBool>);
 
 impl StopHandle {
+    /// Asks the VM to stop.
     pub fn stop(&self) {
         self.0.store(true, Ordering::Release);
     }
@@ -241,8 +287,22 @@ impl StopHandle {
     }
 }
 
+/// A VM set up and ready to run.
+pub struct Vm {
+    _vm: Arc<VmFd>,
+    _mem: GuestMemoryMmap,
+    vcpus: Vec<VcpuFd>,
+    engine: Engine,
+    trace: Option<Arc<Trace>>,
+    io: Arc<IoBus>,
+    watch: bool,
+    native: Option<vcpu::NativeMsr>,
+    stop: StopHandle,
+}
+
 impl Vm {
-    /// Loads the policy, creates the VM and loads the guest.
+    /// Creates the VM, the engine (loading the policy and programming the
+    /// filter through msrwasm's KVM filter sink) and loads the guest.
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
         if !(1..=MAX_VCPUS).contains(&config.vcpus) {
             return Err(VmError::Vcpus(config.vcpus));
@@ -250,38 +310,41 @@ impl Vm {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&config.mem_mib) {
             return Err(VmError::Mem(config.mem_mib));
         }
-        let state = Arc::new(StateStore::default());
-        let cache = Arc::new(ModuleCache::default());
-        let policy = Arc::new(Policy::load(&config.policy, &state, &cache)?);
+        let mem_size = config.mem_mib << 20;
+        let stacks = u64::from(config.vcpus) * boot::STACK_SIZE;
+        if stacks + boot::ELF_MIN_ADDR + (1 << 20) > mem_size {
+            return Err(VmError::Stacks {
+                mem_mib: config.mem_mib,
+                vcpus: config.vcpus,
+                stack_kib: boot::STACK_SIZE >> 10,
+                needed_mib: (stacks + boot::ELF_MIN_ADDR + (1 << 20)).div_ceil(1 << 20),
+            });
+        }
 
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
-        for (cap, name) in [
-            (Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR"),
-            (Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(VmError::MissingCap(name));
-            }
-        }
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let reasons = MsrExitReason::Inval | MsrExitReason::Unknown | MsrExitReason::Filter;
-        let mut cap = kvm_enable_cap {
-            cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
-            ..Default::default()
-        };
-        cap.args[0] = u64::from(reasons.bits());
-        vm.enable_cap(&cap)
-            .map_err(kvm_err("enabling KVM_CAP_X86_USER_SPACE_MSR"))?;
-        policy.filter().apply(&vm).map_err(PolicyError::from)?;
+        msrwasm::kvm::check_support(&kvm)?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        msrwasm::kvm::enable_user_space_msrs(&vm)?;
 
-        let mem_size = config.mem_mib << 20;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-            .map_err(|e| VmError::Memory(e.to_string()))?;
-        crate::sys::register_guest_memory(&vm, &mem).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let trace = config.trace.as_deref().map(Trace::create).transpose()?.map(Arc::new);
+        let mut builder = Engine::builder()
+            .filter(KvmFilter::new(vm.clone(), Vec::new()))
+            .time_calls(config.time_calls);
+        if let Some(trace) = &trace {
+            builder = builder.events(trace.clone());
+        }
+        for sink in config.events {
+            builder = builder.events(sink);
+        }
+        let engine = builder.build(config.policy)?;
+
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)]).map_err(VmError::Memory)?;
+        memory::register_guest_memory(&vm, &mem).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
 
         let image = image::load(&config.guest, &mem, mem_size)?;
         if let LoadedImage::Elf { segments, .. } = &image {
-            boot::write_long_mode_tables(&mem, mem_size).map_err(|e| VmError::Memory(e.to_string()))?;
+            boot::write_long_mode_tables(&mem, mem_size).map_err(VmError::Boot)?;
             let bottom = boot::stack_range(mem_size, u64::from(config.vcpus) - 1).0;
             if bottom < boot::ELF_MIN_ADDR || segments.iter().any(|&(_, end)| end > bottom) {
                 return Err(VmError::StackOverlap { bottom, top: mem_size });
@@ -317,26 +380,22 @@ impl Vm {
         }
 
         Ok(Self {
-            vm: Arc::new(vm),
+            _vm: vm,
             _mem: mem,
             vcpus,
-            spec: config.policy,
-            cell: Arc::new(PolicyCell::new(policy)),
-            state,
-            cache,
+            engine,
+            trace,
             io: Arc::new(IoBus::new(config.serial)),
-            trace: config.trace,
             watch: config.watch,
             native: None,
             stop: StopHandle::default(),
-            epoch: Instant::now(),
         })
     }
 
     /// Answers MSR accesses with a Rust function instead of the plugin
-    /// chain, on the very same exit path: the baseline `msrwasm bench`
-    /// compares plugins against.
-    pub fn with_native_msr(mut self, handler: exit::NativeMsr) -> Self {
+    /// chain, on the same exit path: the baseline `msrwasm bench` compares
+    /// plugins against.
+    pub fn with_native_msr(mut self, handler: vcpu::NativeMsr) -> Self {
         self.native = Some(handler);
         self
     }
@@ -347,78 +406,59 @@ impl Vm {
     }
 
     /// The instant trace timestamps (`t_ns`) count from.
-    pub fn epoch(&self) -> Instant {
-        self.epoch
+    pub fn trace_epoch(&self) -> Instant {
+        self.trace.as_ref().map_or_else(Instant::now, |t| t.epoch())
     }
 
-    /// The VM-wide plugin state store.
-    pub fn state(&self) -> &Arc<StateStore> {
-        &self.state
+    /// The engine answering this VM's MSR accesses.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// Runs every vCPU on its own thread until the VM ends.
     pub fn run(self) -> Result<VmReport, VmError> {
         signals::install_kick_handler();
-        let (trace_writer, trace_tx) = match &self.trace {
-            Some(path) => {
-                let (w, tx) = TraceWriter::create(path)?;
-                (Some(w), Some(tx))
-            }
-            None => (None, None),
-        };
-        let epoch = self.epoch;
         // Every plugin is instantiated on every vCPU before any vCPU runs:
         // init() failures are reported now, and all vCPUs start together.
-        let mut handlers = Vec::new();
+        let mut dispatchers = Vec::new();
         for index in 0..self.vcpus.len() as u32 {
-            let mut handler =
-                exit::ExitHandler::new(index, self.cell.clone(), self.io.clone(), trace_tx.clone(), epoch);
-            handler.set_native(self.native);
-            handler
-                .chain_mut()
-                .warm_up()
-                .map_err(|e| VmError::Policy(PolicyError::Load(e)))?;
-            handlers.push(handler);
+            let mut d = self.engine.dispatcher(index);
+            d.warm_up()
+                .map_err(|e| VmError::Policy(msrwasm::PolicyError::Load(e)))?;
+            dispatchers.push(d);
         }
-        let reloads = Arc::new(ReloadStats::default());
         let watcher = match self.watch {
-            true => Some(Watcher::start(Reloader::new(
-                self.spec.clone(),
-                self.cell.clone(),
-                self.vm.clone(),
-                self.state.clone(),
-                self.cache.clone(),
-                reloads.clone(),
-            ))?),
+            true => Some(msrwasm::watch::Watcher::spawn(&self.engine)?),
             false => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let (events_tx, events) = channel();
         let count = self.vcpus.len();
-        let mut threads: Vec<JoinHandle<exit::ExitHandler>> = Vec::new();
+        let mut threads: Vec<JoinHandle<ExitStats>> = Vec::new();
         let mut setup_error = None;
         let started = Instant::now();
-        for ((index, fd), handler) in self.vcpus.into_iter().enumerate().zip(handlers) {
-            let index = index as u32;
+        for ((index, fd), dispatcher) in self.vcpus.into_iter().enumerate().zip(dispatchers) {
             let thread = VcpuThread {
-                index,
+                index: index as u32,
                 fd,
-                handler,
+                msrs: dispatcher,
+                io: self.io.clone(),
+                native: self.native,
                 stop: stop.clone(),
                 events: events_tx.clone(),
+                stats: ExitStats::default(),
             };
-            let spawned = std::thread::Builder::new()
+            match std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || thread.run());
-            match spawned {
+                .spawn(move || thread.run())
+            {
                 Ok(handle) => threads.push(handle),
                 Err(e) => {
-                    setup_error = Some(VmError::Memory(format!("cannot start a vCPU thread: {e}")));
+                    setup_error = Some(VmError::Thread(e));
                     break;
                 }
             }
         }
-        drop(trace_tx);
         drop(events_tx);
 
         let mut end = None;
@@ -449,36 +489,33 @@ impl Vm {
         }
         let elapsed = started.elapsed();
 
-        drop(watcher);
+        // No more changes: a compile in flight is discarded, not waited for.
+        self.engine.close();
+        if let Some(w) = watcher {
+            w.stop(Duration::from_millis(100));
+        }
         stop.store(true, Ordering::Release);
-        let handlers = signals::stop_threads(threads);
-        self.io.flush();
+        let exits = signals::stop_threads(threads);
+        let serial_dropped = self.io.finish(Duration::from_secs(1));
         if let Some(e) = setup_error {
             return Err(e);
         }
         let mut report = VmReport {
             end: end.expect("set when setup succeeded"),
             elapsed,
-            vcpus: Vec::new(),
-            plugins: BTreeMap::new(),
-            traced: None,
-            reloads_applied: reloads.applied.load(Ordering::Relaxed),
-            reloads_refused: reloads.refused.load(Ordering::Relaxed),
+            exits: Vec::new(),
+            stats: self.engine.stats(),
+            trace: None,
+            serial_dropped,
         };
-        for handler in handlers {
-            match handler {
-                Ok(h) => {
-                    for (name, c) in h.plugin_counters() {
-                        *report.plugins.entry(name).or_default() += c;
-                    }
-                    report.vcpus.push(h.stats);
-                }
+        for result in exits {
+            match result {
+                Ok(stats) => report.exits.push(stats),
                 Err(what) => report.end = VmEnd::Error(what),
             }
         }
-        if let Some(writer) = trace_writer {
-            report.traced = Some(writer.finish()?);
-        }
+        // The dispatchers (and their trace sinks) are gone with the threads.
+        report.trace = self.trace.as_ref().map(|t| t.finish());
         Ok(report)
     }
 }

@@ -1,4 +1,5 @@
-//! Signals: kicking vCPU threads out of KVM_RUN, and SIGINT/SIGTERM.
+//! Signals: kicking vCPU threads out of KVM_RUN, and the signals that
+//! end a run cleanly (statistics flushed, trace written, status 128+N).
 
 use std::sync::Once;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -29,18 +30,45 @@ pub(super) fn install_kick_handler() {
     });
 }
 
-/// Makes SIGINT and SIGTERM stop a running VM cleanly (statistics flushed,
-/// exit status 130/143) instead of killing the process. For the CLI; a
-/// library user may keep its own handling.
+/// Signals that end a run cleanly instead of killing the process.
+pub const TERMINATION_SIGNALS: [i32; 7] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+];
+
+/// The name of a termination signal.
+pub fn name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGALRM => "SIGALRM",
+        _ => "signal",
+    }
+}
+
+/// Makes the [`TERMINATION_SIGNALS`] stop a running VM cleanly (statistics
+/// flushed, the trace written, exit status 128+N) instead of killing the
+/// process. SIGPIPE stays ignored (Rust's default), so a closed standard
+/// output is an error to handle, not a death.
 pub fn install_termination_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in TERMINATION_SIGNALS {
         if let Err(e) = register_signal_handler(sig, on_termination) {
             tracing::error!("cannot install a handler for signal {sig}: {e}");
         }
     }
 }
 
-pub(super) fn termination_requested() -> Option<i32> {
+/// The termination signal received, if any.
+pub fn termination_requested() -> Option<i32> {
     match TERMINATION.load(Ordering::SeqCst) {
         0 => None,
         sig => Some(sig),

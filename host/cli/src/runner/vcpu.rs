@@ -1,15 +1,20 @@
-//! The vCPU thread: run, decode the exit, let [`ExitHandler`] decide, apply.
+//! The vCPU thread: run, decode the exit, decide, apply. MSR exits go to
+//! msrwasm's dispatcher through its public KVM helpers; the rest are this
+//! runner's (ports, MMIO, HLT), decided by plain code tested without KVM.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 
-use kvm_bindings::{Msrs, kvm_msr_entry};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use msrwasm::{Access, Dispatcher, Reply};
 
-use super::exit::{Action, Exit, ExitHandler};
+use super::io::{IoBus, PortEffect};
 use super::{CrashReport, VmEnd};
-use crate::policy::KvmMsrs;
+
+/// A Rust MSR handler used instead of the plugin chain (the benchmark
+/// baseline).
+pub type NativeMsr = fn(vcpu: u32, access: Access) -> Reply;
 
 /// What a vCPU thread tells the VM's main thread.
 #[derive(Debug)]
@@ -18,45 +23,108 @@ pub(super) enum Event {
     End(VmEnd),
 }
 
-/// KVM's own MSRs of one vCPU, for the fallback of filtered MSRs.
-pub struct VcpuMsrs<'a>(pub &'a VcpuFd);
+/// Exits of one vCPU, as the runner saw them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExitStats {
+    /// Every exit.
+    pub exits: u64,
+    /// RDMSR exits.
+    pub rdmsr: u64,
+    /// WRMSR exits.
+    pub wrmsr: u64,
+    /// Port I/O exits.
+    pub port_io: u64,
+    /// Accesses to ports nobody decodes.
+    pub unknown_ports: u64,
+    /// MMIO exits.
+    pub mmio: u64,
+    /// Exits the runner does not expect.
+    pub unexpected: u64,
+}
 
-impl KvmMsrs for VcpuMsrs<'_> {
-    fn get(&mut self, index: u32) -> Option<u64> {
-        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index,
-            ..Default::default()
-        }])
-        .ok()?;
-        match self.0.get_msrs(&mut msrs) {
-            Ok(1) => Some(msrs.as_slice()[0].data),
-            _ => None,
-        }
+impl std::ops::AddAssign<&ExitStats> for ExitStats {
+    fn add_assign(&mut self, s: &ExitStats) {
+        self.exits += s.exits;
+        self.rdmsr += s.rdmsr;
+        self.wrmsr += s.wrmsr;
+        self.port_io += s.port_io;
+        self.unknown_ports += s.unknown_ports;
+        self.mmio += s.mmio;
+        self.unexpected += s.unexpected;
     }
+}
 
-    fn set(&mut self, index: u32, value: u64) -> bool {
-        let Ok(msrs) = Msrs::from_entries(&[kvm_msr_entry {
-            index,
-            data: value,
-            ..Default::default()
-        }]) else {
-            return false;
-        };
-        matches!(self.0.set_msrs(&msrs), Ok(1))
+/// What the loop does after a non-MSR exit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Action {
+    Resume,
+    Halt,
+    Exit(u8),
+    Crash(String),
+}
+
+/// A non-MSR exit, decoded and owned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Exit {
+    IoOut { port: u16, data: Vec<u8> },
+    MmioWrite { addr: u64, len: usize },
+    Hlt,
+    Shutdown,
+    InternalError,
+    FailEntry { reason: u64, cpu: u32 },
+    Interrupted,
+    Unexpected { what: String },
+}
+
+/// Name of a KVM exit for messages.
+pub fn exit_reason_name(exit: &VcpuExit<'_>) -> String {
+    format!("{exit:?}")
+        .split(['(', ' ', '{'])
+        .next()
+        .unwrap_or("exit")
+        .to_owned()
+}
+
+/// Decides a non-MSR exit.
+pub(super) fn decide(exit: Exit, io: &IoBus, stats: &mut ExitStats, vcpu: u32) -> Action {
+    stats.exits += 1;
+    match exit {
+        Exit::IoOut { port, data } => {
+            stats.port_io += 1;
+            match io.write(port, &data) {
+                Some(PortEffect::Exit(status)) => Action::Exit(status),
+                Some(PortEffect::None) => Action::Resume,
+                None => {
+                    stats.unknown_ports += 1;
+                    Action::Resume
+                }
+            }
+        }
+        Exit::MmioWrite { addr, len } => {
+            stats.mmio += 1;
+            tracing::debug!(vcpu, "dropped {len}-byte MMIO write to {addr:#x} (no device there)");
+            Action::Resume
+        }
+        Exit::Hlt => Action::Halt,
+        Exit::Interrupted => {
+            stats.exits -= 1;
+            Action::Resume
+        }
+        Exit::Shutdown => Action::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+        Exit::InternalError => Action::Crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into()),
+        Exit::FailEntry { reason, cpu } => Action::Crash(format!(
+            "VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"
+        )),
+        Exit::Unexpected { what } => {
+            stats.unexpected += 1;
+            tracing::error!(vcpu, "unexpected exit: {what}");
+            Action::Crash(format!("unexpected exit: {what}"))
+        }
     }
 }
 
 fn decode(exit: VcpuExit<'_>) -> Exit {
     match exit {
-        VcpuExit::X86Rdmsr(e) => Exit::Rdmsr {
-            index: e.index,
-            reason: e.reason.bits(),
-        },
-        VcpuExit::X86Wrmsr(e) => Exit::Wrmsr {
-            index: e.index,
-            value: e.data,
-            reason: e.reason.bits(),
-        },
         VcpuExit::IoOut(port, data) => Exit::IoOut {
             port,
             data: data.to_vec(),
@@ -76,41 +144,65 @@ fn decode(exit: VcpuExit<'_>) -> Exit {
 pub(super) struct VcpuThread {
     pub index: u32,
     pub fd: VcpuFd,
-    pub handler: ExitHandler,
+    pub msrs: Dispatcher,
+    pub io: Arc<IoBus>,
+    pub native: Option<NativeMsr>,
     pub stop: Arc<AtomicBool>,
     pub events: Sender<Event>,
+    pub stats: ExitStats,
 }
 
 impl VcpuThread {
     /// Runs until this vCPU halts, the VM ends, or `stop` is set.
-    pub fn run(mut self) -> ExitHandler {
+    pub fn run(mut self) -> ExitStats {
         while !self.stop.load(Ordering::Acquire) {
-            let action = match self.fd.run() {
+            let (access, action) = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    self.handler.io_in(port, data);
+                    self.stats.exits += 1;
+                    self.stats.port_io += 1;
+                    if !self.io.read(port, data) {
+                        self.stats.unknown_ports += 1;
+                    }
                     continue;
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    self.handler.mmio_read(addr, data);
+                    self.stats.exits += 1;
+                    self.stats.mmio += 1;
+                    data.fill(0xff);
+                    tracing::debug!(
+                        vcpu = self.index,
+                        "MMIO read of {addr:#x} (no device there) reads all ones"
+                    );
                     continue;
                 }
-                Ok(exit) => {
-                    let exit = decode(exit);
-                    self.handler.handle(exit, &mut VcpuMsrs(&self.fd))
-                }
+                Ok(exit) => match msrwasm::kvm::msr_access(&exit) {
+                    Some(access) => (Some(access), Action::Resume),
+                    None => (None, decide(decode(exit), &self.io, &mut self.stats, self.index)),
+                },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.handler.handle(Exit::Interrupted, &mut VcpuMsrs(&self.fd))
+                    (None, decide(Exit::Interrupted, &self.io, &mut self.stats, self.index))
                 }
-                Err(e) => Action::Crash(format!("KVM_RUN failed: {e}")),
+                Err(e) => (None, Action::Crash(format!("KVM_RUN failed: {e}"))),
             };
+            if let Some(access) = access {
+                self.stats.exits += 1;
+                if access.is_write() {
+                    self.stats.wrmsr += 1;
+                } else {
+                    self.stats.rdmsr += 1;
+                }
+                let result = match self.native {
+                    Some(native) => msrwasm::kvm::complete(&mut self.fd, native(self.index, access)),
+                    None => self.msrs.handle_exit(&mut self.fd, access).map(|_| ()),
+                };
+                if let Err(e) = result {
+                    self.end(VmEnd::Error(format!("completing an MSR exit: {e}")));
+                    break;
+                }
+                continue;
+            }
             match action {
                 Action::Resume => {}
-                Action::CompleteMsr(value) => {
-                    if !crate::sys::complete_msr_exit(self.fd.get_kvm_run(), value) {
-                        self.end(VmEnd::Error("an MSR answer found no pending MSR exit".into()));
-                        break;
-                    }
-                }
                 Action::Halt => {
                     let _ = self.events.send(Event::Halted);
                     break;
@@ -126,7 +218,7 @@ impl VcpuThread {
                 }
             }
         }
-        self.handler
+        self.stats
     }
 
     fn end(&self, end: VmEnd) {
@@ -147,5 +239,60 @@ impl VcpuThread {
             cr4: sregs.cr4,
             efer: sregs.efer,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bus() -> IoBus {
+        IoBus::new(Box::new(std::io::sink()))
+    }
+
+    #[test]
+    fn ports_decide_exit_and_unknown_ports_are_counted() {
+        let mut stats = ExitStats::default();
+        let io = bus();
+        assert_eq!(
+            decide(
+                Exit::IoOut {
+                    port: 0xf4,
+                    data: vec![7]
+                },
+                &io,
+                &mut stats,
+                0
+            ),
+            Action::Exit(7)
+        );
+        assert_eq!(
+            decide(
+                Exit::IoOut {
+                    port: 0x80,
+                    data: vec![1]
+                },
+                &io,
+                &mut stats,
+                0
+            ),
+            Action::Resume
+        );
+        assert_eq!((stats.exits, stats.port_io, stats.unknown_ports), (2, 2, 1));
+    }
+
+    #[test]
+    fn crashes_and_kicks() {
+        let mut stats = ExitStats::default();
+        let io = bus();
+        assert!(matches!(decide(Exit::Shutdown, &io, &mut stats, 0), Action::Crash(w) if w.contains("triple fault")));
+        assert_eq!(decide(Exit::Interrupted, &io, &mut stats, 0), Action::Resume);
+        assert_eq!(decide(Exit::Hlt, &io, &mut stats, 0), Action::Halt);
+        assert_eq!(stats.exits, 2, "a kick is not an exit of the guest's");
+        assert!(matches!(
+            decide(Exit::Unexpected { what: "X".into() }, &io, &mut stats, 0),
+            Action::Crash(_)
+        ));
+        assert_eq!(stats.unexpected, 1);
     }
 }

@@ -10,14 +10,12 @@ pub const IMPORT_MODULE: &str = "msr";
 /// At most this many ranges come from a plugin's `claim` export.
 pub const MAX_CLAIM_RANGES: i32 = 64;
 
+/// The access completes.
 pub const STATUS_HANDLED: i32 = 0;
+/// The guest gets #GP.
 pub const STATUS_FAULT: i32 = 1;
+/// The next plugin decides.
 pub const STATUS_PASS: i32 = 2;
-
-/// `msr.reason` values: KVM's own `KVM_MSR_EXIT_REASON_*` bits.
-pub const REASON_INVAL: u32 = 1;
-pub const REASON_UNKNOWN: u32 = 2;
-pub const REASON_FILTER: u32 = 4;
 
 /// Required/optional exports and their signatures, written as the ABI
 /// document writes them.
@@ -45,9 +43,13 @@ pub const IMPORTS: &[(&str, &str)] = &[
 /// What a module offers, once its shape passed [`check_shape`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Shape {
+    /// Exports `rdmsr`.
     pub rdmsr: bool,
+    /// Exports `wrmsr`.
     pub wrmsr: bool,
+    /// Exports `init`.
     pub init: bool,
+    /// Exports `claim`.
     pub claim: bool,
 }
 
@@ -156,7 +158,7 @@ mod tests {
     use super::*;
 
     fn shape_of(wat: &str) -> Result<Shape, String> {
-        check_shape(&Module::new(crate::plugin::engine(), wat).unwrap())
+        check_shape(&Module::new(crate::plugin::Runtime::shared().engine(), wat).unwrap())
     }
 
     #[test]

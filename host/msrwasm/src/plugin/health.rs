@@ -56,6 +56,7 @@ fn clock() -> u64 {
 }
 
 impl Health {
+    /// A healthy record under `policy`.
     pub fn new(policy: QuarantinePolicy) -> Self {
         Self {
             policy,

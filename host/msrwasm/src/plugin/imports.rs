@@ -1,20 +1,62 @@
 //! The `msr.*` host functions of ABI v1 and the per-`Store` data they use.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wasmtime::{Caller, Extern, Linker, StoreLimits};
+use wasmtime::{Caller, Engine, Extern, Linker, StoreLimits};
 
-use super::engine;
+use super::clock::Clock;
+use super::runtime::Budget;
 use super::state::StateScope;
 
-/// Messages a plugin instance may log per window before the rest are
-/// dropped (and the drop is reported once).
-const LOG_BURST: u32 = 20;
-const LOG_WINDOW: Duration = Duration::from_secs(1);
+/// Messages one plugin instance may log per window; the rest are dropped
+/// (and the drop is reported once per window).
+pub const LOG_BURST: u32 = 20;
+/// Messages all plugins of a runtime together may log per window.
+pub const LOG_GLOBAL_BURST: u32 = 200;
+/// The rate-limit window.
+pub const LOG_WINDOW: Duration = Duration::from_secs(1);
 /// Longest string a plugin may hand to `log` or `config`.
-const MAX_STRING: usize = 4096;
+pub const MAX_STRING: usize = 4096;
+
+/// The log budget all plugin instances of a runtime share, so that many
+/// instances (64 vCPUs x many plugins) cannot flood the host's log.
+#[derive(Debug)]
+pub(crate) struct LogLimiter {
+    window: Mutex<(Instant, u32, u64)>,
+}
+
+impl LogLimiter {
+    pub(crate) fn new() -> Self {
+        Self {
+            window: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// Whether one more line may go out now.
+    fn admit(&self) -> bool {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if now.duration_since(w.0) >= LOG_WINDOW {
+            if w.2 > 0 {
+                tracing::warn!(
+                    dropped = w.2,
+                    "plugin log lines dropped by the host-wide rate limit ({LOG_GLOBAL_BURST} per second)"
+                );
+            }
+            *w = (now, 0, 0);
+        }
+        if w.1 < LOG_GLOBAL_BURST {
+            w.1 += 1;
+            true
+        } else {
+            w.2 += 1;
+            false
+        }
+    }
+}
 
 /// Data of one plugin `Store` (one plugin on one vCPU).
 pub struct PluginCtx {
@@ -25,37 +67,53 @@ pub struct PluginCtx {
     reply: Option<u64>,
     state: Arc<StateScope>,
     config: Arc<BTreeMap<String, i64>>,
+    clock: Arc<dyn Clock>,
     log_window: Instant,
     log_count: u32,
-    /// Overrides the host clock for `msr.now_ns` (scripted tests).
-    clock: Option<super::ManualClock>,
+    limiter: Arc<LogLimiter>,
+    /// The running call's budget.
+    pub(super) budget: Budget,
+    /// Thread CPU time when the running call was first interrupted.
+    pub(super) cpu_mark: Option<u64>,
     /// Host-call time the running call may still use (see [`charge`]).
     pub(super) host_budget_ns: u64,
     pub(super) limits: StoreLimits,
+    /// Calls of `msr.*` functions, all of them.
+    pub(super) host_calls: u64,
 }
 
+/// Counts `state_set`/`state_add` misuse; refusals happen in [`StateScope`].
+static STATE_REFUSALS: AtomicU64 = AtomicU64::new(0);
+
 impl PluginCtx {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
-        name: &str,
+        name: Arc<str>,
         vcpu: u32,
         state: Arc<StateScope>,
         config: Arc<BTreeMap<String, i64>>,
+        clock: Arc<dyn Clock>,
+        limiter: Arc<LogLimiter>,
         limits: StoreLimits,
-        clock: Option<super::ManualClock>,
+        budget: Budget,
     ) -> Self {
         Self {
-            name: name.into(),
+            name,
             vcpu,
             reason: 0,
             in_rdmsr: false,
             reply: None,
             state,
             config,
+            clock,
             log_window: Instant::now(),
             log_count: 0,
+            limiter,
+            budget,
+            cpu_mark: None,
             host_budget_ns: 0,
-            clock,
             limits,
+            host_calls: 0,
         }
     }
 
@@ -71,24 +129,56 @@ impl PluginCtx {
         self.reply.take()
     }
 
-    fn may_log(&mut self) -> bool {
+
+    pub(super) fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    pub(super) fn config(&self, name: &str) -> Option<i64> {
+        self.config.get(name).copied()
+    }
+
+    /// Logs `message` at `level` if both rate limits allow, with control
+    /// characters escaped so that a plugin cannot forge host log lines.
+    pub(super) fn log(&mut self, level: i32, message: &str) {
         let now = Instant::now();
         if now.duration_since(self.log_window) >= LOG_WINDOW {
             if self.log_count > LOG_BURST {
-                tracing::warn!(plugin = %self.name, dropped = self.log_count - LOG_BURST, "plugin log messages dropped by the rate limit");
+                tracing::warn!(
+                    plugin = %self.name, vcpu = self.vcpu, dropped = self.log_count - LOG_BURST,
+                    "plugin log messages dropped by the per-instance rate limit ({LOG_BURST} per second)"
+                );
             }
             self.log_window = now;
             self.log_count = 0;
         }
-        self.log_count += 1;
-        self.log_count <= LOG_BURST
+        self.log_count = self.log_count.saturating_add(1);
+        if self.log_count > LOG_BURST || !self.limiter.admit() {
+            return;
+        }
+        let msg = sanitize(message);
+        let (plugin, vcpu) = (&*self.name, self.vcpu);
+        match level {
+            0 => tracing::error!(plugin, vcpu, "plugin says: {msg}"),
+            1 => tracing::warn!(plugin, vcpu, "plugin says: {msg}"),
+            2 => tracing::info!(plugin, vcpu, "plugin says: {msg}"),
+            _ => tracing::debug!(plugin, vcpu, "plugin says: {msg}"),
+        }
     }
 }
 
-/// Start of the `now_ns` clock: the process's first use of it.
-fn clock_origin() -> Instant {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    *ORIGIN.get_or_init(Instant::now)
+/// Escapes control characters (newlines, ESC, ...) and bidirectional
+/// overrides, so a string from a plugin stays one inert line.
+pub fn sanitize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Reads a UTF-8 string from the caller's exported memory; a bad pointer or
@@ -112,24 +202,18 @@ fn read_string(caller: &mut Caller<'_, PluginCtx>, ptr: i32, len: i32, what: &st
     String::from_utf8(bytes.to_vec()).map_err(|_| wasmtime::Error::msg(format!("msr.{what}: string is not UTF-8")))
 }
 
-/// The linker every plugin is instantiated with.
-pub(super) fn linker() -> &'static Linker<PluginCtx> {
-    static LINKER: OnceLock<Linker<PluginCtx>> = OnceLock::new();
-    LINKER.get_or_init(|| build_linker().expect("the msr import definitions are consistent"))
-}
-
-/// What host imports cost in CPU time. Fuel counts only wasm
-/// instructions, so host calls draw on a budget of their own (as large as
-/// the call's): a loop that spends its time in host calls cannot outlast
-/// it, and a call ends within about twice `timeout_us` whatever it does.
-const CHEAP_NS: u64 = 20;
-const STATE_NS: u64 = 100;
-const STRING_NS: u64 = 1000;
+/// What host imports cost in CPU time, charged to a budget of their own
+/// (as large as the call's) because fuel counts only wasm instructions: a
+/// loop of host calls ends within the budget without waiting for the
+/// CPU-time check at the next epoch tick.
+pub(super) const CHEAP_NS: u64 = 20;
+pub(super) const STATE_NS: u64 = 100;
+pub(super) const STRING_NS: u64 = 1000;
 
 /// Takes `ns` from the running call's host-call budget; running out is the
 /// same trap as running out of fuel.
-fn charge(c: &mut Caller<'_, PluginCtx>, ns: u64) -> wasmtime::Result<()> {
-    let ctx = c.data_mut();
+pub(super) fn charge(ctx: &mut PluginCtx, ns: u64) -> wasmtime::Result<()> {
+    ctx.host_calls += 1;
     match ctx.host_budget_ns.checked_sub(ns) {
         Some(left) => {
             ctx.host_budget_ns = left;
@@ -139,11 +223,22 @@ fn charge(c: &mut Caller<'_, PluginCtx>, ns: u64) -> wasmtime::Result<()> {
     }
 }
 
-fn build_linker() -> wasmtime::Result<Linker<PluginCtx>> {
-    let mut l = Linker::new(engine());
+/// A refused `state_set`/`state_add` (the plugin's store is full) traps.
+pub(super) fn state_refused(ctx: &PluginCtx) -> wasmtime::Error {
+    STATE_REFUSALS.fetch_add(1, Ordering::Relaxed);
+    wasmtime::Error::msg(format!(
+        "state store of plugin `{}` is full ({} keys): state_set/state_add of a new key refused",
+        ctx.name,
+        super::state::MAX_KEYS
+    ))
+}
+
+/// The linker for core-module plugins: the `msr` functions.
+pub(super) fn core_linker(engine: &Engine) -> wasmtime::Result<Linker<PluginCtx>> {
+    let mut l = Linker::new(engine);
     l.func_wrap("msr", "reply", |mut c: Caller<'_, PluginCtx>, value: i64| {
-        charge(&mut c, CHEAP_NS)?;
         let ctx = c.data_mut();
+        charge(ctx, CHEAP_NS)?;
         if !ctx.in_rdmsr {
             return Err(wasmtime::Error::msg("msr.reply called outside rdmsr"));
         }
@@ -151,61 +246,63 @@ fn build_linker() -> wasmtime::Result<Linker<PluginCtx>> {
         Ok(())
     })?;
     l.func_wrap("msr", "vcpu", |mut c: Caller<'_, PluginCtx>| {
-        charge(&mut c, CHEAP_NS)?;
+        charge(c.data_mut(), CHEAP_NS)?;
         Ok(c.data().vcpu as i32)
     })?;
     l.func_wrap("msr", "reason", |mut c: Caller<'_, PluginCtx>| {
-        charge(&mut c, CHEAP_NS)?;
+        charge(c.data_mut(), CHEAP_NS)?;
         Ok(c.data().reason as i32)
     })?;
     l.func_wrap("msr", "now_ns", |mut c: Caller<'_, PluginCtx>| {
-        charge(&mut c, CHEAP_NS)?;
-        Ok(match &c.data().clock {
-            Some(clock) => clock.load(std::sync::atomic::Ordering::Relaxed) as i64,
-            None => clock_origin().elapsed().as_nanos() as i64,
-        })
+        charge(c.data_mut(), CHEAP_NS)?;
+        Ok(c.data().now_ns() as i64)
     })?;
     l.func_wrap("msr", "state_get", |mut c: Caller<'_, PluginCtx>, key: i32| {
-        charge(&mut c, STATE_NS)?;
+        charge(c.data_mut(), STATE_NS)?;
         Ok(c.data().state.get(key))
     })?;
     l.func_wrap("msr", "state_set", |mut c: Caller<'_, PluginCtx>, key: i32, v: i64| {
-        charge(&mut c, STATE_NS)?;
-        c.data().state.set(key, v);
-        Ok(())
+        let ctx = c.data_mut();
+        charge(ctx, STATE_NS)?;
+        ctx.state.set(key, v).map_err(|_| state_refused(ctx))
     })?;
     l.func_wrap("msr", "state_add", |mut c: Caller<'_, PluginCtx>, key: i32, d: i64| {
-        charge(&mut c, STATE_NS)?;
-        Ok(c.data().state.add(key, d))
+        let ctx = c.data_mut();
+        charge(ctx, STATE_NS)?;
+        ctx.state.add(key, d).map_err(|_| state_refused(ctx))
     })?;
     l.func_wrap(
         "msr",
         "config",
         |mut c: Caller<'_, PluginCtx>, ptr: i32, len: i32, default: i64| {
-            charge(&mut c, STRING_NS)?;
+            charge(c.data_mut(), STRING_NS)?;
             let name = read_string(&mut c, ptr, len, "config")?;
-            Ok(c.data().config.get(&name).copied().unwrap_or(default))
+            Ok(c.data().config(&name).unwrap_or(default))
         },
     )?;
     l.func_wrap(
         "msr",
         "log",
         |mut c: Caller<'_, PluginCtx>, level: i32, ptr: i32, len: i32| {
-            charge(&mut c, STRING_NS)?;
+            charge(c.data_mut(), STRING_NS)?;
             let msg = read_string(&mut c, ptr, len, "log")?;
-            let ctx = c.data_mut();
-            if !ctx.may_log() {
-                return Ok(());
-            }
-            let (plugin, vcpu) = (&*ctx.name, ctx.vcpu);
-            match level {
-                0 => tracing::error!(plugin, vcpu, "{msg}"),
-                1 => tracing::warn!(plugin, vcpu, "{msg}"),
-                2 => tracing::info!(plugin, vcpu, "{msg}"),
-                _ => tracing::debug!(plugin, vcpu, "{msg}"),
-            }
+            c.data_mut().log(level, &msg);
             Ok(())
         },
     )?;
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_keeps_one_inert_line() {
+        assert_eq!(sanitize("ok"), "ok");
+        assert_eq!(
+            sanitize("x\nmsrwasm: reload applied\x1b[2J\u{202e}"),
+            "x\\nmsrwasm: reload applied\\u{1b}[2J\\u{202e}"
+        );
+    }
 }

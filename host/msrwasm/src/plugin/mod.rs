@@ -1,63 +1,49 @@
-//! Plugins: compiling and validating a module once, then running it as one
-//! instance (and one `Store`) per vCPU.
+//! Plugins: reading, validating and compiling a module once, then running
+//! it as one instance (and one `Store`) per vCPU.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use msrwasm::plugin::{Answer, Plugin, PluginSettings, Runtime};
+//! use msrwasm::plugin::state::StateStore;
+//!
+//! let wat = r#"(module
+//!   (import "msr" "reply" (func $reply (param i64)))
+//!   (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
+//!   (func (export "rdmsr") (param i32) (result i32) (call $reply (i64.const 42)) (i32.const 0)))"#;
+//! let runtime = Runtime::shared();
+//! let plugin = Arc::new(Plugin::from_bytes(&runtime, PluginSettings::new("answer", "answer.wat"),
+//!                                          wat.as_bytes(), &StateStore::default())?);
+//! let mut vcpu0 = plugin.instantiate(0)?;
+//! assert_eq!(vcpu0.rdmsr(0x4d53_0000, msrwasm::ExitReason::Unknown.bits())?, Answer::Handled(42));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod abi;
+pub mod cache;
+pub mod clock;
 pub mod health;
 mod imports;
+pub mod limits;
 pub mod meta;
+pub mod runtime;
 pub mod state;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use wasmtime::{Config, Engine, InstancePre, Module, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc};
+use wasmtime::{InstancePre, Module, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc, UpdateDeadline};
 
 pub use abi::Shape;
+pub use cache::ModuleCache;
 use imports::PluginCtx;
+pub use imports::sanitize;
+pub use runtime::{Runtime, RuntimeError, RuntimeOptions};
 use state::{StateScope, StateStore};
 
-/// Bound on the wasm stack, so deep recursion traps instead of overflowing
-/// the vCPU thread.
-pub const MAX_WASM_STACK: usize = 256 * 1024;
-
-/// The one wasmtime `Engine` of the process.
-///
-/// The per-call CPU budget is enforced with fuel rather than epochs: fuel
-/// counts the plugin's own work, so a vCPU thread preempted by the host
-/// scheduler in the middle of a call is not mistaken for a runaway plugin.
-pub fn engine() -> &'static Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| {
-        let mut config = Config::new();
-        config.consume_fuel(true);
-        config.max_wasm_stack(MAX_WASM_STACK);
-        Engine::new(&config).expect("the static wasmtime configuration is valid")
-    })
-}
-
-/// Fuel this machine burns per microsecond of plugin CPU time, measured
-/// once per process on a busy loop, so that `timeout_us` means time.
-pub fn fuel_per_us() -> u64 {
-    static RATE: OnceLock<u64> = OnceLock::new();
-    *RATE.get_or_init(|| {
-        const PROBE_FUEL: u64 = 4_000_000;
-        let measure = || -> Option<u64> {
-            let module = Module::new(engine(), "(module (func (export \"spin\") (loop $l (br $l))))").ok()?;
-            let mut store = Store::new(engine(), ());
-            store.set_fuel(PROBE_FUEL).ok()?;
-            let instance = wasmtime::Instance::new(&mut store, &module, &[]).ok()?;
-            let spin = instance.get_typed_func::<(), ()>(&mut store, "spin").ok()?;
-            let started = std::time::Instant::now();
-            let _ = spin.call(&mut store, ());
-            let us = started.elapsed().as_micros().max(1) as u64;
-            Some(PROBE_FUEL / us)
-        };
-        // Bounds keep a disturbed measurement from making budgets absurd.
-        measure().unwrap_or(1000).clamp(100, 20_000)
-    })
-}
+/// The boxed error source of failures that come from wasmtime.
+pub type WasmError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// What a plugin does when it fails (trap, timeout, bad status, ...).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -70,22 +56,52 @@ pub enum OnError {
     Pass,
 }
 
+/// The two plugin flavours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    /// A core module implementing ABI v1.
+    Core,
+    /// A component implementing the WIT world `msrwasm:plugin/plugin@1.0.0`.
+    Component,
+}
+
+impl std::fmt::Display for Flavour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Flavour::Core => "core",
+            Flavour::Component => "component",
+        })
+    }
+}
+
 /// Per-plugin settings from the manifest (or defaults for `--plugin`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PluginSettings {
+    /// Unique within a policy; also the scope of the plugin's state store.
     pub name: String,
+    /// The `.wasm` or `.wat` file.
     pub path: PathBuf,
-    /// Manifest `msrs`: overrides the plugin's own `claim` export.
+    /// Manifest `msrs`: overrides the plugin's own claim list.
     pub msrs: Option<Vec<(u32, u32)>>,
+    /// What a plugin error does to the access.
     pub on_error: OnError,
+    /// Per-call CPU budget, microseconds.
     pub timeout_us: u64,
+    /// Budget of `_initialize` and `init`, microseconds (`None`: 100 x `timeout_us`).
+    pub init_timeout_us: Option<u64>,
+    /// Linear memory cap, KiB.
     pub memory_max_kib: u64,
+    /// Refuse any other content.
     pub sha256: Option<String>,
+    /// Integers the plugin reads with `msr.config`.
     pub config: BTreeMap<String, i64>,
 }
 
 impl PluginSettings {
+    /// Default per-call budget.
     pub const DEFAULT_TIMEOUT_US: u64 = 1000;
+    /// Default linear memory cap.
     pub const DEFAULT_MEMORY_MAX_KIB: u64 = 1024;
 
     /// Defaults for a plugin given by path alone.
@@ -96,54 +112,138 @@ impl PluginSettings {
             msrs: None,
             on_error: OnError::Fault,
             timeout_us: Self::DEFAULT_TIMEOUT_US,
+            init_timeout_us: None,
             memory_max_kib: Self::DEFAULT_MEMORY_MAX_KIB,
             sha256: None,
             config: BTreeMap::new(),
         }
+    }
+
+    /// The budget of `_initialize` and `init`.
+    pub fn init_budget_us(&self) -> u64 {
+        self.init_timeout_us.unwrap_or(self.timeout_us.saturating_mul(100))
+    }
+}
+
+/// Who a loaded plugin version is: what traces, logs, the control API and
+/// [`crate::Outcome`]s name.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PluginInfo {
+    /// The plugin's name in the policy.
+    pub name: String,
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// Hex SHA-256 of the content: the version's identity.
+    pub version: String,
+    /// Core module or component.
+    pub flavour: Flavour,
+}
+
+impl PluginInfo {
+    /// The first 16 hex digits of the version, as traces and logs show it.
+    pub fn short_version(&self) -> &str {
+        &self.version[..16.min(self.version.len())]
     }
 }
 
 /// Why a plugin cannot be loaded. Every message names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("plugin {}: cannot read: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("plugin {}: {size} bytes is over the {} MiB limit for plugin files", path.display(), MAX_PLUGIN_BYTES >> 20)]
-    TooLarge { path: PathBuf, size: u64 },
+    /// The file cannot be read.
+    #[error("plugin {}: cannot read", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: crate::files::ReadError,
+    },
+    /// The content is not the pinned one.
     #[error("plugin {}: content sha256 {actual} does not match the pinned sha256 {expected}", path.display())]
     Sha256Mismatch {
+        /// The file.
         path: PathBuf,
+        /// The manifest's `sha256`.
         expected: String,
+        /// What the file holds.
         actual: String,
     },
-    #[error("plugin {}: not WebAssembly: {reason}", path.display())]
-    NotWasm { path: PathBuf, reason: String },
-    #[error("plugin {}: {reason}", path.display())]
-    Abi { path: PathBuf, reason: String },
-    #[error("plugin {}: msrwasm_abi_version() returned {version}; this host speaks ABI version {}", path.display(), abi::ABI_VERSION)]
-    AbiVersion { path: PathBuf, version: i32 },
-    #[error("plugin {}: init() refused the load with code {code}", path.display())]
-    InitRefused { path: PathBuf, code: i32 },
-    #[error("plugin {}: {what} failed: {reason}", path.display())]
-    Instantiate {
+    /// Neither a wasm binary nor WAT text that compiles.
+    #[error("plugin {}: not WebAssembly", path.display())]
+    NotWasm {
+        /// The file.
         path: PathBuf,
-        what: &'static str,
+        /// What the parser or compiler said.
+        #[source]
+        source: WasmError,
+    },
+    /// Over a compile limit: refused before compiling.
+    #[error("plugin {}: {reason}", path.display())]
+    Limits {
+        /// The file.
+        path: PathBuf,
+        /// Which limit, and how far over.
         reason: String,
     },
+    /// Does not match the plugin ABI (exports, imports, signatures).
+    #[error("plugin {}: {reason}", path.display())]
+    Abi {
+        /// The file.
+        path: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+    /// `msrwasm_abi_version` returned something else than 1.
+    #[error("plugin {}: msrwasm_abi_version() returned {version}; this host speaks ABI version {}", path.display(), abi::ABI_VERSION)]
+    AbiVersion {
+        /// The file.
+        path: PathBuf,
+        /// What it returned.
+        version: i32,
+    },
+    /// `init` returned non-zero (or an error, for components).
+    #[error("plugin {}: init() refused the load: {reason}", path.display())]
+    InitRefused {
+        /// The file.
+        path: PathBuf,
+        /// The code or message.
+        reason: String,
+    },
+    /// Instantiation, `_initialize`, `init` or `claim` failed.
+    #[error("plugin {}: {what} failed", path.display())]
+    Instantiate {
+        /// The file.
+        path: PathBuf,
+        /// Which step.
+        what: &'static str,
+        /// The trap or error.
+        #[source]
+        source: WasmError,
+    },
+    /// The claim list is malformed.
     #[error("plugin {}: claim(): {reason}", path.display())]
-    Claim { path: PathBuf, reason: String },
+    Claim {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
-/// A compiled, validated plugin, ready to be instantiated on every vCPU.
+/// A compiled, validated plugin version, ready to be instantiated on every
+/// vCPU.
 pub struct Plugin {
+    info: PluginInfo,
+    name: Arc<str>,
     settings: PluginSettings,
-    sha256: String,
     shape: Shape,
     /// The claim list in force: the manifest's `msrs`, else the plugin's
-    /// `claim` export; `None` means the plugin is asked for every deflected
-    /// access but puts nothing into the MSR filter.
+    /// own; `None` means the plugin is asked for every deflected access but
+    /// puts nothing into the MSR filter.
     claims: Option<Vec<(u32, u32)>>,
     pre: InstancePre<PluginCtx>,
+    runtime: Arc<Runtime>,
+    limiter: Arc<imports::LogLimiter>,
     state: Arc<StateScope>,
     config: Arc<BTreeMap<String, i64>>,
     health: health::Health,
@@ -153,39 +253,23 @@ pub struct Plugin {
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin")
-            .field("name", &self.settings.name)
-            .field("path", &self.settings.path)
-            .field("sha256", &self.sha256)
+            .field("info", &self.info)
             .field("claims", &self.claims)
             .finish_non_exhaustive()
     }
 }
 
-/// A clock a test controls: nanoseconds that `msr.now_ns` returns.
-pub type ManualClock = Arc<std::sync::atomic::AtomicU64>;
-
 /// Largest plugin file the host reads (a guard against mistakes such as
 /// pointing `path` at a disk image).
 pub const MAX_PLUGIN_BYTES: u64 = 64 << 20;
 
-/// Reads a plugin file, refusing directories and files over
-/// [`MAX_PLUGIN_BYTES`] before reading them.
+/// Reads a plugin file: a regular file of at most [`MAX_PLUGIN_BYTES`],
+/// opened without blocking (a FIFO or device is refused, not waited on).
 pub fn read_plugin_file(path: &Path) -> Result<Vec<u8>, LoadError> {
-    let read_err = |source| LoadError::Read {
+    crate::files::read_regular(path, MAX_PLUGIN_BYTES).map_err(|source| LoadError::Read {
         path: path.to_owned(),
         source,
-    };
-    let meta = std::fs::metadata(path).map_err(read_err)?;
-    if meta.is_dir() {
-        return Err(read_err(std::io::Error::other("it is a directory")));
-    }
-    if meta.len() > MAX_PLUGIN_BYTES {
-        return Err(LoadError::TooLarge {
-            path: path.to_owned(),
-            size: meta.len(),
-        });
-    }
-    std::fs::read(path).map_err(read_err)
+    })
 }
 
 /// Hex SHA-256 of a plugin file's content: its version identity.
@@ -195,35 +279,25 @@ pub fn content_hash(bytes: &[u8]) -> String {
 
 impl Plugin {
     /// Reads, compiles and validates the plugin `settings` names, running
-    /// `init` and `claim` on a probe instance.
-    pub fn load(settings: PluginSettings, state: &StateStore) -> Result<Self, LoadError> {
+    /// `init` and `claim` on a probe instance (vCPU 0).
+    pub fn load(runtime: &Arc<Runtime>, settings: PluginSettings, state: &StateStore) -> Result<Self, LoadError> {
         let bytes = read_plugin_file(&settings.path)?;
-        Self::from_bytes(settings, &bytes, state)
-    }
-
-    /// As [`Plugin::load`], reusing a compiled module of the same content
-    /// from `cache` (and adding to it).
-    pub fn load_cached(settings: PluginSettings, state: &StateStore, cache: &ModuleCache) -> Result<Self, LoadError> {
-        let bytes = read_plugin_file(&settings.path)?;
-        Self::from_bytes_cached(settings, &bytes, state, cache)
-    }
-
-    /// As [`Plugin::load_cached`], from bytes already read.
-    pub fn from_bytes_cached(
-        settings: PluginSettings,
-        bytes: &[u8],
-        state: &StateStore,
-        cache: &ModuleCache,
-    ) -> Result<Self, LoadError> {
-        Self::build(settings, bytes, state, Some(cache))
+        Self::build(runtime, settings, &bytes, state, None)
     }
 
     /// As [`Plugin::load`], from bytes already read (`settings.path` names them).
-    pub fn from_bytes(settings: PluginSettings, bytes: &[u8], state: &StateStore) -> Result<Self, LoadError> {
-        Self::build(settings, bytes, state, None)
+    pub fn from_bytes(
+        runtime: &Arc<Runtime>,
+        settings: PluginSettings,
+        bytes: &[u8],
+        state: &StateStore,
+    ) -> Result<Self, LoadError> {
+        Self::build(runtime, settings, bytes, state, None)
     }
 
-    fn build(
+    /// As [`Plugin::from_bytes`], compiling through `cache`.
+    pub(crate) fn build(
+        runtime: &Arc<Runtime>,
         settings: PluginSettings,
         bytes: &[u8],
         state: &StateStore,
@@ -240,60 +314,71 @@ impl Plugin {
                 actual: sha256,
             });
         }
+        let binary = to_binary(&path, bytes)?;
+        limits::check(&binary, settings.memory_max_kib).map_err(|reason| LoadError::Limits {
+            path: path.clone(),
+            reason,
+        })?;
+        let abi_err = |reason: String| LoadError::Abi {
+            path: path.clone(),
+            reason,
+        };
         let module = match cache.and_then(|c| c.get(&sha256)) {
             Some(module) => module,
-            None => {
-                let module = compile(&path, bytes)?;
-                if let Some(cache) = cache {
-                    cache.insert(&sha256, &module);
-                }
-                module
-            }
+            None => Module::new(runtime.engine(), &binary[..]).map_err(|e| LoadError::NotWasm {
+                path: path.clone(),
+                source: one_line_error(e),
+            })?,
         };
-        let meta = meta::read(bytes).map_err(|reason| LoadError::Abi {
-            path: path.clone(),
-            reason,
-        })?;
-        let shape = abi::check_shape(&module).map_err(|reason| LoadError::Abi {
-            path: path.clone(),
-            reason,
-        })?;
-        let pre = imports::linker().instantiate_pre(&module).map_err(|e| LoadError::Abi {
-            path: path.clone(),
-            reason: format!("{e:#}"),
-        })?;
+        let meta = meta::read(&binary).map_err(abi_err)?;
+        let shape = abi::check_shape(&module).map_err(abi_err)?;
+        let pre = runtime
+            .linker()
+            .instantiate_pre(&module)
+            .map_err(|e| abi_err(one_line(&format!("{e:#}"))))?;
+        let name: Arc<str> = settings.name.as_str().into();
         let mut plugin = Self {
+            info: PluginInfo {
+                name: settings.name.clone(),
+                path: settings.path.clone(),
+                version: sha256.clone(),
+                flavour: Flavour::Core,
+            },
+            name,
             state: state.scope(&settings.name),
             config: Arc::new(settings.config.clone()),
             claims: settings.msrs.clone(),
             settings,
-            sha256,
             shape,
             pre,
+            runtime: runtime.clone(),
+            limiter: runtime.log_limiter(),
             health: health::Health::new(health::QuarantinePolicy::default()),
             meta,
         };
         plugin.probe()?;
+        if let Some(cache) = cache {
+            // Only validated versions are kept: a refused one costs nothing later.
+            cache.insert(&sha256, &module);
+        }
         Ok(plugin)
     }
 
     /// Checks the version, runs `init` and reads `claim` on a throwaway instance.
     fn probe(&mut self) -> Result<(), LoadError> {
-        let path = &self.settings.path;
-        let (mut store, instance) = self.instantiate_raw(0, None)?;
+        let path = self.settings.path.clone();
+        let (mut store, instance) = self.instantiate_raw(0)?;
+        set_budget(&mut store, self.runtime.budget(self.settings.timeout_us));
         let version = instance
             .get_typed_func::<(), i32>(&mut store, "msrwasm_abi_version")
             .and_then(|f| f.call(&mut store, ()))
             .map_err(|e| LoadError::Instantiate {
                 path: path.clone(),
                 what: "msrwasm_abi_version()",
-                reason: describe_trap(&e),
+                source: trap_error(e),
             })?;
         if version != abi::ABI_VERSION {
-            return Err(LoadError::AbiVersion {
-                path: path.clone(),
-                version,
-            });
+            return Err(LoadError::AbiVersion { path, version });
         }
         self.run_init(&mut store, &instance)?;
         if self.claims.is_none() && self.shape.claim {
@@ -305,17 +390,18 @@ impl Plugin {
                 })?;
             let mut ranges = Vec::new();
             for n in 0..=abi::MAX_CLAIM_RANGES {
-                set_fuel(&mut store, self.fuel());
-                let packed = claim.call(&mut store, n).map_err(|e| LoadError::Claim {
+                set_budget(&mut store, self.runtime.budget(self.settings.timeout_us));
+                let packed = claim.call(&mut store, n).map_err(|e| LoadError::Instantiate {
                     path: path.clone(),
-                    reason: describe_trap(&e),
+                    what: "claim()",
+                    source: trap_error(e),
                 })?;
                 if packed == -1 {
                     break;
                 }
                 if n == abi::MAX_CLAIM_RANGES {
                     return Err(LoadError::Claim {
-                        path: path.clone(),
+                        path,
                         reason: format!("more than {} ranges (the list must end with -1)", abi::MAX_CLAIM_RANGES),
                     });
                 }
@@ -330,33 +416,45 @@ impl Plugin {
         Ok(())
     }
 
-    /// The per-call budget in fuel.
-    fn fuel(&self) -> u64 {
-        self.settings.timeout_us.saturating_mul(fuel_per_us())
-    }
-
-    fn instantiate_raw(
-        &self,
-        vcpu: u32,
-        clock: Option<ManualClock>,
-    ) -> Result<(Store<PluginCtx>, wasmtime::Instance), LoadError> {
+    fn instantiate_raw(&self, vcpu: u32) -> Result<(Store<PluginCtx>, wasmtime::Instance), LoadError> {
         let limits = self.store_limits();
+        let init_budget = self.runtime.budget(self.settings.init_budget_us());
         let ctx = PluginCtx::new(
-            &self.settings.name,
+            self.name.clone(),
             vcpu,
             self.state.clone(),
             self.config.clone(),
+            self.runtime.clock().clone(),
+            self.limiter.clone(),
             limits,
-            clock,
+            init_budget,
         );
-        let mut store = Store::new(engine(), ctx);
+        let mut store = Store::new(self.runtime.engine(), ctx);
         store.limiter(|ctx| &mut ctx.limits);
-        // A start function runs during instantiation: it gets the same budget.
-        set_fuel(&mut store, self.fuel());
+        store.epoch_deadline_callback(|mut cx| {
+            let ctx = cx.data_mut();
+            let now = crate::sys::thread_cpu_ns();
+            // The first interruption may come up to a tick after the call
+            // started: count that tick as spent.
+            let used = match ctx.cpu_mark {
+                None => {
+                    ctx.cpu_mark = Some(now);
+                    ctx.budget.tick_ns
+                }
+                Some(mark) => now.saturating_sub(mark).saturating_add(ctx.budget.tick_ns),
+            };
+            if used > ctx.budget.cpu_ns {
+                Err(Trap::Interrupt.into())
+            } else {
+                Ok(UpdateDeadline::Continue(1))
+            }
+        });
+        // A start function and `_initialize` run under the init budget.
+        set_budget(&mut store, init_budget);
         let instance = self.pre.instantiate(&mut store).map_err(|e| LoadError::Instantiate {
             path: self.settings.path.clone(),
             what: "instantiation",
-            reason: describe_trap(&e),
+            source: instantiation_error(e, self.settings.memory_max_kib),
         })?;
         Ok((store, instance))
     }
@@ -366,7 +464,7 @@ impl Plugin {
             .memory_size(usize::try_from(self.settings.memory_max_kib * 1024).unwrap_or(usize::MAX))
             .memories(1)
             .tables(4)
-            .table_elements(65_536)
+            .table_elements(limits::MAX_TABLE_ELEMENTS)
             .instances(1)
             .trap_on_grow_failure(false)
             .build()
@@ -377,19 +475,19 @@ impl Plugin {
             return Ok(());
         }
         let path = &self.settings.path;
-        set_fuel(store, self.fuel());
+        set_budget(store, self.runtime.budget(self.settings.init_budget_us()));
         let code = instance
             .get_typed_func::<(), i32>(&mut *store, "init")
             .and_then(|f| f.call(&mut *store, ()))
             .map_err(|e| LoadError::Instantiate {
                 path: path.clone(),
                 what: "init()",
-                reason: describe_trap(&e),
+                source: trap_error(e),
             })?;
         if code != 0 {
             return Err(LoadError::InitRefused {
                 path: path.clone(),
-                code,
+                reason: format!("code {code}"),
             });
         }
         Ok(())
@@ -397,17 +495,7 @@ impl Plugin {
 
     /// A fresh instance for vCPU `vcpu`, `init` already run.
     pub fn instantiate(self: &Arc<Self>, vcpu: u32) -> Result<PluginInstance, LoadError> {
-        self.instantiate_with_clock(vcpu, None)
-    }
-
-    /// As [`Plugin::instantiate`], with `msr.now_ns` read from `clock`
-    /// instead of the host's clock when given (for scripted tests).
-    pub fn instantiate_with_clock(
-        self: &Arc<Self>,
-        vcpu: u32,
-        clock: Option<ManualClock>,
-    ) -> Result<PluginInstance, LoadError> {
-        let (mut store, instance) = self.instantiate_raw(vcpu, clock)?;
+        let (mut store, instance) = self.instantiate_raw(vcpu)?;
         self.run_init(&mut store, &instance)?;
         let rdmsr = self
             .shape
@@ -427,27 +515,41 @@ impl Plugin {
             store,
             rdmsr,
             wrmsr,
-            fuel: self.fuel(),
+            budget: self.runtime.budget(self.settings.timeout_us),
         })
     }
 
+    /// Who this version is.
+    pub fn info(&self) -> &PluginInfo {
+        &self.info
+    }
+
+    /// The plugin's name in the policy.
     pub fn name(&self) -> &str {
         &self.settings.name
     }
 
+    /// The file it was loaded from.
     pub fn path(&self) -> &Path {
         &self.settings.path
     }
 
+    /// Its settings.
     pub fn settings(&self) -> &PluginSettings {
         &self.settings
     }
 
     /// Hex SHA-256 of the content this plugin was compiled from.
     pub fn sha256(&self) -> &str {
-        &self.sha256
+        &self.info.version
     }
 
+    /// Core module or component.
+    pub fn flavour(&self) -> Flavour {
+        self.info.flavour
+    }
+
+    /// The ABI exports found.
     pub fn shape(&self) -> Shape {
         self.shape
     }
@@ -473,72 +575,40 @@ impl Plugin {
         &self.health
     }
 
+    /// The claim list in force (`None`: a catch-all).
     pub fn claims(&self) -> Option<&[(u32, u32)]> {
         self.claims.as_deref()
     }
 }
 
-/// Gives the next call (or init, claim, start function) its budget: `fuel`
-/// for wasm code and as much time again for host calls.
-fn set_fuel(store: &mut Store<PluginCtx>, fuel: u64) {
-    store.set_fuel(fuel).expect("fuel is enabled on the engine");
-    store.data_mut().host_budget_ns = fuel.saturating_mul(1000) / fuel_per_us();
+/// Gives the next call (or init, claim, start function) its budget.
+fn set_budget(store: &mut Store<PluginCtx>, budget: runtime::Budget) {
+    // Fuel is always enabled on msrwasm's engines (runtime::configure).
+    let _ = store.set_fuel(budget.fuel);
+    store.set_epoch_deadline(1);
+    let ctx = store.data_mut();
+    ctx.budget = budget;
+    ctx.cpu_mark = None;
+    ctx.host_budget_ns = budget.cpu_ns;
 }
 
-/// Compiled modules by content hash, so that content seen before (a
-/// rollback, a file touched without change) goes live without compiling.
-/// In memory only; the oldest entries go first.
-#[derive(Default)]
-pub struct ModuleCache {
-    modules: std::sync::Mutex<std::collections::VecDeque<(String, Module)>>,
-}
-
-impl ModuleCache {
-    /// Modules kept at most.
-    pub const CAPACITY: usize = 64;
-
-    fn get(&self, sha256: &str) -> Option<Module> {
-        let modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        modules.iter().find(|(h, _)| h == sha256).map(|(_, m)| m.clone())
-    }
-
-    fn insert(&self, sha256: &str, module: &Module) {
-        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        if modules.len() == Self::CAPACITY {
-            modules.pop_front();
-        }
-        modules.push_back((sha256.to_owned(), module.clone()));
-    }
-
-    /// Whether content with this hash is compiled already.
-    pub fn contains(&self, sha256: &str) -> bool {
-        self.get(sha256).is_some()
-    }
-
-    /// Number of modules held.
-    pub fn len(&self) -> usize {
-        self.modules.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-fn compile(path: &Path, bytes: &[u8]) -> Result<Module, LoadError> {
+/// The wasm binary of `bytes`: as is, or compiled from WAT text.
+fn to_binary<'a>(path: &Path, bytes: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, LoadError> {
     let not_wasm = |reason: String| LoadError::NotWasm {
         path: path.to_owned(),
-        reason,
+        source: reason.into(),
     };
     if bytes.is_empty() {
         return Err(not_wasm("the file is empty".into()));
     }
-    if !bytes.starts_with(b"\0asm") && std::str::from_utf8(bytes).is_err() {
-        return Err(not_wasm(
-            "neither a wasm binary (no \\0asm magic) nor WAT text (not UTF-8)".into(),
-        ));
+    if bytes.starts_with(b"\0asm") {
+        return Ok(bytes.into());
     }
-    Module::new(engine(), bytes).map_err(|e| not_wasm(one_line(&format!("{e:#}"))))
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| not_wasm("neither a wasm binary (no \\0asm magic) nor WAT text (not UTF-8)".into()))?;
+    wat::parse_str(text)
+        .map(Into::into)
+        .map_err(|e| not_wasm(one_line(&e.to_string())))
 }
 
 /// Folds a multi-line parser message (message, `--> <anon>:L:C`, source
@@ -560,14 +630,60 @@ fn one_line(message: &str) -> String {
     out
 }
 
+fn one_line_error(e: wasmtime::Error) -> WasmError {
+    wasm_error_text(&e).into()
+}
+
+/// A wasmtime error and its causes on one line, without wasm backtraces.
+fn wasm_error_text(e: &wasmtime::Error) -> String {
+    let root: &(dyn std::error::Error + 'static) = e.as_ref();
+    let parts: Vec<String> = std::iter::successors(Some(root), |e| e.source())
+        .map(|e| one_line(&e.to_string()))
+        .filter(|m| !m.starts_with("error while executing at wasm backtrace") && !m.is_empty())
+        .collect();
+    match parts.is_empty() {
+        true => one_line(&format!("{e}")),
+        false => parts.join(": "),
+    }
+}
+
+/// Whether `e` is one of the traps the budget causes.
+fn is_timeout(e: &wasmtime::Error) -> bool {
+    matches!(e.downcast_ref::<Trap>(), Some(Trap::OutOfFuel | Trap::Interrupt))
+}
+
 /// A readable account of a wasm failure, naming the budget or limit for the
 /// traps the host causes itself.
-fn describe_trap(e: &wasmtime::Error) -> String {
-    match e.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => "timed out (exceeded its CPU budget, timeout_us)".into(),
-        Some(Trap::StackOverflow) => "wasm stack overflow".into(),
-        _ => format!("{e:#}"),
+fn trap_error(e: wasmtime::Error) -> WasmError {
+    if is_timeout(&e) {
+        return "timed out (exceeded its CPU budget: timeout_us, or init_timeout_us for _initialize/init)".into();
     }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::StackOverflow) => "wasm stack overflow".into(),
+        _ => one_line_error(e),
+    }
+}
+
+/// An instantiation failure, with the manifest key to change when a limit
+/// caused it.
+fn instantiation_error(e: wasmtime::Error, memory_max_kib: u64) -> WasmError {
+    let text = wasm_error_text(&e);
+    if text.contains("memory minimum size") && text.contains("exceeds memory limits") {
+        return format!(
+            "{}: the module's initial memory is larger than memory_max_kib = {memory_max_kib} KiB (default {}); raise memory_max_kib in the manifest or shrink the module's memory (e.g. a smaller stack)",
+            one_line(&text),
+            PluginSettings::DEFAULT_MEMORY_MAX_KIB
+        )
+        .into();
+    }
+    if text.contains("mmap") || text.contains("Cannot allocate memory") {
+        return format!(
+            "{}: the host could not reserve address space for another plugin instance; run fewer plugins or vCPUs",
+            one_line(&text)
+        )
+        .into();
+    }
+    trap_error(e)
 }
 
 /// How a plugin answered one access.
@@ -575,21 +691,30 @@ fn describe_trap(e: &wasmtime::Error) -> String {
 pub enum Answer {
     /// HANDLED; for a read, the replied value.
     Handled(u64),
+    /// FAULT: the guest gets #GP.
     Fault,
+    /// PASS: the next plugin decides.
     Pass,
 }
 
 /// Why a call is a plugin error (decided by the plugin's `on_error`).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
+    /// The plugin trapped.
     #[error("trapped: {0}")]
     Trap(String),
-    #[error("timed out (exceeded its CPU budget)")]
+    /// The call used up its CPU budget.
+    #[error("timed out (exceeded its CPU budget, timeout_us)")]
     Timeout,
+    /// A status outside 0, 1, 2.
     #[error("returned status {0}, which is not HANDLED (0), FAULT (1) or PASS (2)")]
     BadStatus(i32),
+    /// HANDLED from `rdmsr` without a reply.
     #[error("returned HANDLED from rdmsr without calling msr.reply")]
     NoReply,
+    /// A fresh instance could not be made.
+    #[error("re-instantiation failed: {0}")]
+    Instantiate(String),
 }
 
 /// One vCPU's instance of a plugin, with its own `Store`.
@@ -597,12 +722,11 @@ pub struct PluginInstance {
     store: Store<PluginCtx>,
     rdmsr: Option<TypedFunc<i32, i32>>,
     wrmsr: Option<TypedFunc<(i32, i64), i32>>,
-    /// The per-call budget.
-    fuel: u64,
+    budget: runtime::Budget,
 }
 
 impl PluginInstance {
-    /// Asks the plugin about `RDMSR index`.
+    /// Asks the plugin about `RDMSR index` (`reason`: KVM's exit reason bits).
     pub fn rdmsr(&mut self, index: u32, reason: u32) -> Result<Answer, CallError> {
         // Borrowed, not cloned: cloning a TypedFunc clones its registered
         // type, which costs more than the call itself.
@@ -610,7 +734,7 @@ impl PluginInstance {
             return Ok(Answer::Pass);
         };
         self.store.data_mut().begin(reason, true);
-        set_fuel(&mut self.store, self.fuel);
+        set_budget(&mut self.store, self.budget);
         let status = func.call(&mut self.store, index as i32);
         let reply = self.store.data_mut().end();
         match into_answer(status)? {
@@ -625,7 +749,7 @@ impl PluginInstance {
             return Ok(Answer::Pass);
         };
         self.store.data_mut().begin(reason, false);
-        set_fuel(&mut self.store, self.fuel);
+        set_budget(&mut self.store, self.budget);
         let status = func.call(&mut self.store, (index as i32, value as i64));
         self.store.data_mut().end();
         into_answer(status)
@@ -638,8 +762,8 @@ fn into_answer(status: wasmtime::Result<i32>) -> Result<Answer, CallError> {
         Ok(abi::STATUS_FAULT) => Ok(Answer::Fault),
         Ok(abi::STATUS_PASS) => Ok(Answer::Pass),
         Ok(other) => Err(CallError::BadStatus(other)),
-        Err(e) if matches!(e.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) => Err(CallError::Timeout),
-        Err(e) => Err(CallError::Trap(describe_trap(&e))),
+        Err(e) if is_timeout(&e) => Err(CallError::Timeout),
+        Err(e) => Err(CallError::Trap(trap_error(e).to_string())),
     }
 }
 

@@ -1,9 +1,26 @@
 //! The VM-wide `state_*` store: integers keyed by plugin *name*, shared by
-//! all vCPUs and kept across hot reloads.
+//! all vCPUs and kept across hot reloads, bounded in size, and exportable
+//! for snapshot, restore and live migration.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
+
+/// Keys one plugin's store may hold; a `state_set`/`state_add` of a new key
+/// beyond this is a plugin error.
+pub const MAX_KEYS: usize = 4096;
+/// Plugin stores kept for names no longer in the policy before the oldest
+/// of them are dropped.
+pub const MAX_RETIRED_SCOPES: usize = 64;
+
+/// Every plugin's store, by plugin name: what [`StateStore::snapshot`]
+/// returns and [`StateStore::restore`] takes.
+pub type StateSnapshot = BTreeMap<String, BTreeMap<i32, i64>>;
+
+/// The store is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the plugin's state store holds {MAX_KEYS} keys already")]
+pub struct StoreFull;
 
 /// All plugins' stores of one VM.
 #[derive(Debug, Default)]
@@ -21,28 +38,66 @@ impl StateStore {
         let mut scopes = self.scopes.write().unwrap_or_else(|e| e.into_inner());
         scopes.entry(name.to_owned()).or_default().clone()
     }
+
+    /// Drops stores of plugins not in `live` once more than
+    /// [`MAX_RETIRED_SCOPES`] such stores exist (a plugin removed and added
+    /// back soon after keeps its values).
+    pub fn prune(&self, live: &[&str]) {
+        let mut scopes = self.scopes.write().unwrap_or_else(|e| e.into_inner());
+        let retired = scopes.keys().filter(|n| !live.contains(&n.as_str())).count();
+        if retired > MAX_RETIRED_SCOPES {
+            scopes.retain(|name, _| live.contains(&name.as_str()));
+        }
+    }
+
+    /// Every plugin's keys and values.
+    pub fn snapshot(&self) -> StateSnapshot {
+        let scopes = self.scopes.read().unwrap_or_else(|e| e.into_inner());
+        scopes
+            .iter()
+            .map(|(name, scope)| (name.clone(), scope.snapshot()))
+            .filter(|(_, keys)| !keys.is_empty())
+            .collect()
+    }
+
+    /// Replaces the stores of the plugins named in `snapshot` with its
+    /// values (other plugins' stores are untouched), all under one lock.
+    /// Meant for a paused VM (restore after snapshot or migration): a vCPU
+    /// running meanwhile may still complete one write to the old values.
+    pub fn restore(&self, snapshot: &StateSnapshot) -> Result<(), StoreFull> {
+        if snapshot.values().any(|keys| keys.len() > MAX_KEYS) {
+            return Err(StoreFull);
+        }
+        let mut scopes = self.scopes.write().unwrap_or_else(|e| e.into_inner());
+        for (name, keys) in snapshot {
+            let scope = scopes.entry(name.clone()).or_default();
+            let mut map = scope.keys.write().unwrap_or_else(|e| e.into_inner());
+            *map = keys.iter().map(|(&k, &v)| (k, Arc::new(AtomicI64::new(v)))).collect();
+        }
+        Ok(())
+    }
 }
 
-/// One plugin's keys. Keys are created on first write and never removed, so
-/// a reader holds the map lock only for the lookup, never across the atomic.
+/// One plugin's keys. A reader holds the map lock only for the lookup,
+/// never across the atomic operation.
 #[derive(Debug, Default)]
 pub struct StateScope {
     keys: RwLock<HashMap<i32, Arc<AtomicI64>>>,
 }
 
 impl StateScope {
-    fn slot(&self, key: i32) -> Arc<AtomicI64> {
+    fn slot(&self, key: i32) -> Result<Arc<AtomicI64>, StoreFull> {
         if let Some(slot) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return slot.clone();
+            return Ok(slot.clone());
         }
-        self.keys
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
-            .or_default()
-            .clone()
+        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        if keys.len() >= MAX_KEYS && !keys.contains_key(&key) {
+            return Err(StoreFull);
+        }
+        Ok(keys.entry(key).or_default().clone())
     }
 
+    /// The value of `key`; missing keys read 0.
     pub fn get(&self, key: i32) -> i64 {
         self.keys
             .read()
@@ -51,13 +106,30 @@ impl StateScope {
             .map_or(0, |slot| slot.load(Ordering::SeqCst))
     }
 
-    pub fn set(&self, key: i32, value: i64) {
-        self.slot(key).store(value, Ordering::SeqCst);
+    /// Stores `value` under `key`.
+    pub fn set(&self, key: i32, value: i64) -> Result<(), StoreFull> {
+        self.slot(key)?.store(value, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Atomic add; returns the new value (wrapping, as wasm i64 arithmetic).
-    pub fn add(&self, key: i32, delta: i64) -> i64 {
-        self.slot(key).fetch_add(delta, Ordering::SeqCst).wrapping_add(delta)
+    pub fn add(&self, key: i32, delta: i64) -> Result<i64, StoreFull> {
+        Ok(self.slot(key)?.fetch_add(delta, Ordering::SeqCst).wrapping_add(delta))
+    }
+
+    /// Number of keys held.
+    pub fn len(&self) -> usize {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn snapshot(&self) -> BTreeMap<i32, i64> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        keys.iter().map(|(&k, v)| (k, v.load(Ordering::SeqCst))).collect()
     }
 }
 
@@ -68,7 +140,7 @@ mod tests {
     #[test]
     fn scopes_are_per_name_and_missing_keys_read_zero() {
         let store = StateStore::default();
-        store.scope("a").set(1, 5);
+        store.scope("a").set(1, 5).unwrap();
         assert_eq!(store.scope("a").get(1), 5);
         assert_eq!(store.scope("b").get(1), 0);
     }
@@ -81,12 +153,48 @@ mod tests {
                 let scope = store.scope("p");
                 std::thread::spawn(move || {
                     (0..10_000).for_each(|_| {
-                        scope.add(7, 1);
+                        scope.add(7, 1).unwrap();
                     })
                 })
             })
             .collect();
         threads.into_iter().for_each(|t| t.join().unwrap());
         assert_eq!(store.scope("p").get(7), 40_000);
+    }
+
+    #[test]
+    fn a_store_holds_at_most_max_keys() {
+        let store = StateStore::default();
+        let scope = store.scope("p");
+        for k in 0..MAX_KEYS as i32 {
+            scope.set(k, 1).unwrap();
+        }
+        assert_eq!(scope.set(-1, 1), Err(StoreFull));
+        assert_eq!(scope.add(-1, 1), Err(StoreFull));
+        assert_eq!(scope.set(5, 9), Ok(()), "existing keys stay writable");
+        assert_eq!(scope.len(), MAX_KEYS);
+    }
+
+    #[test]
+    fn snapshot_and_restore_round_trip() {
+        let store = StateStore::default();
+        store.scope("a").set(1, -5).unwrap();
+        store.scope("b").set(i32::MIN, i64::MAX).unwrap();
+        let snap = store.snapshot();
+        let other = StateStore::default();
+        other.scope("a").set(2, 7).unwrap();
+        other.restore(&snap).unwrap();
+        assert_eq!(other.snapshot(), snap, "a's key 2 replaced, b created");
+    }
+
+    #[test]
+    fn retired_scopes_are_pruned_beyond_the_cap() {
+        let store = StateStore::default();
+        for i in 0..=MAX_RETIRED_SCOPES {
+            store.scope(&format!("old{i}")).set(0, 1).unwrap();
+        }
+        store.scope("live").set(0, 1).unwrap();
+        store.prune(&["live"]);
+        assert_eq!(store.snapshot().keys().collect::<Vec<_>>(), ["live"]);
     }
 }

@@ -3,7 +3,7 @@ use super::*;
 /// A plugin from WAT text with default settings.
 pub(crate) fn wat_plugin(name: &str, wat: &str, state: &StateStore) -> Result<Arc<Plugin>, LoadError> {
     let settings = PluginSettings::new(name, format!("{name}.wat"));
-    Plugin::from_bytes(settings, wat.as_bytes(), state).map(Arc::new)
+    Plugin::from_bytes(&Runtime::shared(), settings, wat.as_bytes(), state).map(Arc::new)
 }
 
 const HEADER: &str = r#"(func (export "msrwasm_abi_version") (result i32) i32.const 1)"#;
@@ -35,7 +35,11 @@ fn plugin_errors_are_classified() {
         (func (export "wrmsr") (param i32 i64) (result i32) (call $reply (i64.const 1)) i32.const 0)"#,
     );
     assert_eq!(i.rdmsr(1, 2), Err(CallError::NoReply));
-    assert!(matches!(i.wrmsr(1, 0, 2), Err(CallError::Trap(m)) if m.contains("outside rdmsr")));
+    let e = i.wrmsr(1, 0, 2);
+    assert!(
+        matches!(&e, Err(CallError::Trap(m)) if m.contains("outside rdmsr")),
+        "{e:?}"
+    );
 
     let mut i = instance(r#"(func (export "rdmsr") (param i32) (result i32) i32.const 7)"#);
     assert_eq!(i.rdmsr(1, 2), Err(CallError::BadStatus(7)));
@@ -71,7 +75,7 @@ fn config_vcpu_reason_and_state_reach_the_plugin() {
     let state = StateStore::default();
     let mut settings = PluginSettings::new("cfg", "cfg.wat");
     settings.config.insert("watts".into(), 95);
-    let plugin = Arc::new(Plugin::from_bytes(settings, wat.as_bytes(), &state).unwrap());
+    let plugin = Arc::new(Plugin::from_bytes(&Runtime::shared(), settings, wat.as_bytes(), &state).unwrap());
     let (mut a, mut b) = (plugin.instantiate(0).unwrap(), plugin.instantiate(3).unwrap());
     assert_eq!(a.rdmsr(1, 2), Ok(Answer::Handled(95)));
     assert_eq!(b.rdmsr(2, 2), Ok(Answer::Handled(3)));
@@ -96,7 +100,7 @@ fn bad_pointers_to_log_trap() {
 #[test]
 fn load_errors_name_the_file_and_the_problem() {
     let state = StateStore::default();
-    let err = |wat: &str| wat_plugin("bad", wat, &state).unwrap_err().to_string();
+    let err = |wat: &str| crate::error_chain(&wat_plugin("bad", wat, &state).unwrap_err());
     assert!(err("").contains("bad.wat: not WebAssembly: the file is empty"));
     assert!(
         err("(module (func (export \"rdmsr\") (param i32) (result i32) i32.const 2))")
@@ -105,8 +109,9 @@ fn load_errors_name_the_file_and_the_problem() {
     assert!(err(r#"(module (func (export "msrwasm_abi_version") (result i32) i32.const 2) (func (export "rdmsr") (param i32) (result i32) i32.const 2))"#)
         .contains("msrwasm_abi_version() returned 2"));
     assert!(err(&module(r#"(func (export "rdmsr") (param i32) (result i32) i32.const 2) (func (export "init") (result i32) i32.const 5)"#))
-        .contains("init() refused the load with code 5"));
+        .contains("init() refused the load: code 5"));
     let bytes = Plugin::from_bytes(
+        &Runtime::shared(),
         PluginSettings::new("x", "x.wasm"),
         b"\x00asm\x01\x00\x00\x00\xff",
         &state,
@@ -128,7 +133,7 @@ fn claims_come_from_the_export_unless_the_manifest_overrides() {
     assert_eq!(p.claims(), Some(&[(0x606, 0x611)][..]));
     let mut settings = PluginSettings::new("c", "c.wat");
     settings.msrs = Some(vec![(0x35, 0x35)]);
-    let p = Plugin::from_bytes(settings, module(body).as_bytes(), &state).unwrap();
+    let p = Plugin::from_bytes(&Runtime::shared(), settings, module(body).as_bytes(), &state).unwrap();
     assert_eq!(p.claims(), Some(&[(0x35, 0x35)][..]));
     let endless = r#"(func (export "rdmsr") (param i32) (result i32) i32.const 2)
         (func (export "claim") (param i32) (result i64) (i64.const 0x0000000100000001))"#;
@@ -145,10 +150,16 @@ fn sha256_pins_content() {
     let wat = module(r#"(func (export "rdmsr") (param i32) (result i32) i32.const 2)"#);
     let mut settings = PluginSettings::new("p", "p.wat");
     settings.sha256 = Some("0".repeat(64));
-    let e = Plugin::from_bytes(settings.clone(), wat.as_bytes(), &StateStore::default()).unwrap_err();
+    let e = Plugin::from_bytes(
+        &Runtime::shared(),
+        settings.clone(),
+        wat.as_bytes(),
+        &StateStore::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("does not match the pinned sha256"));
     settings.sha256 = Some(content_hash(wat.as_bytes()).to_ascii_uppercase());
-    assert!(Plugin::from_bytes(settings, wat.as_bytes(), &StateStore::default()).is_ok());
+    assert!(Plugin::from_bytes(&Runtime::shared(), settings, wat.as_bytes(), &StateStore::default()).is_ok());
 }
 
 #[test]
@@ -161,7 +172,11 @@ fn content_seen_before_comes_from_the_cache_without_compiling() {
         ))
     };
     let (cache, state) = (ModuleCache::default(), StateStore::default());
-    let load = || Arc::new(Plugin::load_cached(PluginSettings::new("v", &path), &state, &cache).unwrap());
+    let load = || {
+        let bytes = std::fs::read(&path).unwrap();
+        let settings = PluginSettings::new("v", &path);
+        Arc::new(Plugin::build(&Runtime::shared(), settings, &bytes, &state, Some(&cache)).unwrap())
+    };
     std::fs::write(&path, version(1)).unwrap();
     let v1 = load();
     std::fs::write(&path, version(2)).unwrap();

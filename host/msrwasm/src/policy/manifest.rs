@@ -11,7 +11,13 @@ use toml::Spanned;
 use crate::plugin::{OnError, PluginSettings};
 
 /// What happens to a deflected access that no plugin answers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
+///
+/// `ignore` and `log` mirror `kvm.ignore_msrs`: they apply to MSRs KVM does
+/// not know (reason UNKNOWN) and to MSRs the filter deflected (reason
+/// FILTER). An access KVM itself found invalid (reason INVAL: a bad value
+/// for an MSR it knows) stays #GP whatever the policy, as with
+/// `kvm.ignore_msrs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Unhandled {
     /// Inject #GP, as KVM does by default.
@@ -19,14 +25,64 @@ pub enum Unhandled {
     Gp,
     /// Reads return 0, writes are dropped (a per-VM kvm.ignore_msrs).
     Ignore,
-    /// Like ignore, and log each distinct MSR once.
+    /// Like ignore, and log each distinct MSR once per VM.
     Log,
 }
 
-/// A VM's MSR policy as written: the plugins in order, and `unhandled`.
+impl Unhandled {
+    /// The name manifests and the command line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Unhandled::Gp => "gp",
+            Unhandled::Ignore => "ignore",
+            Unhandled::Log => "log",
+        }
+    }
+}
+
+impl std::fmt::Display for Unhandled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Unhandled {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "gp" => Ok(Unhandled::Gp),
+            "ignore" => Ok(Unhandled::Ignore),
+            "log" => Ok(Unhandled::Log),
+            other => Err(format!("`{other}` is not one of gp, ignore, log")),
+        }
+    }
+}
+
+/// The default action of the VM's MSR filter (`filter_default`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FilterDefault {
+    /// KVM handles every MSR nobody claims (the default).
+    #[default]
+    Allow,
+    /// A default-deny MSR firewall: only `allow` stays in KVM; every other
+    /// access leaves KVM with reason FILTER and goes to the plugins, then
+    /// the `unhandled` policy.
+    Deny,
+}
+
+/// A VM's MSR policy as written: the plugins in order, `unhandled`, and
+/// the firewall.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicySpec {
+    /// What happens to accesses no plugin answers.
     pub unhandled: Unhandled,
+    /// The MSR filter's default action.
+    pub filter_default: FilterDefault,
+    /// With `filter_default = deny`: the MSRs KVM keeps handling itself.
+    pub allow: Vec<(u32, u32)>,
+    /// The plugins, in chain order.
     pub plugins: Vec<PluginSettings>,
     /// The manifest this came from, if any (watched for hot reload).
     pub manifest: Option<PathBuf>,
@@ -36,9 +92,15 @@ pub struct PolicySpec {
 #[derive(Debug, thiserror::Error)]
 #[error("{}{}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
 pub struct ManifestError {
+    /// The manifest file.
     pub file: PathBuf,
+    /// The line of the offending key, when known.
     pub line: Option<usize>,
+    /// What is wrong, naming the key.
     pub message: String,
+    /// Plugin files the manifest names (also when one of them is missing),
+    /// so that a watcher retries the manifest when they appear.
+    pub names: Vec<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -46,6 +108,9 @@ pub struct ManifestError {
 struct RawManifest {
     #[serde(default)]
     unhandled: Unhandled,
+    #[serde(default)]
+    filter_default: FilterDefault,
+    allow: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     plugin: Vec<RawPlugin>,
 }
@@ -59,6 +124,7 @@ struct RawPlugin {
     #[serde(default)]
     on_error: OnError,
     timeout_us: Option<Spanned<i64>>,
+    init_timeout_us: Option<Spanned<i64>>,
     memory_max_kib: Option<Spanned<i64>>,
     sha256: Option<Spanned<String>>,
     #[serde(default)]
@@ -67,18 +133,29 @@ struct RawPlugin {
 
 /// Longest per-call budget a manifest may set (one second).
 pub const MAX_TIMEOUT_US: i64 = 1_000_000;
+/// Longest `_initialize`/`init` budget a manifest may set (ten seconds).
+pub const MAX_INIT_TIMEOUT_US: i64 = 10_000_000;
 /// Largest linear-memory cap (4 GiB, all a wasm32 memory can address).
 pub const MAX_MEMORY_KIB: i64 = 4 * 1024 * 1024;
+/// Most plugins one policy may chain: every plugin is instantiated on every
+/// vCPU, so this bounds instances (and address space) per vCPU.
+pub const MAX_PLUGINS: usize = 32;
+/// Largest manifest file read.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 impl PolicySpec {
     /// Reads and validates a manifest file. Relative plugin paths are
     /// resolved against the manifest's directory.
     pub fn from_manifest(file: &Path) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(file).map_err(|e| ManifestError {
+        let refused = |message: String| ManifestError {
             file: file.to_owned(),
             line: None,
-            message: format!("cannot read manifest: {e}"),
-        })?;
+            message,
+            names: Vec::new(),
+        };
+        let bytes = crate::files::read_regular(file, MAX_MANIFEST_BYTES)
+            .map_err(|e| refused(format!("cannot read manifest: {}", crate::error_chain(&e))))?;
+        let text = String::from_utf8(bytes).map_err(|_| refused("the manifest is not UTF-8 text".into()))?;
         Self::parse(file, &text)
     }
 
@@ -88,6 +165,7 @@ impl PolicySpec {
             file: file.to_owned(),
             line: span.map(|s| line_of(text, s.start)),
             message,
+            names: Vec::new(),
         };
         let raw: RawManifest = toml::from_str(text).map_err(|e| {
             let message = e.message().trim();
@@ -98,6 +176,35 @@ impl PolicySpec {
             err(e.span(), message)
         })?;
         let base = file.parent().unwrap_or(Path::new("."));
+        let named: Vec<PathBuf> = raw.plugin.iter().map(|p| base.join(p.path.get_ref())).collect();
+        let err = |span: Option<Range<usize>>, message: String| ManifestError {
+            names: named.clone(),
+            ..err(span, message)
+        };
+        if raw.plugin.len() > MAX_PLUGINS {
+            return Err(err(
+                Some(raw.plugin[MAX_PLUGINS].name.span()),
+                format!(
+                    "key `plugin`: {} plugins, at most {MAX_PLUGINS} may be chained in one VM",
+                    raw.plugin.len()
+                ),
+            ));
+        }
+        let allow = match &raw.allow {
+            Some(list) => {
+                if raw.filter_default != FilterDefault::Deny {
+                    return Err(err(
+                        Some(list.span()),
+                        "key `allow`: only meaningful with filter_default = \"deny\" (with the default, KVM handles every MSR nobody claims)".into(),
+                    ));
+                }
+                list.get_ref()
+                    .iter()
+                    .map(|r| parse_msr_range(r.get_ref()).map_err(|m| err(Some(r.span()), format!("key `allow`: {m}"))))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            None => Vec::new(),
+        };
         let mut names = HashSet::new();
         let mut plugins = Vec::new();
         for p in raw.plugin {
@@ -112,7 +219,7 @@ impl PolicySpec {
                 ));
             }
             let path = base.join(p.path.get_ref());
-            if !path.is_file() {
+            if std::fs::symlink_metadata(&path).is_err() {
                 return Err(err(
                     Some(p.path.span()),
                     format!("key `plugin.path` of plugin `{name}`: no such file {}", path.display()),
@@ -147,6 +254,11 @@ impl PolicySpec {
                 MAX_TIMEOUT_US,
                 PluginSettings::DEFAULT_TIMEOUT_US,
             )?;
+            let init_timeout_us = p
+                .init_timeout_us
+                .as_ref()
+                .map(|_| bounded(&p.init_timeout_us, "init_timeout_us", 1, MAX_INIT_TIMEOUT_US, 0))
+                .transpose()?;
             let memory_max_kib = bounded(
                 &p.memory_max_kib,
                 "memory_max_kib",
@@ -172,6 +284,7 @@ impl PolicySpec {
                 msrs,
                 on_error: p.on_error,
                 timeout_us,
+                init_timeout_us,
                 memory_max_kib,
                 sha256,
                 config: p.config,
@@ -179,6 +292,8 @@ impl PolicySpec {
         }
         Ok(Self {
             unhandled: raw.unhandled,
+            filter_default: raw.filter_default,
+            allow,
             plugins,
             manifest: Some(file.to_owned()),
         })
@@ -206,8 +321,17 @@ impl PolicySpec {
         Self {
             unhandled,
             plugins,
-            manifest: None,
+            ..Self::default()
         }
+    }
+
+    /// Every file this policy reads: the manifest and each plugin.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.plugins
+            .iter()
+            .map(|p| p.path.clone())
+            .chain(self.manifest.clone())
+            .collect()
     }
 }
 

@@ -1,0 +1,153 @@
+//! Reading untrusted files: plugins, manifests, guest images.
+//!
+//! A path may name anything: a FIFO (whose `open` would block until a
+//! writer comes), a device that never ends (`/dev/zero`), a huge file, a
+//! directory, or a symlink to any of these, swapped in at any time. Every
+//! read goes through [`read_regular`]: opened without blocking, checked to
+//! be a regular file *after* opening (no race with a swap), and never read
+//! past its size limit whatever the file system claims.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Why a file was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The OS refused.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A directory, FIFO, socket or device.
+    #[error("it is a {0}, not a regular file")]
+    NotRegular(&'static str),
+    /// Larger than the caller allows.
+    #[error("{size} bytes is over the {} limit", bytes(*limit))]
+    TooLarge {
+        /// The size seen (at least `limit + 1` when the file grew while read).
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+/// `64 MiB`, `1 KiB` or `100 bytes`.
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n}-byte"),
+    }
+}
+
+fn kind(ft: std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "directory"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_block_device() {
+        "block device"
+    } else {
+        "special file"
+    }
+}
+
+/// Opens `path` for reading without blocking and checks that it is a
+/// regular file of at most `limit` bytes.
+pub fn open_regular(path: &Path, limit: u64) -> Result<(File, u64), ReadError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(ReadError::NotRegular(kind(meta.file_type())));
+    }
+    if meta.len() > limit {
+        return Err(ReadError::TooLarge {
+            size: meta.len(),
+            limit,
+        });
+    }
+    Ok((file, meta.len()))
+}
+
+/// Reads a regular file of at most `limit` bytes (see the module docs).
+pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
+    let (file, len) = open_regular(path, limit)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(ReadError::TooLarge {
+            size: bytes.len() as u64,
+            limit,
+        });
+    }
+    Ok(bytes)
+}
+
+/// What identifies a file's current content cheaply: a change of any field
+/// means the content may have changed (symlinks followed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of `path` now, or `None` if it cannot be stat'ed.
+    pub fn of(path: &Path) -> Option<Self> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_fifos_and_directories_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(status.success());
+        assert!(matches!(read_regular(&fifo, 10), Err(ReadError::NotRegular("FIFO"))));
+        assert!(matches!(
+            read_regular(Path::new("/dev/zero"), 10),
+            Err(ReadError::NotRegular("character device"))
+        ));
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/dev/urandom", &link).unwrap();
+        assert!(matches!(read_regular(&link, 10), Err(ReadError::NotRegular(_))));
+        assert!(matches!(
+            read_regular(dir.path(), 10),
+            Err(ReadError::NotRegular("directory"))
+        ));
+    }
+
+    #[test]
+    fn size_limits_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, [1u8; 11]).unwrap();
+        assert!(matches!(
+            read_regular(&f, 10),
+            Err(ReadError::TooLarge { size: 11, limit: 10 })
+        ));
+        assert_eq!(read_regular(&f, 11).unwrap().len(), 11);
+    }
+}
