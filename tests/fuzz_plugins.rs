@@ -170,6 +170,13 @@ fn wasm_smith_modules_and_raw_bytes_never_panic_the_loader() {
         loaded += u32::from(exercise(seed, &bytes, &mut rng));
     }
     eprintln!("{modules} wasm-smith modules; {loaded} cases loaded as plugins");
+    // Two seeds in three ask wasm-smith for a module; most must come out,
+    // or this test exercises nothing.
+    assert!(
+        modules >= cases() / 3,
+        "only {modules} wasm-smith modules in {} cases",
+        cases()
+    );
 }
 
 /// A random but valid statement for an rdmsr/wrmsr body (stack-neutral).

@@ -248,16 +248,15 @@ fn state_carries_across_reloads() {
     let vm = start(&guest("msr_forever.elf"), 1, quick(&plugin));
     let scope = vm.state.scope("counter");
     wait_until("some reads counted", || scope.get(0) > 100);
-    atomic_write(&plugin, &counter(1 << 40));
-    let run = {
-        let mut seen_v2 = false;
-        wait_until("version 2 answers", || {
-            seen_v2 = seen_v2 || scope.get(0) > 0 && std::fs::metadata(&plugin).is_ok();
-            seen_v2 && scope.get(0) > 1000
-        });
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        vm.finish()
-    };
+    let v2 = counter(1 << 40);
+    atomic_write(&plugin, &v2);
+    let v2_hash = content_hash(&v2);
+    wait_until("version 2 is live", || {
+        vm.engine.policy().plugins()[0].sha256() == v2_hash
+    });
+    let live_at = scope.get(0);
+    wait_until("version 2 answered for a while", || scope.get(0) > live_at + 1000);
+    let run = vm.finish();
     let values: Vec<u64> = run
         .trace
         .iter()

@@ -10,9 +10,8 @@ use msrwasm::trace::TraceRecord;
 use msrwasm_cli::runner::{self as vm, VmConfig, VmReport};
 
 /// Whether KVM tests can run. Under CI (`CI=true`) a missing `/dev/kvm` is
-/// a failure, not a skip. Elsewhere the test is reported as skipped: it
-/// prints a `SKIPPED:` line that `tests/run.sh` counts (a skip is never a
-/// pass).
+/// a failure, not a skip. Elsewhere the test is reported as skipped (see
+/// [`record_skip`]).
 pub fn kvm_available() -> bool {
     let usable = std::fs::OpenOptions::new()
         .read(true)
@@ -23,10 +22,23 @@ pub fn kvm_available() -> bool {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("/dev/kvm is missing or not accessible, and CI=true: KVM tests must run in CI");
         }
-        let test = std::thread::current().name().unwrap_or("a test").to_owned();
-        println!("SKIPPED: {test}: /dev/kvm is missing or not accessible");
+        record_skip("/dev/kvm is missing or not accessible");
     }
     usable
+}
+
+/// Reports the running test as skipped: on standard error, and as a line
+/// in `$MSRWASM_SKIP_LOG` (which `tests/run.sh` counts, so that a skip is
+/// never counted as a pass).
+pub fn record_skip(why: &str) {
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    eprintln!("SKIPPED: {test}: {why}");
+    if let Some(log) = std::env::var_os("MSRWASM_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
 }
 
 /// Path of an assembled test guest: `name.elf`, or `name.bin` for flat ones.

@@ -2,7 +2,6 @@
 //! messages for bad input, the demo, signals.
 
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 fn msrwasm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_msrwasm"))
@@ -26,7 +25,15 @@ fn kvm_available() -> bool {
             std::env::var("CI").map_or(true, |v| v != "true"),
             "/dev/kvm is missing under CI=true: KVM tests must run in CI"
         );
-        eprintln!("skipping: /dev/kvm is missing or not accessible");
+        // Counted as a skip by tests/run.sh, never as a pass.
+        let test = std::thread::current().name().unwrap_or("a test").to_owned();
+        eprintln!("SKIPPED: {test}: /dev/kvm is missing or not accessible");
+        if let Some(log) = std::env::var_os("MSRWASM_SKIP_LOG") {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+                let _ = writeln!(f, "{test}");
+            }
+        }
     }
     ok
 }
@@ -164,17 +171,26 @@ fn sigterm_stops_a_running_vm_with_143() {
     if !kvm_available() {
         return;
     }
-    // A flat real-mode guest that spins forever: `jmp $`.
+    // A flat real-mode guest that says it runs ('R' on COM1), then spins
+    // forever: mov dx, 0x3f8; mov al, 'R'; out dx, al; jmp $.
     let dir = tempfile::tempdir().unwrap();
     let guest = dir.path().join("spin.bin");
-    std::fs::write(&guest, [0xeb, 0xfe]).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_msrwasm"))
+    std::fs::write(&guest, [0xba, 0xf8, 0x03, 0xb0, b'R', 0xee, 0xeb, 0xfe]).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_msrwasm"))
         .args(["run", "--vcpus", "2", guest.to_str().unwrap()])
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Ready when both vCPUs run: two 'R's.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    while seen.iter().filter(|&&b| b == b'R').count() < 2 {
+        let mut byte = [0u8];
+        use std::io::Read;
+        assert_eq!(stdout.read(&mut byte).unwrap(), 1, "the guest never ran");
+        seen.push(byte[0]);
+    }
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
