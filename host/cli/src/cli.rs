@@ -28,6 +28,17 @@ struct Cli {
     #[arg(long, global = true, default_value = "warn", env = "MSRWASM_LOG")]
     log: String,
 
+    /// Where compiled plugins are cached (keyed by content hash and engine
+    /// version; a corrupt entry is compiled again). Default:
+    /// $XDG_CACHE_HOME/msrwasm or ~/.cache/msrwasm. The directory must be
+    /// private to this user.
+    #[arg(long, global = true, env = "MSRWASM_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// Do not cache compiled plugins on disk.
+    #[arg(long, global = true)]
+    no_cache: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -281,14 +292,18 @@ pub fn main() -> i32 {
         // A closed standard error must not become a panic.
         .log_internal_errors(false)
         .init();
+    let cache = match cli.no_cache {
+        true => None,
+        false => cli.cache_dir.clone().or_else(msrwasm::plugin::cache::default_dir),
+    };
     let result = match cli.command {
-        Command::Run(args) => run(args),
-        Command::Demo(args) => demo(args),
+        Command::Run(args) => run(args, cache),
+        Command::Demo(args) => demo(args, cache),
         Command::Bench(args) => bench(args),
         Command::Guests(args) => guests(args),
-        Command::Check(args) => check(args),
+        Command::Check(args) => check(args, cache),
         Command::Meta(args) => meta(args),
-        Command::Test(args) => test(args),
+        Command::Test(args) => test(args, cache),
     };
     result.unwrap_or_else(|e| {
         err!("msrwasm: error: {e:#}");
@@ -296,7 +311,7 @@ pub fn main() -> i32 {
     })
 }
 
-fn run(args: RunArgs) -> Result<i32> {
+fn run(args: RunArgs, cache: Option<PathBuf>) -> Result<i32> {
     let policy = match &args.manifest {
         Some(path) => PolicySpec::from_manifest(path)?,
         None => PolicySpec::from_paths(&args.plugin, args.unhandled.unwrap_or_default()),
@@ -306,6 +321,7 @@ fn run(args: RunArgs) -> Result<i32> {
     config.mem_mib = args.mem;
     config.trace = args.trace;
     config.watch = !args.no_watch;
+    config.cache_dir = cache;
     run_vm(runner::Vm::new(config)?, None)
 }
 
@@ -327,10 +343,11 @@ fn run_vm(vm: runner::Vm, after: Option<&dyn Fn()>) -> Result<i32> {
     Ok(report.exit_status())
 }
 
-fn demo(args: DemoArgs) -> Result<i32> {
+fn demo(args: DemoArgs, cache: Option<PathBuf>) -> Result<i32> {
     let demo = crate::demo::Demo::prepare().context("preparing the demo")?;
     err!("{}", demo.describe());
-    let config = demo.config(args.trace, Box::new(std::io::stdout()))?;
+    let mut config = demo.config(args.trace, Box::new(std::io::stdout()))?;
+    config.cache_dir = cache;
     let vm = runner::Vm::new(config)?;
     let done = Arc::new(AtomicBool::new(false));
     let conductor = demo.conduct(vm.engine().clone(), done.clone(), |line| err!("{line}"));
@@ -368,7 +385,12 @@ fn guests(args: GuestsArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn check(args: CheckArgs) -> Result<i32> {
+fn check(args: CheckArgs, cache: Option<PathBuf>) -> Result<i32> {
+    let runtime = msrwasm::plugin::Runtime::shared();
+    let cache = match &cache {
+        Some(dir) => msrwasm::plugin::ModuleCache::with_disk(dir, runtime.engine()),
+        None => msrwasm::plugin::ModuleCache::new(),
+    };
     let spec = args.limits.spec()?;
     let plugins: Vec<PathBuf> = match (&spec, args.plugins.is_empty()) {
         (Some(spec), true) => spec.plugins.iter().map(|p| p.path.clone()).collect(),
@@ -377,7 +399,10 @@ fn check(args: CheckArgs) -> Result<i32> {
     };
     let mut reports = Vec::new();
     for path in &plugins {
-        reports.push(msrwasm::check::check(args.limits.settings(path, spec.as_ref())?));
+        reports.push(msrwasm::check::check_cached(
+            args.limits.settings(path, spec.as_ref())?,
+            &cache,
+        ));
     }
     // The manifest as a whole: what `run` composes (chain, firewall).
     let mut refused = None;
@@ -407,12 +432,12 @@ fn check(args: CheckArgs) -> Result<i32> {
     })
 }
 
-fn test(args: TestArgs) -> Result<i32> {
+fn test(args: TestArgs, cache: Option<PathBuf>) -> Result<i32> {
     let spec = args.limits.spec()?;
     let settings = args.limits.settings(&args.plugin, spec.as_ref())?;
     let (mut passed, mut failed) = (0, 0);
     for case in &args.cases {
-        let report = msrwasm::script::run(settings.clone(), case)?;
+        let report = msrwasm::script::run_cached(settings.clone(), case, cache.as_deref())?;
         for failure in &report.failures {
             out!("FAIL {failure}\n");
         }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use crate::dispatch::ExitReason;
 use crate::plugin::meta::Meta;
 use crate::plugin::state::StateStore;
-use crate::plugin::{Answer, Flavour, Plugin, PluginSettings, Runtime, abi, content_hash, read_plugin_file};
+use crate::plugin::{
+    Answer, Flavour, ModuleCache, Plugin, PluginSettings, Runtime, abi, content_hash, read_plugin_file,
+};
 use crate::policy::{Policy, PolicySpec, fallback};
 
 /// The verdict on one plugin file.
@@ -44,6 +46,12 @@ pub struct CheckReport {
 /// config apply), composes it into a policy alone (so claims `run` would
 /// refuse are refused here too), and reports what it found.
 pub fn check(settings: PluginSettings) -> CheckReport {
+    check_cached(settings, &ModuleCache::new())
+}
+
+/// As [`check`], compiling through `cache` (a disk cache makes re-checking
+/// a large component fast).
+pub fn check_cached(settings: PluginSettings, cache: &ModuleCache) -> CheckReport {
     let path = settings.path.clone();
     let mut report = CheckReport {
         file: path.display().to_string(),
@@ -70,7 +78,7 @@ pub fn check(settings: PluginSettings) -> CheckReport {
     report.size = Some(bytes.len() as u64);
     report.sha256 = Some(content_hash(&bytes));
     let runtime = Runtime::shared();
-    let plugin = match Plugin::from_bytes(&runtime, settings, &bytes, &StateStore::default()) {
+    let plugin = match Plugin::build(&runtime, settings, &bytes, &StateStore::default(), Some(cache)) {
         Ok(plugin) => Arc::new(plugin),
         Err(e) => {
             report.error = Some(crate::error_chain(&e));

@@ -48,6 +48,7 @@ pub struct EngineBuilder {
     filter: Option<Box<dyn FilterSink>>,
     time_calls: bool,
     base_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
 }
 
 impl Default for EngineBuilder {
@@ -59,6 +60,7 @@ impl Default for EngineBuilder {
             filter: None,
             time_calls: false,
             base_dir: None,
+            cache_dir: None,
         }
     }
 }
@@ -114,6 +116,14 @@ impl EngineBuilder {
         self
     }
 
+    /// Keeps compiled plugins in `dir` too (see [`crate::plugin::cache`]):
+    /// restarts and reloads of large plugins skip compiling. Without it,
+    /// compiled plugins are cached in memory only.
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache_dir = Some(dir.into());
+        self
+    }
+
     /// Loads `spec` and hands its filter plan to the filter sink.
     pub fn build(self, spec: PolicySpec) -> Result<Engine, EngineError> {
         let runtime = match self.runtime {
@@ -128,9 +138,12 @@ impl EngineBuilder {
             .or_else(|| spec.manifest.as_ref().and_then(|m| m.parent()).map(Path::to_owned))
             .unwrap_or_else(|| PathBuf::from("."));
         let shared = Arc::new(Shared {
-            runtime,
+            runtime: runtime.clone(),
             state: Arc::new(StateStore::default()),
-            cache: ModuleCache::default(),
+            cache: match &self.cache_dir {
+                Some(dir) => ModuleCache::with_disk(dir, runtime.engine()),
+                None => ModuleCache::new(),
+            },
             generation: AtomicU64::new(0),
             current: RwLock::new(Arc::new(Policy::compose(Vec::new(), &PolicySpec::default(), 0)?)),
             owner: Mutex::new(Owner {

@@ -184,7 +184,16 @@ fn parse(path: &Path, text: &str) -> Result<Vec<(usize, Step)>, ScriptError> {
 /// Runs the script at `script` through the plugin `settings` describe
 /// (its limits and `[plugin.config]`; the script's `config` lines add to
 /// that config).
-pub fn run(mut settings: PluginSettings, script: &Path) -> Result<ScriptReport, ScriptError> {
+pub fn run(settings: PluginSettings, script: &Path) -> Result<ScriptReport, ScriptError> {
+    run_cached(settings, script, None)
+}
+
+/// As [`run`], compiling through a disk cache in `cache_dir`.
+pub fn run_cached(
+    mut settings: PluginSettings,
+    script: &Path,
+    cache_dir: Option<&Path>,
+) -> Result<ScriptReport, ScriptError> {
     let bytes = crate::files::read_regular(script, 1 << 20).map_err(|source| ScriptError::Read {
         path: script.to_owned(),
         source,
@@ -201,7 +210,18 @@ pub fn run(mut settings: PluginSettings, script: &Path) -> Result<ScriptReport, 
         clock: clock.clone(),
         ..RuntimeOptions::default()
     })?;
-    let plugin = Arc::new(Plugin::load(&runtime, settings, &StateStore::default())?);
+    let cache = match cache_dir {
+        Some(dir) => crate::plugin::ModuleCache::with_disk(dir, runtime.engine()),
+        None => crate::plugin::ModuleCache::new(),
+    };
+    let bytes = crate::plugin::read_plugin_file(&settings.path)?;
+    let plugin = Arc::new(Plugin::build(
+        &runtime,
+        settings,
+        &bytes,
+        &StateStore::default(),
+        Some(&cache),
+    )?);
     let mut instances: HashMap<u32, PluginInstance> = HashMap::new();
     let (mut vcpu, mut reason) = (0, ExitReason::Unknown);
     let mut report = ScriptReport::default();

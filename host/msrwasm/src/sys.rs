@@ -41,3 +41,23 @@ pub fn complete_msr_exit(run: &mut kvm_bindings::kvm_run, value: Option<u64>) ->
     }
     true
 }
+
+/// Loads a core module from the compiled-plugin cache.
+pub fn deserialize_module(engine: &wasmtime::Engine, bytes: &[u8]) -> wasmtime::Result<wasmtime::Module> {
+    // SAFETY: `bytes` were produced by `Module::serialize` on an engine with
+    // the same compatibility hash (the cache key), verified against the
+    // SHA-256 stored beside them (no corruption), and read from a directory
+    // only this user can write (checked when the cache is opened); wasmtime
+    // additionally checks the header and version of the artifact.
+    unsafe { wasmtime::Module::deserialize(engine, bytes) }
+}
+
+/// Loads a component from the compiled-plugin cache.
+pub fn deserialize_component(
+    engine: &wasmtime::Engine,
+    bytes: &[u8],
+) -> wasmtime::Result<wasmtime::component::Component> {
+    // SAFETY: as for `deserialize_module`: our own serialized artifact,
+    // keyed by engine compatibility, checksummed, in a private directory.
+    unsafe { wasmtime::component::Component::deserialize(engine, bytes) }
+}

@@ -63,6 +63,8 @@ pub struct VmConfig {
     pub events: Vec<Arc<dyn Events>>,
     /// Time every plugin call (for the call-time histogram).
     pub time_calls: bool,
+    /// Cache compiled plugins in this directory.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -78,6 +80,7 @@ impl VmConfig {
             watch: false,
             events: Vec::new(),
             time_calls: false,
+            cache_dir: None,
         }
     }
 }
@@ -330,6 +333,9 @@ impl Vm {
         let mut builder = Engine::builder()
             .filter(KvmFilter::new(vm.clone(), Vec::new()))
             .time_calls(config.time_calls);
+        if let Some(dir) = &config.cache_dir {
+            builder = builder.cache_dir(dir);
+        }
         if let Some(trace) = &trace {
             builder = builder.events(trace.clone());
         }

@@ -51,6 +51,10 @@ pub struct Shape {
     pub init: bool,
     /// Exports `claim`.
     pub claim: bool,
+    /// Exports `_initialize` (a reactor: run once per instance first).
+    pub initialize: bool,
+    /// Imports `wasi_snapshot_preview1`.
+    pub wasi: bool,
 }
 
 /// Renders a function type the way the ABI document does: `(i32, i64) -> i32`.
@@ -75,6 +79,13 @@ pub fn check_shape(module: &Module) -> Result<Shape, String> {
     let mut has_memory = false;
     for export in module.exports() {
         let name = export.name();
+        if name == "_initialize" {
+            shape.initialize = matches!(&export.ty(), ExternType::Func(ty) if signature(ty) == "() -> ()");
+            if !shape.initialize {
+                return Err("export `_initialize` must be a function () -> ()".into());
+            }
+            continue;
+        }
         if name == "memory" {
             has_memory = matches!(export.ty(), ExternType::Memory(_));
             if !has_memory {
@@ -109,18 +120,23 @@ pub fn check_shape(module: &Module) -> Result<Shape, String> {
     }
 
     let mut needs_memory = None;
+    let mut unsupported = Vec::new();
     for import in module.imports() {
         let (module_name, name) = (import.module(), import.name());
+        if module_name == super::wasi::P1_MODULE {
+            shape.wasi = true;
+            if !WASI_P1.contains(&name) || !matches!(import.ty(), ExternType::Func(_)) {
+                unsupported.push(format!("`{module_name}.{name}`"));
+            }
+            continue;
+        }
         if module_name != IMPORT_MODULE {
-            return Err(format!(
-                "imports `{module_name}.{name}`, which is not part of the msrwasm ABI (only `msr.*` imports exist: no WASI, no file system, no network)"
-            ));
+            unsupported.push(format!("`{module_name}.{name}`"));
+            continue;
         }
         let Some((_, want)) = IMPORTS.iter().find(|(n, _)| *n == name) else {
-            return Err(format!(
-                "imports unknown function `msr.{name}`; ABI v1 offers {}",
-                import_names()
-            ));
+            unsupported.push(format!("`msr.{name}`"));
+            continue;
         };
         let ExternType::Func(ty) = import.ty() else {
             return Err(format!("import `msr.{name}` must be a function {want}"));
@@ -133,11 +149,69 @@ pub fn check_shape(module: &Module) -> Result<Shape, String> {
             needs_memory = Some(name);
         }
     }
+    if !unsupported.is_empty() {
+        return Err(format!(
+            "imports {}, which the host does not provide (a core plugin may import `msr.*` ({}) and `wasi_snapshot_preview1.*`; nothing else: no file system, no network)",
+            unsupported.join(", "),
+            import_names()
+        ));
+    }
     if let (Some(name), false) = (needs_memory, has_memory) {
         return Err(format!("imports `msr.{name}` but does not export its `memory`"));
     }
     Ok(shape)
 }
+
+/// The `wasi_snapshot_preview1` functions the host links (deny-by-default:
+/// see `plugin::wasi`).
+pub const WASI_P1: &[&str] = &[
+    "args_get",
+    "args_sizes_get",
+    "environ_get",
+    "environ_sizes_get",
+    "clock_res_get",
+    "clock_time_get",
+    "fd_advise",
+    "fd_allocate",
+    "fd_close",
+    "fd_datasync",
+    "fd_fdstat_get",
+    "fd_fdstat_set_flags",
+    "fd_fdstat_set_rights",
+    "fd_filestat_get",
+    "fd_filestat_set_size",
+    "fd_filestat_set_times",
+    "fd_pread",
+    "fd_prestat_get",
+    "fd_prestat_dir_name",
+    "fd_pwrite",
+    "fd_read",
+    "fd_readdir",
+    "fd_renumber",
+    "fd_seek",
+    "fd_sync",
+    "fd_tell",
+    "fd_write",
+    "path_create_directory",
+    "path_filestat_get",
+    "path_filestat_set_times",
+    "path_link",
+    "path_open",
+    "path_readlink",
+    "path_remove_directory",
+    "path_rename",
+    "path_symlink",
+    "path_unlink_file",
+    "poll_oneoff",
+    "proc_exit",
+    "proc_raise",
+    "sched_yield",
+    "random_get",
+    "sock_accept",
+    "sock_recv",
+    "sock_send",
+    "sock_shutdown",
+];
 
 fn import_names() -> String {
     IMPORTS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
@@ -182,14 +256,21 @@ mod tests {
     }
 
     #[test]
-    fn names_foreign_imports_and_missing_memory() {
+    fn names_every_foreign_import_and_missing_memory() {
         let e = shape_of(
             r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+              (import "env" "abort" (func)) (import "wasi_snapshot_preview1" "sock_open" (func))
+              (import "msr" "sleep" (func))
               (func (export "msrwasm_abi_version") (result i32) i32.const 1)
               (func (export "rdmsr") (param i32) (result i32) i32.const 2))"#,
         )
         .unwrap_err();
-        assert!(e.contains("`wasi_snapshot_preview1.fd_write`"), "{e}");
+        assert!(
+            e.contains(
+                "imports `env.abort`, `wasi_snapshot_preview1.sock_open`, `msr.sleep`, which the host does not provide"
+            ),
+            "{e}"
+        );
         let e = shape_of(
             r#"(module (import "msr" "log" (func (param i32 i32 i32)))
               (func (export "msrwasm_abi_version") (result i32) i32.const 1)

@@ -1,61 +1,307 @@
-//! Compiled modules by content hash, so that content seen before (a
-//! rollback, a file touched without change) goes live without compiling.
-//! Only validated versions enter; the oldest leave first, and the cache is
-//! bounded by entries and by compiled bytes.
+//! Compiled plugins by content hash: in memory (a rollback or a file touched
+//! without change goes live without compiling), and optionally on disk (a
+//! restart or a reload of an 18 MB component loads in milliseconds instead
+//! of compiling for seconds).
+//!
+//! Only validated versions enter either cache. The disk cache keys entries
+//! by the source's SHA-256 and the engine's compatibility hash (wasmtime
+//! version and compiler settings); each entry carries a SHA-256 of its own
+//! bytes, checked before use: a corrupt or truncated entry is deleted and
+//! the plugin compiled again, never loaded. The directory must be private
+//! (owned by this user, not writable by others): wasmtime trusts a
+//! precompiled artifact, so msrwasm only uses a cache nobody else can write.
 
 use std::collections::VecDeque;
+use std::hash::Hasher;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
 use wasmtime::Module;
+use wasmtime::component::Component;
 
-/// Compiled plugin modules, by the sha256 of their source content.
-#[derive(Debug, Default)]
+/// A compiled plugin.
+#[derive(Clone)]
+pub enum Artifact {
+    /// A core module.
+    Module(Module),
+    /// A component.
+    Component(Component),
+}
+
+impl Artifact {
+    fn size(&self) -> usize {
+        let range = match self {
+            Artifact::Module(m) => m.image_range(),
+            Artifact::Component(c) => c.image_range(),
+        };
+        (range.end as usize).saturating_sub(range.start as usize)
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Artifact::Module(_) => "core",
+            Artifact::Component(_) => "component",
+        }
+    }
+}
+
+/// Where a compiled plugin came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Compiled now.
+    Compiled,
+    /// From the in-memory cache.
+    Memory,
+    /// From the disk cache.
+    Disk,
+}
+
+/// Compiled plugins, by the sha256 of their source content.
+#[derive(Default)]
 pub struct ModuleCache {
-    modules: Mutex<VecDeque<(String, Module, usize)>>,
+    memory: Mutex<VecDeque<(String, Artifact, usize)>>,
+    disk: Option<DiskCache>,
+}
+
+impl std::fmt::Debug for ModuleCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModuleCache")
+            .field("entries", &self.len())
+            .field("disk", &self.disk.as_ref().map(|d| &d.dir))
+            .finish()
+    }
 }
 
 impl ModuleCache {
-    /// Modules kept at most.
+    /// Entries kept in memory at most.
     pub const MAX_ENTRIES: usize = 32;
-    /// Compiled code kept at most, bytes.
+    /// Compiled code kept in memory at most, bytes.
     pub const MAX_BYTES: usize = 256 << 20;
 
-    pub(crate) fn get(&self, sha256: &str) -> Option<Module> {
-        let modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        modules.iter().find(|(h, ..)| h == sha256).map(|(_, m, _)| m.clone())
+    /// A memory-only cache.
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    pub(crate) fn insert(&self, sha256: &str, module: &Module) {
-        let range = module.image_range();
-        let size = (range.end as usize).saturating_sub(range.start as usize);
-        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        if modules.iter().any(|(h, ..)| h == sha256) || size > Self::MAX_BYTES {
+    /// A cache that also keeps artifacts in `dir` (see the module docs);
+    /// `None` with a warning when `dir` is not private or not usable.
+    pub fn with_disk(dir: &Path, engine: &Engine) -> Self {
+        let disk = match DiskCache::open(dir, engine) {
+            Ok(disk) => Some(disk),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), "compiled-plugin cache disabled: {e}");
+                None
+            }
+        };
+        Self {
+            memory: Mutex::default(),
+            disk,
+        }
+    }
+
+    /// The disk directory in use, if any.
+    pub fn disk_dir(&self) -> Option<&Path> {
+        self.disk.as_ref().map(|d| d.dir.as_path())
+    }
+
+    /// A compiled artifact for content `sha256`, if cached.
+    pub(crate) fn get(&self, sha256: &str, engine: &Engine, component: bool) -> Option<(Artifact, Source)> {
+        {
+            let memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, a, _)) = memory.iter().find(|(h, ..)| h == sha256) {
+                return Some((a.clone(), Source::Memory));
+            }
+        }
+        let artifact = self.disk.as_ref()?.load(sha256, engine, component)?;
+        Some((artifact, Source::Disk))
+    }
+
+    /// Keeps a validated artifact.
+    pub(crate) fn insert(&self, sha256: &str, artifact: &Artifact, source: Source) {
+        if source == Source::Compiled
+            && let Some(disk) = &self.disk
+        {
+            disk.store(sha256, artifact);
+        }
+        let size = artifact.size();
+        let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        if memory.iter().any(|(h, ..)| h == sha256) || size > Self::MAX_BYTES {
             return;
         }
-        modules.push_back((sha256.to_owned(), module.clone(), size));
-        while modules.len() > Self::MAX_ENTRIES || modules.iter().map(|(.., s)| s).sum::<usize>() > Self::MAX_BYTES {
-            modules.pop_front();
+        memory.push_back((sha256.to_owned(), artifact.clone(), size));
+        while memory.len() > Self::MAX_ENTRIES || memory.iter().map(|(.., s)| s).sum::<usize>() > Self::MAX_BYTES {
+            memory.pop_front();
         }
     }
 
-    /// Whether content with this hash is compiled already.
+    /// Whether content with this hash is compiled in memory already.
     pub fn contains(&self, sha256: &str) -> bool {
-        self.get(sha256).is_some()
+        let memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        memory.iter().any(|(h, ..)| h == sha256)
     }
 
-    /// Number of modules held.
+    /// Entries held in memory.
     pub fn len(&self) -> usize {
-        self.modules.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.memory.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Whether no module is held.
+    /// Whether memory holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Compiled bytes held.
+    /// Compiled bytes held in memory.
     pub fn bytes(&self) -> usize {
-        let modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        modules.iter().map(|(.., s)| s).sum()
+        let memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        memory.iter().map(|(.., s)| s).sum()
     }
+}
+
+/// Header of a disk entry, before the SHA-256 of the payload.
+const MAGIC: &[u8; 16] = b"msrwasm-cwasm-1\n";
+/// Entries kept on disk at most (the oldest go first).
+pub const MAX_DISK_ENTRIES: usize = 64;
+/// Largest entry read back.
+const MAX_ENTRY_BYTES: u64 = 1 << 30;
+
+struct DiskCache {
+    dir: PathBuf,
+    engine_key: String,
+}
+
+/// Feeds `Hash` output into SHA-256: a hash stable across runs.
+struct ShaHasher(Sha256);
+
+impl Hasher for ShaHasher {
+    fn finish(&self) -> u64 {
+        0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+impl DiskCache {
+    fn open(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        let meta = std::fs::metadata(dir)?;
+        // SAFETY-adjacent trust rule (no unsafe here): only a directory that
+        // this user owns and nobody else may write to.
+        let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
+        if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o022 != 0 {
+            return Err(std::io::Error::other(
+                "the directory must be owned by this user and not writable by group or others",
+            ));
+        }
+        let mut h = ShaHasher(Sha256::new());
+        std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut h);
+        let engine_key = hex(&h.0.finalize()[..8]);
+        Ok(Self {
+            dir: dir.to_owned(),
+            engine_key,
+        })
+    }
+
+    fn path(&self, sha256: &str, component: bool) -> PathBuf {
+        let kind = if component { "component" } else { "core" };
+        self.dir.join(format!("{sha256}-{}-{kind}.cwasm", self.engine_key))
+    }
+
+    fn load(&self, sha256: &str, engine: &Engine, component: bool) -> Option<Artifact> {
+        let path = self.path(sha256, component);
+        let bytes = match crate::files::read_regular(&path, MAX_ENTRY_BYTES) {
+            Ok(bytes) => bytes,
+            Err(crate::files::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), "compiled-plugin cache entry unreadable, compiling instead: {e}");
+                let _ = std::fs::remove_file(&path);
+                return None;
+            }
+        };
+        let valid =
+            bytes.len() > 48 && &bytes[..16] == MAGIC && Sha256::digest(&bytes[48..]).as_slice() == &bytes[16..48];
+        if !valid {
+            tracing::warn!(file = %path.display(), "corrupt compiled-plugin cache entry removed; compiling instead");
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        let payload = &bytes[48..];
+        let artifact = match component {
+            false => crate::sys::deserialize_module(engine, payload).map(Artifact::Module),
+            true => crate::sys::deserialize_component(engine, payload).map(Artifact::Component),
+        };
+        match artifact {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), "compiled-plugin cache entry refused by wasmtime, compiling instead: {e}");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    fn store(&self, sha256: &str, artifact: &Artifact) {
+        let payload = match artifact {
+            Artifact::Module(m) => m.serialize(),
+            Artifact::Component(c) => c.serialize(),
+        };
+        let Ok(payload) = payload else { return };
+        let path = self.path(sha256, artifact.kind() == "component");
+        let temp = self.dir.join(format!(".{}.{}.tmp", sha256, std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&temp)?;
+            f.write_all(MAGIC)?;
+            f.write_all(&Sha256::digest(&payload))?;
+            f.write_all(&payload)?;
+            f.sync_all()?;
+            std::fs::rename(&temp, &path)
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&temp);
+            tracing::warn!(dir = %self.dir.display(), "cannot write a compiled-plugin cache entry: {e}");
+            return;
+        }
+        self.evict();
+    }
+
+    /// Keeps at most [`MAX_DISK_ENTRIES`] entries, the newest.
+    fn evict(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else { return };
+        let mut entries: Vec<(std::time::SystemTime, PathBuf)> = dir
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if entries.len() <= MAX_DISK_ENTRIES {
+            return;
+        }
+        entries.sort();
+        for (_, path) in &entries[..entries.len() - MAX_DISK_ENTRIES] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The user's cache directory for msrwasm: `$XDG_CACHE_HOME/msrwasm`, else
+/// `$HOME/.cache/msrwasm`.
+pub fn default_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("msrwasm"))
 }

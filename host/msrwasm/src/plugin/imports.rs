@@ -1,11 +1,10 @@
 //! The `msr.*` host functions of ABI v1 and the per-`Store` data they use.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wasmtime::{Caller, Engine, Extern, Linker, StoreLimits};
+use wasmtime::{Caller, Engine, Extern, Linker, ResourceLimiter};
 
 use super::clock::Clock;
 use super::runtime::Budget;
@@ -58,9 +57,77 @@ impl LogLimiter {
     }
 }
 
+/// One instance's log: the per-instance rate limit, the host-wide one,
+/// and the partial lines of its WASI stdout/stderr.
+pub(crate) struct InstanceLog {
+    name: Arc<str>,
+    vcpu: u32,
+    window: Instant,
+    count: u32,
+    limiter: Arc<LogLimiter>,
+    /// Unfinished stdout (info) and stderr (warn) lines.
+    partial: [Vec<u8>; 2],
+}
+
+impl InstanceLog {
+    pub(super) fn new(name: Arc<str>, vcpu: u32, limiter: Arc<LogLimiter>) -> Self {
+        Self {
+            name,
+            vcpu,
+            window: Instant::now(),
+            count: 0,
+            limiter,
+            partial: [Vec::new(), Vec::new()],
+        }
+    }
+
+    /// Logs `message` at `level` if both rate limits allow, with control
+    /// characters escaped so that a plugin cannot forge host log lines.
+    pub(super) fn emit(&mut self, level: i32, message: &str) {
+        let now = Instant::now();
+        if now.duration_since(self.window) >= LOG_WINDOW {
+            if self.count > LOG_BURST {
+                tracing::warn!(
+                    plugin = %self.name, vcpu = self.vcpu, dropped = self.count - LOG_BURST,
+                    "plugin log messages dropped by the per-instance rate limit ({LOG_BURST} per second)"
+                );
+            }
+            self.window = now;
+            self.count = 0;
+        }
+        self.count = self.count.saturating_add(1);
+        if self.count > LOG_BURST || !self.limiter.admit() {
+            return;
+        }
+        let msg = sanitize(message);
+        let (plugin, vcpu) = (&*self.name, self.vcpu);
+        match level {
+            0 => tracing::error!(plugin, vcpu, "plugin says: {msg}"),
+            1 => tracing::warn!(plugin, vcpu, "plugin says: {msg}"),
+            2 => tracing::info!(plugin, vcpu, "plugin says: {msg}"),
+            _ => tracing::debug!(plugin, vcpu, "plugin says: {msg}"),
+        }
+    }
+
+    /// Bytes written to WASI stdout (`level` 2) or stderr (1): each whole
+    /// line, or each [`MAX_STRING`] bytes without a newline, is one message.
+    pub(super) fn write(&mut self, level: i32, bytes: &[u8]) {
+        let slot = usize::from(level != 2);
+        for &b in bytes {
+            if b == b'\n' || self.partial[slot].len() >= MAX_STRING {
+                let line = std::mem::take(&mut self.partial[slot]);
+                self.emit(level, &String::from_utf8_lossy(&line));
+                if b == b'\n' {
+                    continue;
+                }
+            }
+            self.partial[slot].push(b);
+        }
+    }
+}
+
 /// Data of one plugin `Store` (one plugin on one vCPU).
 pub struct PluginCtx {
-    name: Arc<str>,
     vcpu: u32,
     reason: u32,
     in_rdmsr: bool,
@@ -68,22 +135,19 @@ pub struct PluginCtx {
     state: Arc<StateScope>,
     config: Arc<BTreeMap<String, i64>>,
     clock: Arc<dyn Clock>,
-    log_window: Instant,
-    log_count: u32,
-    limiter: Arc<LogLimiter>,
+    pub(super) log: Arc<Mutex<InstanceLog>>,
     /// The running call's budget.
     pub(super) budget: Budget,
     /// Thread CPU time when the running call was first interrupted.
     pub(super) cpu_mark: Option<u64>,
     /// Host-call time the running call may still use (see [`charge`]).
     pub(super) host_budget_ns: u64,
-    pub(super) limits: StoreLimits,
-    /// Calls of `msr.*` functions, all of them.
-    pub(super) host_calls: u64,
+    pub(super) limits: Limits,
+    /// WASI 0.2 (components).
+    pub(super) wasi: Option<super::wasi::WasiState>,
+    /// `wasi_snapshot_preview1` (core modules importing it).
+    pub(super) wasi_p1: Option<Box<wasmtime_wasi::p1::WasiP1Ctx>>,
 }
-
-/// Counts `state_set`/`state_add` misuse; refusals happen in [`StateScope`].
-static STATE_REFUSALS: AtomicU64 = AtomicU64::new(0);
 
 impl PluginCtx {
     #[allow(clippy::too_many_arguments)]
@@ -94,11 +158,10 @@ impl PluginCtx {
         config: Arc<BTreeMap<String, i64>>,
         clock: Arc<dyn Clock>,
         limiter: Arc<LogLimiter>,
-        limits: StoreLimits,
+        limits: Limits,
         budget: Budget,
     ) -> Self {
         Self {
-            name,
             vcpu,
             reason: 0,
             in_rdmsr: false,
@@ -106,14 +169,13 @@ impl PluginCtx {
             state,
             config,
             clock,
-            log_window: Instant::now(),
-            log_count: 0,
-            limiter,
+            log: Arc::new(Mutex::new(InstanceLog::new(name, vcpu, limiter))),
             budget,
             cpu_mark: None,
             host_budget_ns: 0,
             limits,
-            host_calls: 0,
+            wasi: None,
+            wasi_p1: None,
         }
     }
 
@@ -129,7 +191,6 @@ impl PluginCtx {
         self.reply.take()
     }
 
-
     pub(super) fn now_ns(&self) -> u64 {
         self.clock.now_ns()
     }
@@ -138,32 +199,61 @@ impl PluginCtx {
         self.config.get(name).copied()
     }
 
-    /// Logs `message` at `level` if both rate limits allow, with control
-    /// characters escaped so that a plugin cannot forge host log lines.
+    /// Logs `message` at `level` (rate-limited, escaped).
     pub(super) fn log(&mut self, level: i32, message: &str) {
-        let now = Instant::now();
-        if now.duration_since(self.log_window) >= LOG_WINDOW {
-            if self.log_count > LOG_BURST {
-                tracing::warn!(
-                    plugin = %self.name, vcpu = self.vcpu, dropped = self.log_count - LOG_BURST,
-                    "plugin log messages dropped by the per-instance rate limit ({LOG_BURST} per second)"
-                );
-            }
-            self.log_window = now;
-            self.log_count = 0;
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).emit(level, message);
+    }
+
+    pub(super) fn vcpu(&self) -> u32 {
+        self.vcpu
+    }
+
+    pub(super) fn reason(&self) -> u32 {
+        self.reason
+    }
+
+    pub(super) fn state(&self) -> &StateScope {
+        &self.state
+    }
+}
+
+/// What one store may hold: linear memory in total (all memories of a
+/// component together), table elements, and how many memories, tables and
+/// instances.
+#[derive(Debug)]
+pub(super) struct Limits {
+    pub memory_cap: usize,
+    pub memory_used: usize,
+    pub table_elements: usize,
+    pub memories: usize,
+    pub tables: usize,
+    pub instances: usize,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let more = desired.saturating_sub(current);
+        if self.memory_used.saturating_add(more) > self.memory_cap {
+            return Ok(false);
         }
-        self.log_count = self.log_count.saturating_add(1);
-        if self.log_count > LOG_BURST || !self.limiter.admit() {
-            return;
-        }
-        let msg = sanitize(message);
-        let (plugin, vcpu) = (&*self.name, self.vcpu);
-        match level {
-            0 => tracing::error!(plugin, vcpu, "plugin says: {msg}"),
-            1 => tracing::warn!(plugin, vcpu, "plugin says: {msg}"),
-            2 => tracing::info!(plugin, vcpu, "plugin says: {msg}"),
-            _ => tracing::debug!(plugin, vcpu, "plugin says: {msg}"),
-        }
+        self.memory_used += more;
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= self.table_elements)
+    }
+
+    fn instances(&self) -> usize {
+        self.instances
+    }
+
+    fn tables(&self) -> usize {
+        self.tables
+    }
+
+    fn memories(&self) -> usize {
+        self.memories
     }
 }
 
@@ -213,7 +303,6 @@ pub(super) const STRING_NS: u64 = 1000;
 /// Takes `ns` from the running call's host-call budget; running out is the
 /// same trap as running out of fuel.
 pub(super) fn charge(ctx: &mut PluginCtx, ns: u64) -> wasmtime::Result<()> {
-    ctx.host_calls += 1;
     match ctx.host_budget_ns.checked_sub(ns) {
         Some(left) => {
             ctx.host_budget_ns = left;
@@ -224,18 +313,18 @@ pub(super) fn charge(ctx: &mut PluginCtx, ns: u64) -> wasmtime::Result<()> {
 }
 
 /// A refused `state_set`/`state_add` (the plugin's store is full) traps.
-pub(super) fn state_refused(ctx: &PluginCtx) -> wasmtime::Error {
-    STATE_REFUSALS.fetch_add(1, Ordering::Relaxed);
+pub(super) fn state_refused() -> wasmtime::Error {
     wasmtime::Error::msg(format!(
-        "state store of plugin `{}` is full ({} keys): state_set/state_add of a new key refused",
-        ctx.name,
+        "the plugin's state store is full ({} keys): state_set/state_add of a new key refused",
         super::state::MAX_KEYS
     ))
 }
 
-/// The linker for core-module plugins: the `msr` functions.
+/// The linker for core-module plugins: the `msr` functions and
+/// deny-by-default `wasi_snapshot_preview1`.
 pub(super) fn core_linker(engine: &Engine) -> wasmtime::Result<Linker<PluginCtx>> {
     let mut l = Linker::new(engine);
+    super::wasi::add_p1(&mut l)?;
     l.func_wrap("msr", "reply", |mut c: Caller<'_, PluginCtx>, value: i64| {
         let ctx = c.data_mut();
         charge(ctx, CHEAP_NS)?;
@@ -264,12 +353,12 @@ pub(super) fn core_linker(engine: &Engine) -> wasmtime::Result<Linker<PluginCtx>
     l.func_wrap("msr", "state_set", |mut c: Caller<'_, PluginCtx>, key: i32, v: i64| {
         let ctx = c.data_mut();
         charge(ctx, STATE_NS)?;
-        ctx.state.set(key, v).map_err(|_| state_refused(ctx))
+        ctx.state.set(key, v).map_err(|_| state_refused())
     })?;
     l.func_wrap("msr", "state_add", |mut c: Caller<'_, PluginCtx>, key: i32, d: i64| {
         let ctx = c.data_mut();
         charge(ctx, STATE_NS)?;
-        ctx.state.add(key, d).map_err(|_| state_refused(ctx))
+        ctx.state.add(key, d).map_err(|_| state_refused())
     })?;
     l.func_wrap(
         "msr",

@@ -10,44 +10,58 @@ pub const SECTION: &str = "msrwasm.meta";
 /// Metadata fields, as written (numbers and booleans as text).
 pub type Meta = BTreeMap<String, String>;
 
-/// Reads the metadata of a module given as wasm binary or WAT text.
+/// Reads the metadata of a module or component given as wasm binary or
+/// WAT text. A component's own (top-level) section wins over one inside its
+/// core modules (where some toolchains put it).
 pub fn read(bytes: &[u8]) -> Result<Option<Meta>, String> {
     let binary = wat::parse_bytes(bytes).map_err(|e| e.to_string())?;
-    let mut found = None;
+    let mut top = None;
+    let mut nested = None;
+    let mut depth = 0u32;
     for payload in wasmparser::Parser::new(0).parse_all(&binary) {
         let payload = payload.map_err(|e| e.to_string())?;
-        if let wasmparser::Payload::CustomSection(section) = payload
-            && section.name() == SECTION
-        {
-            if found.is_some() {
-                return Err(format!("more than one `{SECTION}` section"));
+        match payload {
+            wasmparser::Payload::Version { .. } => depth += 1,
+            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
+            wasmparser::Payload::CustomSection(section) if section.name() == SECTION => {
+                let slot = if depth <= 1 { &mut top } else { &mut nested };
+                if slot.is_some() {
+                    return Err(format!("more than one `{SECTION}` section"));
+                }
+                *slot = Some(parse(section.data())?);
             }
-            found = Some(parse(section.data())?);
+            _ => {}
         }
     }
-    Ok(found)
+    Ok(top.or(nested))
 }
 
-/// Returns the wasm binary `binary` with its metadata replaced by `meta`
-/// (an empty `meta` removes the section). Every other section is kept byte
-/// for byte; the new section goes at the end, where custom sections may be.
+/// Returns the wasm binary (core module or component) `binary` with its
+/// top-level metadata replaced by `meta` (an empty `meta` removes it).
+/// Every other section is kept byte for byte; the new section goes at the
+/// end, where custom sections may be.
 pub fn write(binary: &[u8], meta: &Meta) -> Result<Vec<u8>, String> {
-    if !binary.starts_with(b"\0asm") {
+    if !binary.starts_with(b"\0asm") || binary.len() < 8 {
         return Err("not a wasm binary (WAT files carry metadata as (@custom \"msrwasm.meta\" \"...\"))".into());
     }
+    wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+        .validate_all(binary)
+        .map_err(|e| format!("not a valid module or component: {e}"))?;
     let mut out = binary[..8].to_vec();
-    for payload in wasmparser::Parser::new(0).parse_all(binary) {
-        let payload = payload.map_err(|e| e.to_string())?;
-        if let wasmparser::Payload::CustomSection(section) = &payload
-            && section.name() == SECTION
-        {
-            continue;
+    let mut at = 8;
+    while at < binary.len() {
+        let id = binary[at];
+        let (size, len) = read_leb128(&binary[at + 1..]).ok_or("malformed section header")?;
+        let start = at + 1 + len;
+        let end = start
+            .checked_add(size as usize)
+            .filter(|&e| e <= binary.len())
+            .ok_or("section runs past the end")?;
+        let keep = id != 0 || custom_name(&binary[start..end]) != Some(SECTION);
+        if keep {
+            out.extend_from_slice(&binary[at..end]);
         }
-        if let Some((id, range)) = payload.as_section() {
-            out.push(id);
-            leb128(&mut out, range.len() as u64);
-            out.extend_from_slice(&binary[range]);
-        }
+        at = end;
     }
     if !meta.is_empty() {
         let toml = toml::to_string(meta).map_err(|e| e.to_string())?;
@@ -60,6 +74,24 @@ pub fn write(binary: &[u8], meta: &Meta) -> Result<Vec<u8>, String> {
         out.extend_from_slice(&body);
     }
     Ok(out)
+}
+
+/// The name of a custom section from its contents.
+fn custom_name(contents: &[u8]) -> Option<&str> {
+    let (len, n) = read_leb128(contents)?;
+    std::str::from_utf8(contents.get(n..n.checked_add(len as usize)?)?).ok()
+}
+
+/// An unsigned LEB128 value and the bytes it took.
+fn read_leb128(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, &b) in bytes.iter().take(10).enumerate() {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
 }
 
 fn leb128(out: &mut Vec<u8>, mut value: u64) {
@@ -128,6 +160,22 @@ mod tests {
                 .unwrap_err()
                 .contains("not a wasm binary")
         );
+    }
+
+    #[test]
+    fn components_get_a_top_level_section_and_stay_valid() {
+        let component = wat::parse_str(
+            r#"(component (core module $m (@custom "msrwasm.meta" "name = \"inner\"")) (core instance (instantiate $m)))"#,
+        )
+        .unwrap();
+        assert_eq!(read(&component).unwrap().unwrap()["name"], "inner");
+        let meta = Meta::from([("name".into(), "outer".into())]);
+        let out = write(&component, &meta).unwrap();
+        wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+            .validate_all(&out)
+            .unwrap();
+        assert_eq!(read(&out).unwrap(), Some(meta), "the top-level section wins");
+        assert!(out.len() < component.len() + 64, "nothing copied twice");
     }
 
     #[test]

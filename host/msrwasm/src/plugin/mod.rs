@@ -21,24 +21,28 @@
 pub mod abi;
 pub mod cache;
 pub mod clock;
+pub mod component;
 pub mod health;
 mod imports;
 pub mod limits;
 pub mod meta;
 pub mod runtime;
 pub mod state;
+pub mod wasi;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use wasmtime::{InstancePre, Module, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc, UpdateDeadline};
+use wasmtime::component::Component;
+use wasmtime::{InstancePre, Module, Store, Trap, TypedFunc, UpdateDeadline};
 
 pub use abi::Shape;
 pub use cache::ModuleCache;
-use imports::PluginCtx;
+use cache::{Artifact, Source};
 pub use imports::sanitize;
+use imports::{Limits, PluginCtx};
 pub use runtime::{Runtime, RuntimeError, RuntimeOptions};
 use state::{StateScope, StateStore};
 
@@ -241,7 +245,7 @@ pub struct Plugin {
     /// own; `None` means the plugin is asked for every deflected access but
     /// puts nothing into the MSR filter.
     claims: Option<Vec<(u32, u32)>>,
-    pre: InstancePre<PluginCtx>,
+    compiled: Compiled,
     runtime: Arc<Runtime>,
     limiter: Arc<imports::LogLimiter>,
     state: Arc<StateScope>,
@@ -257,6 +261,16 @@ impl std::fmt::Debug for Plugin {
             .field("claims", &self.claims)
             .finish_non_exhaustive()
     }
+}
+
+/// A validated, compiled plugin of either flavour.
+enum Compiled {
+    Core(InstancePre<PluginCtx>),
+    Component {
+        pre: component::bindings::PluginPre<PluginCtx>,
+        imports: Vec<String>,
+        exports: Vec<String>,
+    },
 }
 
 /// Largest plugin file the host reads (a guard against mistakes such as
@@ -315,6 +329,7 @@ impl Plugin {
             });
         }
         let binary = to_binary(&path, bytes)?;
+        let is_component = wasmparser::Parser::is_component(&binary);
         limits::check(&binary, settings.memory_max_kib).map_err(|reason| LoadError::Limits {
             path: path.clone(),
             reason,
@@ -323,26 +338,76 @@ impl Plugin {
             path: path.clone(),
             reason,
         };
-        let module = match cache.and_then(|c| c.get(&sha256)) {
-            Some(module) => module,
-            None => Module::new(runtime.engine(), &binary[..]).map_err(|e| LoadError::NotWasm {
-                path: path.clone(),
-                source: one_line_error(e),
-            })?,
+        let not_wasm = |e: wasmtime::Error| LoadError::NotWasm {
+            path: path.clone(),
+            source: one_line_error(e),
+        };
+        let engine = runtime.engine();
+        let (artifact, source) = match cache.and_then(|c| c.get(&sha256, engine, is_component)) {
+            Some(hit) => hit,
+            None if is_component => (
+                Artifact::Component(Component::new(engine, &binary[..]).map_err(not_wasm)?),
+                Source::Compiled,
+            ),
+            None => (
+                Artifact::Module(Module::new(engine, &binary[..]).map_err(not_wasm)?),
+                Source::Compiled,
+            ),
         };
         let meta = meta::read(&binary).map_err(abi_err)?;
-        let shape = abi::check_shape(&module).map_err(abi_err)?;
-        let pre = runtime
-            .linker()
-            .instantiate_pre(&module)
-            .map_err(|e| abi_err(one_line(&format!("{e:#}"))))?;
+        let (compiled, shape, flavour) = match &artifact {
+            Artifact::Module(module) => {
+                let shape = abi::check_shape(module).map_err(abi_err)?;
+                let pre = runtime
+                    .linker()
+                    .instantiate_pre(module)
+                    .map_err(|e| abi_err(wasm_error_text(&e)))?;
+                (Compiled::Core(pre), shape, Flavour::Core)
+            }
+            Artifact::Component(c) => {
+                let (imports, exports, unsupported) = component::interface(engine, c);
+                if !unsupported.is_empty() {
+                    return Err(abi_err(format!(
+                        "imports {}, which the host does not provide (a component plugin may import `{}` and WASI 0.2 interfaces, served deny-by-default; not wasi:http, nothing else)",
+                        unsupported
+                            .iter()
+                            .map(|i| format!("`{i}`"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        component::HOST_INTERFACE
+                    )));
+                }
+                if !exports.iter().any(|e| e == component::HANDLER_INTERFACE) {
+                    return Err(abi_err(format!(
+                        "exports no `{}`: not an msrwasm plugin component (the world is msrwasm:plugin/plugin@1.0.0)",
+                        component::HANDLER_INTERFACE
+                    )));
+                }
+                let pre = runtime
+                    .component_linker()
+                    .instantiate_pre(c)
+                    .and_then(component::bindings::PluginPre::new)
+                    .map_err(|e| abi_err(wasm_error_text(&e)))?;
+                (
+                    Compiled::Component { pre, imports, exports },
+                    Shape {
+                        rdmsr: true,
+                        wrmsr: true,
+                        init: true,
+                        claim: true,
+                        ..Shape::default()
+                    },
+                    Flavour::Component,
+                )
+            }
+        };
         let name: Arc<str> = settings.name.as_str().into();
         let mut plugin = Self {
             info: PluginInfo {
                 name: settings.name.clone(),
                 path: settings.path.clone(),
                 version: sha256.clone(),
-                flavour: Flavour::Core,
+                flavour,
             },
             name,
             state: state.scope(&settings.name),
@@ -350,7 +415,7 @@ impl Plugin {
             claims: settings.msrs.clone(),
             settings,
             shape,
-            pre,
+            compiled,
             runtime: runtime.clone(),
             limiter: runtime.log_limiter(),
             health: health::Health::new(health::QuarantinePolicy::default()),
@@ -359,13 +424,17 @@ impl Plugin {
         plugin.probe()?;
         if let Some(cache) = cache {
             // Only validated versions are kept: a refused one costs nothing later.
-            cache.insert(&sha256, &module);
+            cache.insert(&sha256, &artifact, source);
         }
         Ok(plugin)
     }
 
-    /// Checks the version, runs `init` and reads `claim` on a throwaway instance.
+    /// Checks the version, runs `init` and reads the claims on a throwaway
+    /// instance (vCPU 0).
     fn probe(&mut self) -> Result<(), LoadError> {
+        if let Compiled::Component { .. } = &self.compiled {
+            return self.probe_component();
+        }
         let path = self.settings.path.clone();
         let (mut store, instance) = self.instantiate_raw(0)?;
         set_budget(&mut store, self.runtime.budget(self.settings.timeout_us));
@@ -416,10 +485,59 @@ impl Plugin {
         Ok(())
     }
 
-    fn instantiate_raw(&self, vcpu: u32) -> Result<(Store<PluginCtx>, wasmtime::Instance), LoadError> {
-        let limits = self.store_limits();
+    fn probe_component(&mut self) -> Result<(), LoadError> {
+        let path = self.settings.path.clone();
+        let mut instance = self.instantiate_component(0)?;
+        if self.claims.is_some() {
+            return Ok(());
+        }
+        set_budget(&mut instance.store, self.runtime.budget(self.settings.timeout_us));
+        let claims = instance
+            .plugin
+            .msrwasm_plugin_handler()
+            .call_claims(&mut instance.store)
+            .map_err(|e| LoadError::Instantiate {
+                path: path.clone(),
+                what: "claims()",
+                source: trap_error(e),
+            })?;
+        self.claims = match claims {
+            None => None,
+            Some(list) if list.len() > abi::MAX_CLAIM_RANGES as usize => {
+                return Err(LoadError::Claim {
+                    path,
+                    reason: format!("{} ranges, more than {}", list.len(), abi::MAX_CLAIM_RANGES),
+                });
+            }
+            Some(list) => Some(
+                list.iter()
+                    .map(|r| match r.first <= r.last {
+                        true => Ok((r.first, r.last)),
+                        false => Err(LoadError::Claim {
+                            path: path.clone(),
+                            reason: format!("range {:#x}-{:#x} is reversed", r.first, r.last),
+                        }),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
+        Ok(())
+    }
+
+    /// A store for vCPU `vcpu` with this plugin's limits, budget callback
+    /// and (when the plugin needs it) WASI context.
+    fn store(&self, vcpu: u32) -> Store<PluginCtx> {
+        let component = matches!(self.compiled, Compiled::Component { .. });
+        let limits = Limits {
+            memory_cap: usize::try_from(self.settings.memory_max_kib * 1024).unwrap_or(usize::MAX),
+            memory_used: 0,
+            table_elements: limits::MAX_TABLE_ELEMENTS,
+            memories: if component { 64 } else { 1 },
+            tables: if component { 64 } else { 4 },
+            instances: if component { 256 } else { 1 },
+        };
         let init_budget = self.runtime.budget(self.settings.init_budget_us());
-        let ctx = PluginCtx::new(
+        let mut ctx = PluginCtx::new(
             self.name.clone(),
             vcpu,
             self.state.clone(),
@@ -429,6 +547,14 @@ impl Plugin {
             limits,
             init_budget,
         );
+        if component {
+            ctx.wasi = Some(wasi::WasiState {
+                ctx: wasi::context(&ctx.log).build(),
+                table: wasmtime_wasi::ResourceTable::new(),
+            });
+        } else if self.shape.wasi {
+            ctx.wasi_p1 = Some(Box::new(wasi::context(&ctx.log).build_p1()));
+        }
         let mut store = Store::new(self.runtime.engine(), ctx);
         store.limiter(|ctx| &mut ctx.limits);
         store.epoch_deadline_callback(|mut cx| {
@@ -451,23 +577,62 @@ impl Plugin {
         });
         // A start function and `_initialize` run under the init budget.
         set_budget(&mut store, init_budget);
-        let instance = self.pre.instantiate(&mut store).map_err(|e| LoadError::Instantiate {
+        store
+    }
+
+    /// A component instance for `vcpu` with `init` run.
+    fn instantiate_component(&self, vcpu: u32) -> Result<component::Instance, LoadError> {
+        let Compiled::Component { pre, .. } = &self.compiled else {
+            unreachable!("instantiate_component is only called for components")
+        };
+        let path = &self.settings.path;
+        let mut store = self.store(vcpu);
+        let plugin = pre.instantiate(&mut store).map_err(|e| LoadError::Instantiate {
+            path: path.clone(),
+            what: "instantiation",
+            source: instantiation_error(e, self.settings.memory_max_kib),
+        })?;
+        set_budget(&mut store, self.runtime.budget(self.settings.init_budget_us()));
+        let init = plugin
+            .msrwasm_plugin_handler()
+            .call_init(&mut store)
+            .map_err(|e| LoadError::Instantiate {
+                path: path.clone(),
+                what: "init()",
+                source: trap_error(e),
+            })?;
+        if let Err(reason) = init {
+            let mut reason = sanitize(&reason);
+            reason.truncate(1024);
+            return Err(LoadError::InitRefused {
+                path: path.clone(),
+                reason,
+            });
+        }
+        Ok(component::Instance { store, plugin })
+    }
+
+    fn instantiate_raw(&self, vcpu: u32) -> Result<(Store<PluginCtx>, wasmtime::Instance), LoadError> {
+        let Compiled::Core(pre) = &self.compiled else {
+            unreachable!("instantiate_raw is only called for core modules")
+        };
+        let mut store = self.store(vcpu);
+        let instance = pre.instantiate(&mut store).map_err(|e| LoadError::Instantiate {
             path: self.settings.path.clone(),
             what: "instantiation",
             source: instantiation_error(e, self.settings.memory_max_kib),
         })?;
+        if self.shape.initialize {
+            instance
+                .get_typed_func::<(), ()>(&mut store, "_initialize")
+                .and_then(|f| f.call(&mut store, ()))
+                .map_err(|e| LoadError::Instantiate {
+                    path: self.settings.path.clone(),
+                    what: "_initialize()",
+                    source: trap_error(e),
+                })?;
+        }
         Ok((store, instance))
-    }
-
-    fn store_limits(&self) -> StoreLimits {
-        StoreLimitsBuilder::new()
-            .memory_size(usize::try_from(self.settings.memory_max_kib * 1024).unwrap_or(usize::MAX))
-            .memories(1)
-            .tables(4)
-            .table_elements(limits::MAX_TABLE_ELEMENTS)
-            .instances(1)
-            .trap_on_grow_failure(false)
-            .build()
     }
 
     fn run_init(&self, store: &mut Store<PluginCtx>, instance: &wasmtime::Instance) -> Result<(), LoadError> {
@@ -493,8 +658,15 @@ impl Plugin {
         Ok(())
     }
 
-    /// A fresh instance for vCPU `vcpu`, `init` already run.
+    /// A fresh instance for vCPU `vcpu`, `_initialize` and `init` already run.
     pub fn instantiate(self: &Arc<Self>, vcpu: u32) -> Result<PluginInstance, LoadError> {
+        let budget = self.runtime.budget(self.settings.timeout_us);
+        if let Compiled::Component { .. } = &self.compiled {
+            return Ok(PluginInstance {
+                inner: Inner::Component(self.instantiate_component(vcpu)?),
+                budget,
+            });
+        }
         let (mut store, instance) = self.instantiate_raw(vcpu)?;
         self.run_init(&mut store, &instance)?;
         let rdmsr = self
@@ -512,10 +684,8 @@ impl Plugin {
             reason: format!("{e:#}"),
         })?;
         Ok(PluginInstance {
-            store,
-            rdmsr,
-            wrmsr,
-            budget: self.runtime.budget(self.settings.timeout_us),
+            inner: Inner::Core { store, rdmsr, wrmsr },
+            budget,
         })
     }
 
@@ -559,15 +729,21 @@ impl Plugin {
         self.meta.as_ref()
     }
 
-    /// Names of the module's exports and imports (`module.name`).
+    /// Names of the plugin's exports and imports (`module.name` for core
+    /// modules, interface names for components).
     pub fn interface(&self) -> (Vec<String>, Vec<String>) {
-        let module = self.pre.module();
-        let exports = module.exports().map(|e| e.name().to_owned()).collect();
-        let imports = module
-            .imports()
-            .map(|i| format!("{}.{}", i.module(), i.name()))
-            .collect();
-        (exports, imports)
+        match &self.compiled {
+            Compiled::Core(pre) => {
+                let module = pre.module();
+                let exports = module.exports().map(|e| e.name().to_owned()).collect();
+                let imports = module
+                    .imports()
+                    .map(|i| format!("{}.{}", i.module(), i.name()))
+                    .collect();
+                (exports, imports)
+            }
+            Compiled::Component { imports, exports, .. } => (exports.clone(), imports.clone()),
+        }
     }
 
     /// Error history and quarantine of this version.
@@ -658,6 +834,9 @@ fn trap_error(e: wasmtime::Error) -> WasmError {
     if is_timeout(&e) {
         return "timed out (exceeded its CPU budget: timeout_us, or init_timeout_us for _initialize/init)".into();
     }
+    if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return format!("called proc_exit({}): a plugin may not exit", exit.0).into();
+    }
     match e.downcast_ref::<Trap>() {
         Some(Trap::StackOverflow) => "wasm stack overflow".into(),
         _ => one_line_error(e),
@@ -719,40 +898,76 @@ pub enum CallError {
 
 /// One vCPU's instance of a plugin, with its own `Store`.
 pub struct PluginInstance {
-    store: Store<PluginCtx>,
-    rdmsr: Option<TypedFunc<i32, i32>>,
-    wrmsr: Option<TypedFunc<(i32, i64), i32>>,
+    inner: Inner,
     budget: runtime::Budget,
+}
+
+enum Inner {
+    Core {
+        store: Store<PluginCtx>,
+        rdmsr: Option<TypedFunc<i32, i32>>,
+        wrmsr: Option<TypedFunc<(i32, i64), i32>>,
+    },
+    Component(component::Instance),
 }
 
 impl PluginInstance {
     /// Asks the plugin about `RDMSR index` (`reason`: KVM's exit reason bits).
     pub fn rdmsr(&mut self, index: u32, reason: u32) -> Result<Answer, CallError> {
-        // Borrowed, not cloned: cloning a TypedFunc clones its registered
-        // type, which costs more than the call itself.
-        let Some(func) = &self.rdmsr else {
-            return Ok(Answer::Pass);
-        };
-        self.store.data_mut().begin(reason, true);
-        set_budget(&mut self.store, self.budget);
-        let status = func.call(&mut self.store, index as i32);
-        let reply = self.store.data_mut().end();
-        match into_answer(status)? {
-            Answer::Handled(_) => reply.map(Answer::Handled).ok_or(CallError::NoReply),
-            other => Ok(other),
+        match &mut self.inner {
+            Inner::Core { store, rdmsr, .. } => {
+                // Borrowed, not cloned: cloning a TypedFunc clones its
+                // registered type, which costs more than the call itself.
+                let Some(func) = rdmsr else {
+                    return Ok(Answer::Pass);
+                };
+                store.data_mut().begin(reason, true);
+                set_budget(store, self.budget);
+                let status = func.call(&mut *store, index as i32);
+                let reply = store.data_mut().end();
+                match into_answer(status)? {
+                    Answer::Handled(_) => reply.map(Answer::Handled).ok_or(CallError::NoReply),
+                    other => Ok(other),
+                }
+            }
+            Inner::Component(c) => {
+                c.store.data_mut().begin(reason, false);
+                set_budget(&mut c.store, self.budget);
+                let answer = c.rdmsr(index);
+                c.store.data_mut().end();
+                answer.map_err(call_error)
+            }
         }
     }
 
     /// Asks the plugin about `WRMSR index, value`.
     pub fn wrmsr(&mut self, index: u32, value: u64, reason: u32) -> Result<Answer, CallError> {
-        let Some(func) = &self.wrmsr else {
-            return Ok(Answer::Pass);
-        };
-        self.store.data_mut().begin(reason, false);
-        set_budget(&mut self.store, self.budget);
-        let status = func.call(&mut self.store, (index as i32, value as i64));
-        self.store.data_mut().end();
-        into_answer(status)
+        match &mut self.inner {
+            Inner::Core { store, wrmsr, .. } => {
+                let Some(func) = wrmsr else {
+                    return Ok(Answer::Pass);
+                };
+                store.data_mut().begin(reason, false);
+                set_budget(store, self.budget);
+                let status = func.call(&mut *store, (index as i32, value as i64));
+                store.data_mut().end();
+                into_answer(status)
+            }
+            Inner::Component(c) => {
+                c.store.data_mut().begin(reason, false);
+                set_budget(&mut c.store, self.budget);
+                let answer = c.wrmsr(index, value);
+                c.store.data_mut().end();
+                answer.map_err(call_error)
+            }
+        }
+    }
+}
+
+fn call_error(e: wasmtime::Error) -> CallError {
+    match is_timeout(&e) {
+        true => CallError::Timeout,
+        false => CallError::Trap(trap_error(e).to_string()),
     }
 }
 
@@ -762,8 +977,7 @@ fn into_answer(status: wasmtime::Result<i32>) -> Result<Answer, CallError> {
         Ok(abi::STATUS_FAULT) => Ok(Answer::Fault),
         Ok(abi::STATUS_PASS) => Ok(Answer::Pass),
         Ok(other) => Err(CallError::BadStatus(other)),
-        Err(e) if is_timeout(&e) => Err(CallError::Timeout),
-        Err(e) => Err(CallError::Trap(trap_error(e).to_string())),
+        Err(e) => Err(call_error(e)),
     }
 }
 

@@ -78,6 +78,7 @@ pub enum RuntimeError {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<PluginCtx>,
+    component_linker: wasmtime::component::Linker<PluginCtx>,
     fuel_per_us: u64,
     clock: Arc<dyn Clock>,
     tick: Duration,
@@ -103,6 +104,7 @@ impl Runtime {
         configure(&mut config);
         let engine = Engine::new(&config).map_err(RuntimeError::Engine)?;
         let linker = imports::core_linker(&engine).map_err(RuntimeError::Linker)?;
+        let component_linker = super::component::linker(&engine).map_err(RuntimeError::Linker)?;
         let tick = options
             .tick
             .clamp(Duration::from_micros(50), Duration::from_millis(100));
@@ -111,6 +113,7 @@ impl Runtime {
         Ok(Arc::new(Self {
             engine,
             linker,
+            component_linker,
             fuel_per_us,
             clock: options.clock,
             tick,
@@ -135,6 +138,10 @@ impl Runtime {
 
     pub(crate) fn linker(&self) -> &Linker<PluginCtx> {
         &self.linker
+    }
+
+    pub(crate) fn component_linker(&self) -> &wasmtime::component::Linker<PluginCtx> {
+        &self.component_linker
     }
 
     pub(crate) fn log_limiter(&self) -> Arc<imports::LogLimiter> {
