@@ -1,0 +1,3 @@
+module msrwasm
+
+go 1.24
