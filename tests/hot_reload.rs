@@ -7,21 +7,7 @@ use std::path::Path;
 use msrwasm::plugin::content_hash;
 use msrwasm::policy::{PolicySpec, Unhandled};
 use msrwasm_cli::runner::VmEnd;
-use msrwasm_tests::{atomic_write, guest, kvm_available, start, wait_until};
-
-/// A plugin version that answers `value` and records it in state key 1.
-fn version(value: u64) -> Vec<u8> {
-    wat(&format!(
-        r#"(module
-          (import "msr" "reply" (func $reply (param i64)))
-          (import "msr" "state_set" (func $set (param i32 i64)))
-          (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
-          (func (export "rdmsr") (param i32) (result i32)
-            (call $set (i32.const 1) (i64.const {value}))
-            (call $reply (i64.const {value}))
-            (i32.const 0)))"#
-    ))
-}
+use msrwasm_tests::{answering as version, atomic_write, guest, kvm_available, start, wait_until};
 
 fn wat(text: &str) -> Vec<u8> {
     wat::parse_str(text).expect("test WAT")

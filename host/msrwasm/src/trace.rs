@@ -126,6 +126,9 @@ type Written = (u64, Option<String>, File);
 
 struct Shared {
     epoch: Instant,
+    /// Records handed to the queue.
+    sent: AtomicU64,
+    /// Records dropped because the queue was full or the file failed.
     dropped: AtomicU64,
 }
 
@@ -138,16 +141,19 @@ pub struct Trace {
 }
 
 impl Trace {
-    /// Creates (truncates) `path` and starts the writer thread.
+    /// Creates (truncates) `path` and starts the writer thread. `path` may
+    /// be a FIFO or a pipe with a reader; a FIFO without one is an error,
+    /// not a wait.
     pub fn create(path: &Path) -> Result<Self, TraceError> {
         let err = |source| TraceError {
             path: path.to_owned(),
             source,
         };
-        let file = File::create(path).map_err(err)?;
+        let file = open_for_writing(path).map_err(err)?;
         let (tx, rx) = sync_channel(QUEUE_RECORDS);
         let shared = Arc::new(Shared {
             epoch: Instant::now(),
+            sent: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         });
         let writer_shared = shared.clone();
@@ -169,19 +175,29 @@ impl Trace {
         self.shared.epoch
     }
 
-    /// Stops taking records, waits until the queue is on disk, and says how
-    /// it went. Dispatchers still holding a sink keep the writer alive: drop
-    /// them first.
-    pub fn finish(&self) -> TraceReport {
+    /// Stops taking records, waits (at most `grace`) until the queue is
+    /// written, and says how it went: a reader that stopped reading is
+    /// abandoned, and what it did not take is counted as dropped.
+    /// Dispatchers still holding a sink keep the writer alive: drop them
+    /// first.
+    pub fn finish(&self, grace: std::time::Duration) -> TraceReport {
         drop(self.tx.lock().unwrap_or_else(|e| e.into_inner()).take());
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let (written, error, file) = match thread.map(JoinHandle::join) {
+        let deadline = Instant::now() + grace;
+        while thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let sent = self.shared.sent.load(Ordering::Relaxed);
+        let (written, error, file) = match thread.filter(|t| t.is_finished()).map(JoinHandle::join) {
             Some(Ok(r)) => r,
             _ => {
                 return TraceReport {
-                    dropped: self.shared.dropped.load(Ordering::Relaxed),
-                    error: Some("the trace writer is gone".into()),
-                    ..TraceReport::default()
+                    written: 0,
+                    dropped: sent,
+                    error: Some(format!(
+                        "the trace could not be finished within {grace:?} (a reader that stopped reading?): {sent} records not known to be written"
+                    )),
+                    deleted: false,
                 };
             }
         };
@@ -221,6 +237,7 @@ impl VcpuEvents for TraceSink {
     fn access(&mut self, access: &Access, outcome: &Outcome<'_>) {
         let t_ns = self.shared.epoch.elapsed().as_nanos() as u64;
         let record = TraceRecord::new(t_ns, self.vcpu, access, outcome);
+        self.shared.sent.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(record) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
@@ -228,6 +245,32 @@ impl VcpuEvents for TraceSink {
             }
         }
     }
+}
+
+/// Opens a trace file without blocking (a FIFO without a reader is
+/// `ENXIO`, not a wait), then makes writes blocking again (the writer
+/// thread may wait; vCPUs never do).
+fn open_for_writing(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => std::io::Error::other("a FIFO with no reader"),
+            _ => e,
+        })?;
+    let meta = file.metadata()?;
+    if meta.is_file() {
+        file.set_len(0)?;
+    } else if meta.is_dir() {
+        return Err(std::io::Error::other("it is a directory"));
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    crate::sys::set_blocking(fd)?;
+    Ok(file)
 }
 
 /// Writes whole lines only, in batches; after a write error, cuts the file

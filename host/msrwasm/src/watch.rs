@@ -186,7 +186,15 @@ impl Watcher {
                 .into_iter()
                 .filter(|f| self.writing.contains_key(&absolute(f)))
                 .collect();
-            reloads = self.engine.refresh(&hold);
+            // A bug in one reload must not end hot reload for the VM's life.
+            let engine = &self.engine;
+            reloads = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.refresh(&hold))) {
+                Ok(reloads) => reloads,
+                Err(_) => {
+                    tracing::error!("internal error while reloading (a panic, reported above); hot reload goes on");
+                    Vec::new()
+                }
+            };
             self.dirty_since = None;
             self.next_scan = now + RESCAN;
             self.update_watches();

@@ -466,6 +466,9 @@ impl Vm {
             }
         }
         drop(events_tx);
+        if setup_error.is_none() {
+            tracing::info!("{count} vCPUs running");
+        }
 
         let mut end = None;
         if setup_error.is_none() {
@@ -521,7 +524,7 @@ impl Vm {
             }
         }
         // The dispatchers (and their trace sinks) are gone with the threads.
-        report.trace = self.trace.as_ref().map(|t| t.finish());
+        report.trace = self.trace.as_ref().map(|t| t.finish(Duration::from_secs(2)));
         Ok(report)
     }
 }

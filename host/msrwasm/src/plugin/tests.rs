@@ -189,3 +189,141 @@ fn content_seen_before_comes_from_the_cache_without_compiling() {
     assert_eq!(again.sha256(), v1.sha256());
     assert_eq!(again.instantiate(0).unwrap().rdmsr(0, 2), Ok(Answer::Handled(1)));
 }
+
+/// Work fuel does not see (host calls, `memory.grow` past the cap, bulk
+/// table operations, slow instructions) used to run 3x-27x past
+/// `timeout_us`. Every call now ends within its budget of CPU time plus two
+/// epoch ticks. (A bound on CPU time, with generous slack: not a benchmark.)
+#[test]
+fn the_cpu_budget_bounds_what_fuel_does_not_count() {
+    let bodies = [
+        (
+            "memory.grow past the cap",
+            "(loop $l (drop (memory.grow (i32.const 1))) (br $l))",
+        ),
+        (
+            "table.copy of 65536 elements",
+            "(loop $l (table.copy (i32.const 0) (i32.const 1) (i32.const 65535)) (br $l))",
+        ),
+        (
+            "f64 sqrt and div",
+            "(local $x f64) (loop $l (local.set $x (f64.div (f64.sqrt (local.get $x)) (f64.const 3))) (br $l))",
+        ),
+        (
+            "4 KB log lines",
+            "(loop $l (call $log (i32.const 3) (i32.const 0) (i32.const 4096)) (br $l))",
+        ),
+    ];
+    for (what, body) in bodies {
+        let wat = format!(
+            r#"(module (import "msr" "log" (func $log (param i32 i32 i32)))
+              (memory (export "memory") 1) (table 65536 65536 funcref)
+              (func (export "msrwasm_abi_version") (result i32) i32.const 1)
+              (func (export "rdmsr") (param i32) (result i32) {body} (i32.const 2)))"#
+        );
+        let mut settings = PluginSettings::new("hog", "hog.wat");
+        settings.timeout_us = 20_000;
+        let plugin =
+            Arc::new(Plugin::from_bytes(&Runtime::shared(), settings, wat.as_bytes(), &StateStore::default()).unwrap());
+        let mut instance = plugin.instantiate(0).unwrap();
+        let started = crate::sys::thread_cpu_ns();
+        let result = instance.rdmsr(1, 2);
+        let used_ms = (crate::sys::thread_cpu_ns() - started) as f64 / 1e6;
+        assert_eq!(result, Err(CallError::Timeout), "{what}");
+        let bound_ms = 3.0 * 20.0 + 2.0 * Runtime::shared().tick().as_secs_f64() * 1e3 + 20.0;
+        assert!(used_ms < bound_ms, "{what}: {used_ms:.1} ms of CPU for a 20 ms budget");
+    }
+}
+
+#[test]
+fn a_state_store_full_of_keys_is_a_plugin_error_not_host_memory() {
+    let wat = r#"(module (import "msr" "state_set" (func $set (param i32 i64))) (global $k (mut i32) (i32.const 0))
+        (func (export "msrwasm_abi_version") (result i32) i32.const 1)
+        (func (export "rdmsr") (param i32) (result i32)
+          (loop $l (call $set (global.get $k) (i64.const 1)) (global.set $k (i32.add (global.get $k) (i32.const 1))) (br $l))
+          (i32.const 2)))"#;
+    let state = StateStore::default();
+    let mut settings = PluginSettings::new("keys", "keys.wat");
+    settings.timeout_us = 1_000_000;
+    let plugin = Arc::new(Plugin::from_bytes(&Runtime::shared(), settings, wat.as_bytes(), &state).unwrap());
+    let result = plugin.instantiate(0).unwrap().rdmsr(1, 2);
+    assert!(
+        matches!(&result, Err(CallError::Trap(m)) if m.contains("state store is full")),
+        "{result:?}"
+    );
+    assert_eq!(state.scope("keys").len(), state::MAX_KEYS);
+}
+
+#[test]
+fn refused_versions_never_enter_the_module_cache() {
+    let cache = ModuleCache::new();
+    let refusing = module(
+        r#"(func (export "rdmsr") (param i32) (result i32) i32.const 2) (func (export "init") (result i32) i32.const 3)"#,
+    );
+    let settings = PluginSettings::new("r", "r.wat");
+    let bytes = refusing.as_bytes();
+    assert!(
+        Plugin::build(
+            &Runtime::shared(),
+            settings,
+            bytes,
+            &StateStore::default(),
+            Some(&cache)
+        )
+        .is_err()
+    );
+    assert!(cache.is_empty());
+}
+
+#[test]
+fn wasi_is_there_but_grants_nothing() {
+    // A WASI reactor: _initialize runs first; stdout goes to the log; a
+    // clock poll returns at once; opening a file fails; proc_exit is an error.
+    let wat = r#"(module
+        (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "path_open" (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+        (import "msr" "reply" (func $reply (param i64)))
+        (memory (export "memory") 1)
+        (global $ready (mut i32) (i32.const 0))
+        (data (i32.const 100) "hello from wasi\n")
+        (func (export "_initialize") (global.set $ready (i32.const 1)))
+        (func (export "msrwasm_abi_version") (result i32) (global.get $ready))
+        (func (export "rdmsr") (param $i i32) (result i32)
+          (if (i32.eq (local.get $i) (i32.const 1)) (then
+            ;; iovec at 0: base 100, len 16; written count at 8
+            (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 16))
+            (call $reply (i64.extend_i32_u (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+            (return (i32.const 0))))
+          (if (i32.eq (local.get $i) (i32.const 2)) (then
+            (call $reply (i64.extend_i32_u (call $path_open (i32.const 3) (i32.const 0) (i32.const 100) (i32.const 5)
+              (i32.const 0) (i64.const 0) (i64.const 0) (i32.const 0) (i32.const 16))))
+            (return (i32.const 0))))
+          (if (i32.eq (local.get $i) (i32.const 3)) (then
+            ;; one clock subscription of an hour at 200 (tag 0 at 208), event at 300, count at 400
+            (i64.store (i32.const 224) (i64.const 3600000000000))
+            (call $reply (i64.extend_i32_u (call $poll (i32.const 200) (i32.const 300) (i32.const 1) (i32.const 400))))
+            (return (i32.const 0))))
+          (call $exit (i32.const 3))
+          (i32.const 2)))"#;
+    let plugin = wat_plugin("wasi", wat, &StateStore::default()).unwrap();
+    let mut i = plugin.instantiate(0).unwrap();
+    assert_eq!(i.rdmsr(1, 2), Ok(Answer::Handled(0)), "fd_write to stdout succeeds");
+    assert_ne!(
+        i.rdmsr(2, 2),
+        Ok(Answer::Handled(0)),
+        "path_open fails: no preopened directory"
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(i.rdmsr(3, 2), Ok(Answer::Handled(0)), "poll_oneoff returns at once");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "it did not sleep for an hour"
+    );
+    let e = i.rdmsr(4, 2);
+    assert!(
+        matches!(&e, Err(CallError::Trap(m)) if m.contains("proc_exit(3)")),
+        "{e:?}"
+    );
+}
