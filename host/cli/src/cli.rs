@@ -83,6 +83,54 @@ enum Command {
     /// hand: demo.elf (the demo), msr_loop.elf (50000 RDMSR 0x4d53424d per
     /// vCPU, then HLT), msr_forever.elf (RDMSR 0x4d530020 until stopped).
     Guests(GuestsArgs),
+    /// Talk to a running VM's control API (`run --api-sock PATH`).
+    ///
+    /// Prints the JSON (or, for `metrics`, the Prometheus text) the API
+    /// answers; exits 1 when the API refuses, 2 when it cannot be reached.
+    Ctl(CtlArgs),
+    /// Work with MSR policies: `suggest` writes a manifest skeleton from a
+    /// recorded footprint (`run --footprint FILE`).
+    Policy(PolicyArgs),
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The VM's API socket.
+    #[arg(long)]
+    api_sock: PathBuf,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Generation, vCPUs, uptime, unhandled policy, plugins and counters.
+    Status,
+    /// Replace the VM's policy with this manifest (relative plugin paths
+    /// resolve against the directory of the manifest the VM started with).
+    Policy { manifest: PathBuf },
+    /// Re-read every plugin file and the manifest now.
+    Reload,
+    /// Print every plugin's state store, or with FILE replace stores from it
+    /// (the same JSON shape).
+    State { file: Option<PathBuf> },
+    /// The MSRs the guest touched so far.
+    Footprint,
+    /// The Prometheus metrics.
+    Metrics,
+}
+
+#[derive(Args)]
+struct PolicyArgs {
+    #[command(subcommand)]
+    command: PolicyCommand,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print a manifest skeleton from a footprint: an `allow` list for a
+    /// default-deny firewall and the MSRs that went unhandled, with counts.
+    Suggest { footprint: PathBuf },
 }
 
 /// Limits and config that `run` takes from a manifest, for `check`/`test`.
@@ -248,6 +296,15 @@ struct RunArgs {
     /// or reader cannot keep up with are dropped and counted).
     #[arg(long)]
     trace: Option<PathBuf>,
+    /// Serve the control API (HTTP/1.1, JSON) on this Unix socket, mode
+    /// 0600: status, policy changes, reload, state, footprint, /metrics.
+    /// `msrwasm ctl --api-sock PATH` is its client.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Record which MSRs the guest touches and write it (JSON) to this file
+    /// at exit; `msrwasm policy suggest FILE` turns it into a manifest.
+    #[arg(long)]
+    footprint: Option<PathBuf>,
     /// Do not watch the manifest and plugin files. By default a changed
     /// file is validated and, if good, takes over on the running VM at each
     /// vCPU's next MSR exit; a bad one is refused and the running version
@@ -304,6 +361,8 @@ pub fn main() -> i32 {
         Command::Check(args) => check(args, cache),
         Command::Meta(args) => meta(args),
         Command::Test(args) => test(args, cache),
+        Command::Ctl(args) => ctl(args),
+        Command::Policy(args) => policy(args),
     };
     result.unwrap_or_else(|e| {
         err!("msrwasm: error: {e:#}");
@@ -322,6 +381,8 @@ fn run(args: RunArgs, cache: Option<PathBuf>) -> Result<i32> {
     config.trace = args.trace;
     config.watch = !args.no_watch;
     config.cache_dir = cache;
+    config.api_sock = args.api_sock;
+    config.footprint = args.footprint;
     run_vm(runner::Vm::new(config)?, None)
 }
 
@@ -479,4 +540,50 @@ fn meta(args: MetaArgs) -> Result<i32> {
         msrwasm::plugin::content_hash(&out)
     );
     Ok(0)
+}
+
+fn ctl(args: CtlArgs) -> Result<i32> {
+    let read = |path: &PathBuf| {
+        msrwasm::files::read_regular(path, msrwasm::api::MAX_BODY as u64)
+            .with_context(|| format!("reading {}", path.display()))
+    };
+    let (method, path, body) = match &args.command {
+        CtlCommand::Status => ("GET", "/v1/status", None),
+        CtlCommand::Policy { manifest } => ("PUT", "/v1/policy", Some(read(manifest)?)),
+        CtlCommand::Reload => ("POST", "/v1/reload", None),
+        CtlCommand::State { file: None } => ("GET", "/v1/state", None),
+        CtlCommand::State { file: Some(f) } => ("PUT", "/v1/state", Some(read(f)?)),
+        CtlCommand::Footprint => ("GET", "/v1/footprint", None),
+        CtlCommand::Metrics => ("GET", "/metrics", None),
+    };
+    let (status, text) = msrwasm::api::request(&args.api_sock, method, path, body)
+        .with_context(|| format!("API socket {}", args.api_sock.display()))?;
+    // JSON comes back pretty-printed for people; metrics as they are.
+    let shown = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) => serde_json::to_string_pretty(&v).unwrap_or(text),
+        Err(_) => text,
+    };
+    out!("{}\n", shown.trim_end());
+    Ok(if (200..300).contains(&status) { 0 } else { 1 })
+}
+
+fn policy(args: PolicyArgs) -> Result<i32> {
+    match args.command {
+        PolicyCommand::Suggest { footprint } => {
+            let bytes = msrwasm::files::read_regular(&footprint, 256 << 20)
+                .with_context(|| format!("reading {}", footprint.display()))?;
+            let entries: Vec<msrwasm::footprint::FootprintEntry> =
+                serde_json::from_slice(&bytes).with_context(|| {
+                    format!(
+                        "{}: not a footprint (run --footprint FILE writes one)",
+                        footprint.display()
+                    )
+                })?;
+            out!(
+                "{}",
+                msrwasm::footprint::suggest(&entries, &footprint.display().to_string())
+            );
+            Ok(0)
+        }
+    }
 }

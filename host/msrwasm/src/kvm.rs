@@ -157,7 +157,10 @@ impl FilterSink for KvmFilter {
             (true, false) => MsrFilterRangeFlags::READ,
             _ => MsrFilterRangeFlags::WRITE,
         };
-        let kvm_ranges: Vec<MsrFilterRange<'_>> = ranges
+        // KVM refuses (EINVAL) a deny-by-default filter without ranges; one
+        // range whose bitmap denies its single MSR says the same thing.
+        let deny_one = [0u8];
+        let mut kvm_ranges: Vec<MsrFilterRange<'_>> = ranges
             .windows
             .iter()
             .map(|w| MsrFilterRange {
@@ -167,6 +170,14 @@ impl FilterSink for KvmFilter {
                 bitmap: &w.bitmap,
             })
             .collect();
+        if kvm_ranges.is_empty() && ranges.default == FilterDefault::Deny {
+            kvm_ranges.push(MsrFilterRange {
+                flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+                base: 0,
+                msr_count: 1,
+                bitmap: &deny_one,
+            });
+        }
         let default = match ranges.default {
             FilterDefault::Allow => MsrFilterDefaultAction::ALLOW,
             FilterDefault::Deny => MsrFilterDefaultAction::DENY,

@@ -56,14 +56,20 @@
 //! - [`kvm`] (feature `kvm`): enabling exits, decoding, completing them,
 //!   KVM's own MSRs, the filter sink.
 //! - [`watch`] (feature `watch`): a file watcher driving hot reload.
+//! - [`api`] (feature `api`): the control API of a running VM (HTTP on a
+//!   Unix socket) with Prometheus metrics.
+//! - [`footprint`]: which MSRs a guest touches, and a manifest from that.
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "api")]
+pub mod api;
 pub mod check;
 pub mod dispatch;
 pub mod engine;
 pub mod events;
 pub mod files;
+pub mod footprint;
 #[cfg(feature = "kvm")]
 pub mod kvm;
 pub mod plugin;

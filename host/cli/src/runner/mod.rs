@@ -65,6 +65,10 @@ pub struct VmConfig {
     pub time_calls: bool,
     /// Cache compiled plugins in this directory.
     pub cache_dir: Option<PathBuf>,
+    /// Serve the control API on this Unix socket.
+    pub api_sock: Option<PathBuf>,
+    /// Write the MSR footprint to this file at exit.
+    pub footprint: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -81,6 +85,8 @@ impl VmConfig {
             events: Vec::new(),
             time_calls: false,
             cache_dir: None,
+            api_sock: None,
+            footprint: None,
         }
     }
 }
@@ -116,6 +122,8 @@ pub enum VmError {
     Trace(#[from] TraceError),
     #[error(transparent)]
     Watch(#[from] msrwasm::watch::WatchError),
+    #[error(transparent)]
+    Api(#[from] msrwasm::api::ApiError),
     #[error(
         "--mem {mem_mib} MiB is too small for {vcpus} vCPUs: their {stack_kib} KiB stacks and the image need at least {needed_mib} MiB; raise --mem"
     )]
@@ -189,6 +197,8 @@ pub struct VmReport {
     pub trace: Option<TraceReport>,
     /// Serial output bytes dropped because standard output did not keep up.
     pub serial_dropped: u64,
+    /// Where the footprint went (or why it did not).
+    pub footprint: Option<Result<PathBuf, String>>,
 }
 
 impl VmReport {
@@ -265,6 +275,11 @@ impl VmReport {
             }
             s += "\n";
         }
+        match &self.footprint {
+            Some(Ok(path)) => s += &format!("msrwasm: footprint written to {}\n", path.display()),
+            Some(Err(e)) => s += &format!("msrwasm: footprint not written: {e}\n"),
+            None => {}
+        }
         if self.serial_dropped > 0 {
             s += &format!(
                 "msrwasm: {} bytes of serial output dropped (standard output did not keep up)\n",
@@ -297,6 +312,8 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     engine: Engine,
     trace: Option<Arc<Trace>>,
+    footprint: Option<(Arc<msrwasm::footprint::Footprint>, Option<PathBuf>)>,
+    api_sock: Option<PathBuf>,
     io: Arc<IoBus>,
     watch: bool,
     native: Option<vcpu::NativeMsr>,
@@ -330,14 +347,19 @@ impl Vm {
         msrwasm::kvm::enable_user_space_msrs(&vm)?;
 
         let trace = config.trace.as_deref().map(Trace::create).transpose()?.map(Arc::new);
+        let footprint = (config.footprint.is_some() || config.api_sock.is_some())
+            .then(|| (Arc::new(msrwasm::footprint::Footprint::new()), config.footprint.clone()));
         let mut builder = Engine::builder()
             .filter(KvmFilter::new(vm.clone(), Vec::new()))
-            .time_calls(config.time_calls);
+            .time_calls(config.time_calls || config.api_sock.is_some());
         if let Some(dir) = &config.cache_dir {
             builder = builder.cache_dir(dir);
         }
         if let Some(trace) = &trace {
             builder = builder.events(trace.clone());
+        }
+        if let Some((footprint, _)) = &footprint {
+            builder = builder.events(footprint.clone());
         }
         for sink in config.events {
             builder = builder.events(sink);
@@ -391,6 +413,8 @@ impl Vm {
             vcpus,
             engine,
             trace,
+            footprint,
+            api_sock: config.api_sock,
             io: Arc::new(IoBus::new(config.serial)),
             watch: config.watch,
             native: None,
@@ -436,6 +460,16 @@ impl Vm {
         let watcher = match self.watch {
             true => Some(msrwasm::watch::Watcher::spawn(&self.engine)?),
             false => None,
+        };
+        let api = match &self.api_sock {
+            Some(path) => Some(msrwasm::api::ApiServer::start(
+                path,
+                msrwasm::api::ApiState {
+                    engine: self.engine.clone(),
+                    footprint: self.footprint.as_ref().map(|(f, _)| f.clone()),
+                },
+            )?),
+            None => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let (events_tx, events) = channel();
@@ -500,6 +534,7 @@ impl Vm {
 
         // No more changes: a compile in flight is discarded, not waited for.
         self.engine.close();
+        drop(api);
         if let Some(w) = watcher {
             w.stop(Duration::from_millis(100));
         }
@@ -516,6 +551,7 @@ impl Vm {
             stats: self.engine.stats(),
             trace: None,
             serial_dropped,
+            footprint: None,
         };
         for result in exits {
             match result {
@@ -525,8 +561,24 @@ impl Vm {
         }
         // The dispatchers (and their trace sinks) are gone with the threads.
         report.trace = self.trace.as_ref().map(|t| t.finish(Duration::from_secs(2)));
+        if let Some((footprint, Some(path))) = &self.footprint {
+            report.footprint = Some(write_footprint(path, footprint).map(|()| path.clone()));
+        }
         Ok(report)
     }
+}
+
+/// Writes the footprint as JSON, whole or not at all (a temporary file
+/// renamed into place).
+fn write_footprint(path: &std::path::Path, footprint: &msrwasm::footprint::Footprint) -> Result<(), String> {
+    let json = serde_json::to_vec_pretty(&footprint.entries()).map_err(|e| e.to_string())?;
+    let temp = path.with_extension("tmp~");
+    std::fs::write(&temp, json)
+        .and_then(|()| std::fs::rename(&temp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&temp);
+            format!("{}: {e}", path.display())
+        })
 }
 
 /// Sets up and runs a VM in one call.

@@ -1,0 +1,249 @@
+//! The MSR footprint of a guest: every deflected MSR access, summarized per
+//! operation and index (count, vCPUs, exit reasons, who answered, #GP
+//! count, last value), as an [`Events`] implementation. What `--footprint`,
+//! `GET /v1/footprint` and `msrwasm policy suggest` read.
+//!
+//! Each vCPU writes its own shard (an uncontended lock per access); readers
+//! merge the shards. Bounded: past [`MAX_ENTRIES`] distinct (op, index)
+//! pairs per vCPU, further new pairs are only counted in `overflow`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::dispatch::{Access, AnsweredBy, Op, Outcome, Reply};
+use crate::events::{Events, VcpuEvents};
+
+/// Distinct (op, index) pairs recorded per vCPU.
+pub const MAX_ENTRIES: usize = 65_536;
+
+/// One (op, index) pair of the footprint, as `GET /v1/footprint` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FootprintEntry {
+    /// `rdmsr` or `wrmsr`.
+    pub op: String,
+    /// The MSR, hex.
+    pub index: String,
+    /// Accesses.
+    pub count: u64,
+    /// vCPUs that made them.
+    pub vcpus: Vec<u32>,
+    /// Exit reasons seen: `inval`, `unknown`, `filter`.
+    pub reasons: Vec<String>,
+    /// Who answered, and how often: `plugin:NAME`, `kvm`, `unhandled`.
+    pub answered_by: BTreeMap<String, u64>,
+    /// Accesses answered with #GP.
+    pub gp: u64,
+    /// The last value read (if the last read completed) or written, hex.
+    pub last_value: Option<String>,
+}
+
+#[derive(Default)]
+struct Entry {
+    count: u64,
+    reasons: u8,
+    answered_by: Vec<(String, u64)>,
+    gp: u64,
+    last_value: Option<u64>,
+}
+
+#[derive(Default)]
+struct Shard {
+    vcpu: u32,
+    entries: std::collections::HashMap<(bool, u32), Entry>,
+}
+
+/// The footprint recorder: add it with [`crate::EngineBuilder::events`].
+#[derive(Default)]
+pub struct Footprint {
+    shards: Mutex<Vec<Arc<Mutex<Shard>>>>,
+    overflow: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Footprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Footprint").finish_non_exhaustive()
+    }
+}
+
+impl Footprint {
+    /// An empty footprint.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Accesses not recorded because a vCPU's footprint was full.
+    pub fn overflow(&self) -> u64 {
+        self.overflow.load(Ordering::Relaxed)
+    }
+
+    /// Every recorded (op, index), merged over vCPUs, sorted by op and index.
+    pub fn entries(&self) -> Vec<FootprintEntry> {
+        let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        type Merged = (Entry, BTreeSet<u32>);
+        let mut merged: BTreeMap<(bool, u32), Merged> = BTreeMap::new();
+        for shard in shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (key, e) in &shard.entries {
+                let (m, vcpus) = merged.entry(*key).or_default();
+                m.count += e.count;
+                m.reasons |= e.reasons;
+                m.gp += e.gp;
+                m.last_value = e.last_value.or(m.last_value);
+                for (who, n) in &e.answered_by {
+                    match m.answered_by.iter_mut().find(|(w, _)| w == who) {
+                        Some((_, c)) => *c += n,
+                        None => m.answered_by.push((who.clone(), *n)),
+                    }
+                }
+                vcpus.insert(shard.vcpu);
+            }
+        }
+        merged
+            .into_iter()
+            .map(|((write, index), (e, vcpus))| FootprintEntry {
+                op: if write { "wrmsr" } else { "rdmsr" }.into(),
+                index: format!("{index:#x}"),
+                count: e.count,
+                vcpus: vcpus.into_iter().collect(),
+                reasons: [(1, "inval"), (2, "unknown"), (4, "filter")]
+                    .iter()
+                    .filter(|(bit, _)| e.reasons & bit != 0)
+                    .map(|(_, n)| (*n).to_owned())
+                    .collect(),
+                answered_by: e.answered_by.into_iter().collect(),
+                gp: e.gp,
+                last_value: e.last_value.map(|v| format!("{v:#x}")),
+            })
+            .collect()
+    }
+}
+
+impl Events for Footprint {
+    fn vcpu(&self, vcpu: u32) -> Option<Box<dyn VcpuEvents>> {
+        let shard = Arc::new(Mutex::new(Shard {
+            vcpu,
+            ..Shard::default()
+        }));
+        self.shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(shard.clone());
+        Some(Box::new(FootprintSink {
+            shard,
+            overflow: self.overflow.clone(),
+        }))
+    }
+}
+
+struct FootprintSink {
+    shard: Arc<Mutex<Shard>>,
+    overflow: Arc<AtomicU64>,
+}
+
+impl VcpuEvents for FootprintSink {
+    fn access(&mut self, access: &Access, outcome: &Outcome<'_>) {
+        let mut shard = self.shard.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (access.is_write(), access.index);
+        if !shard.entries.contains_key(&key) && shard.entries.len() >= MAX_ENTRIES {
+            self.overflow.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let e = shard.entries.entry(key).or_default();
+        e.count += 1;
+        e.reasons |= access.reason.bits() as u8;
+        if outcome.reply == Reply::Gp {
+            e.gp += 1;
+        }
+        e.last_value = match (access.op, outcome.reply) {
+            (Op::Write(v), _) | (Op::Read, Reply::Read(v)) => Some(v),
+            _ => e.last_value,
+        };
+        let who: &str = match &outcome.by {
+            AnsweredBy::Plugin { plugin, .. } => &plugin.name,
+            AnsweredBy::Kvm => "kvm",
+            AnsweredBy::Unhandled(_) => "unhandled",
+        };
+        let is_plugin = matches!(outcome.by, AnsweredBy::Plugin { .. });
+        let found = e.answered_by.iter_mut().find(|(w, _)| match is_plugin {
+            true => w.strip_prefix("plugin:") == Some(who),
+            false => w == who,
+        });
+        match found {
+            Some((_, n)) => *n += 1,
+            None => {
+                let label = if is_plugin {
+                    format!("plugin:{who}")
+                } else {
+                    who.to_owned()
+                };
+                e.answered_by.push((label, 1));
+            }
+        }
+    }
+}
+
+/// A manifest skeleton from a footprint (`msrwasm policy suggest`): an
+/// `allow` list for a default-deny firewall (the MSRs KVM handled for the
+/// guest, or that a firewall denied), and the MSRs that went unhandled,
+/// with counts, as comments ready to be edited.
+pub fn suggest(entries: &[FootprintEntry], source: &str) -> String {
+    let index = |e: &FootprintEntry| crate::parse_number(&e.index).map(|v| v as u32);
+    let kvm_side = |e: &FootprintEntry| {
+        e.answered_by.contains_key("kvm")
+            || (e.reasons.iter().any(|r| r == "filter") && !e.answered_by.keys().any(|k| k.starts_with("plugin:")))
+    };
+    let mut allow: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+    let mut unhandled: BTreeMap<u32, (u64, u64, Vec<String>)> = BTreeMap::new();
+    for e in entries {
+        let Some(i) = index(e) else { continue };
+        let write = e.op == "wrmsr";
+        if kvm_side(e) {
+            let slot = allow.entry(i).or_default();
+            if write { slot.1 += e.count } else { slot.0 += e.count }
+        } else if e.answered_by.contains_key("unhandled") {
+            let slot = unhandled.entry(i).or_default();
+            if write {
+                slot.1 += e.count
+            } else {
+                slot.0 += e.count
+            }
+            for r in &e.reasons {
+                if !slot.2.contains(r) {
+                    slot.2.push(r.clone());
+                }
+            }
+        }
+    }
+    let total: u64 = entries.iter().map(|e| e.count).sum();
+    let mut out = format!(
+        "# A manifest skeleton from {source}: {} MSRs, {total} accesses recorded.\n\
+         # msrwasm policy suggest writes it; edit it before use (docs/manifest.md).\n\n\
+         # A default-deny MSR firewall: only `allow` stays in KVM; everything else\n\
+         # leaves KVM and goes to the plugins, then to `unhandled`.\n\
+         filter_default = \"deny\"\n\
+         unhandled = \"gp\"\n\n\
+         # MSRs the guest used that KVM handled (or that a firewall denied): keep\n\
+         # them in KVM. KVM cannot filter the x2APIC range 0x800-0x8ff anyway.\n\
+         allow = [\n",
+        entries.len()
+    );
+    for (i, (reads, writes)) in &allow {
+        if (0x800..=0x8ff).contains(i) {
+            continue;
+        }
+        out += &format!(
+            "  \"{i:#x}\",{}# rdmsr {reads}, wrmsr {writes}\n",
+            " ".repeat(14usize.saturating_sub(format!("{i:#x}").len()))
+        );
+    }
+    out += "]\n";
+    if !unhandled.is_empty() {
+        out += "\n# MSRs no plugin answered (KVM does not know them, or refused the access):\n\
+                # add a [[plugin]] that claims them, or leave them to `unhandled`.\n";
+        for (i, (reads, writes, reasons)) in &unhandled {
+            out += &format!("#   {i:#x}: rdmsr {reads}, wrmsr {writes} ({})\n", reasons.join(", "));
+        }
+    }
+    out
+}
