@@ -10,6 +10,9 @@ use msrwasm::policy::PolicySpec;
 use msrwasm::trace::TraceRecord;
 use msrwasm_cli::runner::{self as vm, VmConfig, VmReport};
 
+#[path = "support/registry.rs"]
+pub mod registry;
+
 /// Whether KVM tests can run. Under CI (`CI=true`) a missing `/dev/kvm` is
 /// a failure, not a skip. Elsewhere the test is reported as skipped (see
 /// [`record_skip`]).
@@ -444,17 +447,29 @@ pub struct Started {
 
 /// Starts `guest` with hot reload on, tracing every MSR access.
 pub fn start(guest: &Path, vcpus: u32, policy: PolicySpec) -> Started {
+    start_with(guest, vcpus, policy, |_| {}).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// As [`start`], with `tweak` applied to the VM's config first.
+pub fn start_with(
+    guest: &Path,
+    vcpus: u32,
+    policy: PolicySpec,
+    tweak: impl FnOnce(&mut VmConfig),
+) -> Result<Started, vm::VmError> {
     let out = Outputs::new();
-    let vm = vm::Vm::new(out.config(guest, vcpus, policy, true)).unwrap_or_else(|e| panic!("{e}"));
+    let mut config = out.config(guest, vcpus, policy, true);
+    tweak(&mut config);
+    let vm = vm::Vm::new(config)?;
     let (stop, engine) = (vm.stop_handle(), vm.engine().clone());
     let thread = std::thread::spawn(move || vm.run());
-    Started {
+    Ok(Started {
         stop,
         state: engine.state().clone(),
         engine,
         thread,
         out,
-    }
+    })
 }
 
 impl Started {

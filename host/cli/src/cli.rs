@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use msrwasm::oci::OciRef;
+use msrwasm::oci::store::{OciStore, StoreOptions};
 use msrwasm::plugin::PluginSettings;
 use msrwasm::policy::{PolicySpec, Unhandled};
 
@@ -35,7 +37,8 @@ struct Cli {
     #[arg(long, global = true, env = "MSRWASM_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
 
-    /// Do not cache compiled plugins on disk.
+    /// Do not cache compiled plugins on disk; plugins pulled from OCI
+    /// registries go to a temporary directory removed at exit.
     #[arg(long, global = true)]
     no_cache: bool,
 
@@ -91,6 +94,39 @@ enum Command {
     /// Work with MSR policies: `suggest` writes a manifest skeleton from a
     /// recorded footprint (`run --footprint FILE`).
     Policy(PolicyArgs),
+    /// Publish a plugin to an OCI registry as a Wasm OCI artifact.
+    ///
+    /// The plugin is checked first (a plugin `run` would refuse is not
+    /// pushed); WAT is compiled to binary; the msrwasm.meta fields name,
+    /// version, description and author become the annotations
+    /// org.opencontainers.image.title, .version, .description, .authors.
+    /// Prints the pinned reference (REF@sha256:...). HTTPS with the system
+    /// roots plus MSRWASM_REGISTRY_CA (PEM); plain HTTP only to loopback
+    /// registries. Credentials: MSRWASM_REGISTRY_USER and
+    /// MSRWASM_REGISTRY_PASSWORD, else the Docker config
+    /// ($DOCKER_CONFIG/config.json or ~/.docker/config.json).
+    Push(PushArgs),
+    /// Fetch a plugin from an OCI registry (verifying every digest) into
+    /// the local cache and a file.
+    Pull(PullArgs),
+}
+
+#[derive(Args)]
+struct PushArgs {
+    /// The plugin (.wasm or .wat).
+    file: PathBuf,
+    /// Where to: oci://HOST[:PORT]/REPOSITORY[:TAG] (tag `latest` if none).
+    reference: String,
+}
+
+#[derive(Args)]
+struct PullArgs {
+    /// What: oci://HOST[:PORT]/REPOSITORY[:TAG][@sha256:DIGEST].
+    reference: String,
+    /// Write the plugin here (default: REPOSITORY's last component + .wasm
+    /// in the current directory). Written atomically.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -177,11 +213,9 @@ impl PluginLimits {
                     ),
                 }
             }
-            None => PluginSettings::new(
-                path.file_stem()
-                    .map_or("plugin".into(), |s| s.to_string_lossy().into_owned()),
-                path,
-            ),
+            None => PolicySpec::from_paths(&[path.to_owned()], Unhandled::default())
+                .plugins
+                .remove(0),
         };
         settings.config.extend(self.config.iter().cloned());
         if let Some(v) = self.memory_max_kib {
@@ -206,8 +240,8 @@ impl PluginLimits {
 
 #[derive(Args)]
 struct CheckArgs {
-    /// Plugin files (.wasm or .wat); with --manifest and none given, every
-    /// plugin of the manifest.
+    /// Plugin files (.wasm or .wat) or oci:// references; with --manifest
+    /// and none given, every plugin of the manifest.
     plugins: Vec<PathBuf>,
     #[command(flatten)]
     limits: PluginLimits,
@@ -218,7 +252,8 @@ struct CheckArgs {
 
 #[derive(Args)]
 struct TestArgs {
-    /// The plugin file (.wasm or .wat), or its name in --manifest.
+    /// The plugin file (.wasm or .wat), an oci:// reference, or its name in
+    /// --manifest.
     plugin: PathBuf,
     /// The script of accesses and expected answers; repeatable.
     #[arg(long = "case", required = true)]
@@ -283,8 +318,8 @@ struct RunArgs {
     /// VM manifest (TOML) composing the plugins; see docs/manifest.md.
     #[arg(long, conflicts_with_all = ["plugin", "unhandled"])]
     manifest: Option<PathBuf>,
-    /// A plugin (.wasm or .wat) to add to the chain; repeat for more, asked
-    /// in the order given.
+    /// A plugin (.wasm or .wat file, or oci://HOST/REPOSITORY[:TAG][@DIGEST])
+    /// to add to the chain; repeat for more, asked in the order given.
     #[arg(long)]
     plugin: Vec<PathBuf>,
     /// What happens to an MSR access no plugin answers: gp injects #GP (as
@@ -353,16 +388,23 @@ pub fn main() -> i32 {
         true => None,
         false => cli.cache_dir.clone().or_else(msrwasm::plugin::cache::default_dir),
     };
+    let oci = OciHome {
+        cache: cache.clone(),
+        store: std::cell::OnceCell::new(),
+        temp: std::cell::OnceCell::new(),
+    };
     let result = match cli.command {
-        Command::Run(args) => run(args, cache),
+        Command::Run(args) => run(args, cache, &oci),
         Command::Demo(args) => demo(args, cache),
         Command::Bench(args) => bench(args),
         Command::Guests(args) => guests(args),
-        Command::Check(args) => check(args, cache),
+        Command::Check(args) => check(args, cache, &oci),
         Command::Meta(args) => meta(args),
-        Command::Test(args) => test(args, cache),
+        Command::Test(args) => test(args, cache, &oci),
         Command::Ctl(args) => ctl(args),
         Command::Policy(args) => policy(args),
+        Command::Push(args) => push(args, cache, &oci),
+        Command::Pull(args) => pull(args, &oci),
     };
     result.unwrap_or_else(|e| {
         err!("msrwasm: error: {e:#}");
@@ -370,10 +412,70 @@ pub fn main() -> i32 {
     })
 }
 
-fn run(args: RunArgs, cache: Option<PathBuf>) -> Result<i32> {
+/// Where plugins pulled from registries are kept: the cache directory, or
+/// with --no-cache a temporary one removed at exit. Opened on first use.
+struct OciHome {
+    cache: Option<PathBuf>,
+    store: std::cell::OnceCell<Arc<OciStore>>,
+    temp: std::cell::OnceCell<tempfile::TempDir>,
+}
+
+impl OciHome {
+    fn store(&self) -> Result<Arc<OciStore>> {
+        if let Some(store) = self.store.get() {
+            return Ok(store.clone());
+        }
+        let dir = match &self.cache {
+            Some(dir) => dir.clone(),
+            None => {
+                if self.temp.get().is_none() {
+                    let temp = tempfile::Builder::new()
+                        .prefix("msrwasm-oci-")
+                        .tempdir()
+                        .context("creating a temporary OCI cache")?;
+                    let _ = self.temp.set(temp);
+                }
+                self.temp.get().expect("set above").path().to_owned()
+            }
+        };
+        let options = StoreOptions::from_env()?;
+        let store = Arc::new(OciStore::open(&dir, options)?);
+        let _ = self.store.set(store.clone());
+        Ok(store)
+    }
+
+    /// Fetches `settings` if it names an `oci://` plugin.
+    fn localize(&self, settings: &mut PluginSettings) -> Result<()> {
+        if settings.is_unfetched() {
+            let store = self.store()?;
+            msrwasm::oci::localize(Some(&*store), settings).with_context(|| format!("plugin `{}`", settings.name))?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses an `oci://` reference given on the command line.
+fn reference(text: &str) -> Result<OciRef> {
+    Ok(OciRef::parse(text)?)
+}
+
+fn run(args: RunArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
+    for plugin in &args.plugin {
+        if let Some(text) = plugin.to_str().filter(|t| msrwasm::oci::is_reference(t)) {
+            reference(text).context("--plugin")?;
+        }
+    }
     let policy = match &args.manifest {
         Some(path) => PolicySpec::from_manifest(path)?,
         None => PolicySpec::from_paths(&args.plugin, args.unhandled.unwrap_or_default()),
+    };
+    // A manifest (now, after a reload, or through the API) may name
+    // registry plugins.
+    let wants_oci =
+        args.manifest.is_some() || args.api_sock.is_some() || policy.plugins.iter().any(|p| p.source.is_some());
+    let oci_store = match wants_oci {
+        true => Some(oci.store()? as Arc<dyn msrwasm::oci::Fetch>),
+        false => None,
     };
     let mut config = VmConfig::new(args.guest, policy);
     config.vcpus = args.vcpus;
@@ -383,6 +485,7 @@ fn run(args: RunArgs, cache: Option<PathBuf>) -> Result<i32> {
     config.cache_dir = cache;
     config.api_sock = args.api_sock;
     config.footprint = args.footprint;
+    config.oci = oci_store;
     run_vm(runner::Vm::new(config)?, None)
 }
 
@@ -446,7 +549,7 @@ fn guests(args: GuestsArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn check(args: CheckArgs, cache: Option<PathBuf>) -> Result<i32> {
+fn check(args: CheckArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
     let runtime = msrwasm::plugin::Runtime::shared();
     let cache = match &cache {
         Some(dir) => msrwasm::plugin::ModuleCache::with_disk(dir, runtime.engine()),
@@ -460,18 +563,18 @@ fn check(args: CheckArgs, cache: Option<PathBuf>) -> Result<i32> {
     };
     let mut reports = Vec::new();
     for path in &plugins {
-        reports.push(msrwasm::check::check_cached(
-            args.limits.settings(path, spec.as_ref())?,
-            &cache,
-        ));
+        let mut settings = args.limits.settings(path, spec.as_ref())?;
+        oci.localize(&mut settings)?;
+        reports.push(msrwasm::check::check_cached(settings, &cache));
     }
     // The manifest as a whole: what `run` composes (chain, firewall).
     let mut refused = None;
     if let Some(spec) = &spec {
-        match msrwasm::Engine::builder()
-            .filter(msrwasm::policy::filter::RecordingFilter::default())
-            .build(spec.clone())
-        {
+        let mut builder = msrwasm::Engine::builder().filter(msrwasm::policy::filter::RecordingFilter::default());
+        if spec.plugins.iter().any(|p| p.source.is_some()) {
+            builder = builder.oci(oci.store()?);
+        }
+        match builder.build(spec.clone()) {
             Ok(engine) => engine.policy().filter().notes().iter().for_each(|n| err!("note: {n}")),
             Err(e) => refused = Some(msrwasm::error_chain(&e)),
         }
@@ -493,9 +596,10 @@ fn check(args: CheckArgs, cache: Option<PathBuf>) -> Result<i32> {
     })
 }
 
-fn test(args: TestArgs, cache: Option<PathBuf>) -> Result<i32> {
+fn test(args: TestArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
     let spec = args.limits.spec()?;
-    let settings = args.limits.settings(&args.plugin, spec.as_ref())?;
+    let mut settings = args.limits.settings(&args.plugin, spec.as_ref())?;
+    oci.localize(&mut settings)?;
     let (mut passed, mut failed) = (0, 0);
     for case in &args.cases {
         let report = msrwasm::script::run_cached(settings.clone(), case, cache.as_deref())?;
@@ -507,6 +611,85 @@ fn test(args: TestArgs, cache: Option<PathBuf>) -> Result<i32> {
     }
     out!("{passed} passed, {failed} failed\n");
     Ok(if failed == 0 { 0 } else { 1 })
+}
+
+fn push(args: PushArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
+    let target = reference(&args.reference)?;
+    let bytes = msrwasm::plugin::read_plugin_file(&args.file)?;
+    let binary = msrwasm::plugin::to_binary(&args.file, &bytes)?;
+    // What `run` would refuse is not published.
+    let runtime = msrwasm::plugin::Runtime::shared();
+    let compiled = match &cache {
+        Some(dir) => msrwasm::plugin::ModuleCache::with_disk(dir, runtime.engine()),
+        None => msrwasm::plugin::ModuleCache::new(),
+    };
+    let stem = args
+        .file
+        .file_stem()
+        .map_or("plugin".into(), |s| s.to_string_lossy().into_owned());
+    let report = msrwasm::check::check_cached(PluginSettings::new(stem, &args.file), &compiled);
+    if !report.ok {
+        out!("{}", report.text());
+        bail!("{}: refused by check, not pushed", args.file.display());
+    }
+    let meta = msrwasm::plugin::meta::read(&binary)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?
+        .unwrap_or_default();
+    let annotations = msrwasm::oci::annotations(&meta);
+    let pushed = oci.store()?.push(&binary, annotations.clone(), &target)?;
+    out!(
+        "pushed {}\n  {} bytes, wasm sha256 {}\n",
+        OciRef {
+            digest: Some(pushed.manifest_digest.clone()),
+            ..target.clone()
+        },
+        binary.len(),
+        pushed.layer_digest.trim_start_matches("sha256:")
+    );
+    for (k, v) in &annotations {
+        out!("  {k} = {}\n", msrwasm::plugin::sanitize(v));
+    }
+    Ok(0)
+}
+
+fn pull(args: PullArgs, oci: &OciHome) -> Result<i32> {
+    let source = reference(&args.reference)?;
+    let pulled = oci.store()?.pull(&source)?;
+    let output = args
+        .output
+        .unwrap_or_else(|| PathBuf::from(format!("{}.wasm", source.name())));
+    let bytes = msrwasm::files::read_regular(&pulled.blob, msrwasm::plugin::MAX_PLUGIN_BYTES)
+        .with_context(|| format!("reading the cached {}", pulled.blob.display()))?;
+    if msrwasm::plugin::content_hash(&bytes) != pulled.sha256() {
+        bail!(
+            "{}: the cached layer changed while it was read; pull again",
+            pulled.blob.display()
+        );
+    }
+    msrwasm::files::write_atomic(&output, &bytes).with_context(|| format!("writing {}", output.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Plugins are not secrets: the mode of a file one writes.
+        let _ = std::fs::set_permissions(&output, std::fs::Permissions::from_mode(0o644));
+    }
+    out!(
+        "pulled {} -> {}\n  {} bytes, wasm sha256 {}\n",
+        OciRef {
+            digest: Some(pulled.manifest_digest.clone()),
+            ..source.clone()
+        },
+        output.display(),
+        bytes.len(),
+        pulled.sha256()
+    );
+    for (k, v) in &pulled.annotations {
+        out!(
+            "  {} = {}\n",
+            msrwasm::plugin::sanitize(k),
+            msrwasm::plugin::sanitize(v)
+        );
+    }
+    Ok(0)
 }
 
 fn meta(args: MetaArgs) -> Result<i32> {

@@ -17,6 +17,7 @@ use std::time::Instant;
 use crate::dispatch::{Access, Dispatcher, Op};
 use crate::events::{Cause, Events, Fanout, Reload};
 use crate::files::FileStamp;
+use crate::oci::Fetch;
 use crate::plugin::state::{StateSnapshot, StateStore, StoreFull};
 use crate::plugin::{
     ModuleCache, Plugin, PluginSettings, Runtime, RuntimeError, RuntimeOptions, content_hash, read_plugin_file,
@@ -49,6 +50,7 @@ pub struct EngineBuilder {
     time_calls: bool,
     base_dir: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
+    oci: Option<Arc<dyn Fetch>>,
 }
 
 impl Default for EngineBuilder {
@@ -61,6 +63,7 @@ impl Default for EngineBuilder {
             time_calls: false,
             base_dir: None,
             cache_dir: None,
+            oci: None,
         }
     }
 }
@@ -125,6 +128,15 @@ impl EngineBuilder {
         self
     }
 
+    /// Fetches `oci://` plugins through `fetch` (an
+    /// [`OciStore`](crate::oci::store::OciStore) with the `oci` feature).
+    /// Without it, a policy naming one is refused. Follow tags with a
+    /// [`Follower`](crate::oci::Follower) on the same fetcher.
+    pub fn oci(mut self, fetch: Arc<dyn Fetch>) -> Self {
+        self.oci = Some(fetch);
+        self
+    }
+
     /// Loads `spec` and hands its filter plan to the filter sink.
     pub fn build(self, spec: PolicySpec) -> Result<Engine, EngineError> {
         let runtime = match self.runtime {
@@ -162,10 +174,13 @@ impl EngineBuilder {
             closed: AtomicBool::new(false),
             manifest: RwLock::new(None),
             time_calls: self.time_calls,
+            oci: self.oci,
             base_dir,
             started: Instant::now(),
         });
         let engine = Engine { shared };
+        let mut spec = spec;
+        engine.shared.fetch(&mut spec).map_err(first_error)?;
         {
             let mut owner = engine.shared.lock_owner();
             let plugins = engine.shared.load_plugins(&owner, &spec).map_err(first_error)?;
@@ -422,6 +437,7 @@ pub(crate) struct Shared {
     /// being compiled).
     manifest: RwLock<Option<PathBuf>>,
     pub(crate) time_calls: bool,
+    oci: Option<Arc<dyn Fetch>>,
     base_dir: PathBuf,
     started: Instant,
 }
@@ -496,6 +512,27 @@ impl Shared {
                 "wrmsr {:#x} <- {v:#x} {what}: {outcome} (unhandled = {policy}); logged once per VM",
                 access.index
             ),
+        }
+    }
+
+    /// Makes every `oci://` plugin of `spec` local: its path becomes the
+    /// fetched file and fixed content is pinned by sha256.
+    fn fetch(&self, spec: &mut PolicySpec) -> Result<(), Vec<PolicyError>> {
+        let errors: Vec<PolicyError> = spec
+            .plugins
+            .iter_mut()
+            .filter_map(|settings| {
+                crate::oci::localize(self.oci.as_deref(), settings)
+                    .err()
+                    .map(|source| PolicyError::Oci {
+                        plugin: settings.name.clone(),
+                        source: Box::new(source),
+                    })
+            })
+            .collect();
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(errors),
         }
     }
 
@@ -609,10 +646,11 @@ impl Shared {
     }
 
     /// A whole new spec, from code or the API.
-    fn change(&self, spec: PolicySpec, cause: Cause) -> Result<u64, Vec<PolicyError>> {
+    fn change(&self, mut spec: PolicySpec, cause: Cause) -> Result<u64, Vec<PolicyError>> {
+        let fetched = self.fetch(&mut spec);
         let mut owner = self.lock_owner();
-        let result = self
-            .load_plugins(&owner, &spec)
+        let result = fetched
+            .and_then(|()| self.load_plugins(&owner, &spec))
             .and_then(|plugins| self.apply(&mut owner, spec.clone(), plugins).map_err(|e| vec![e]));
         match &result {
             Ok(generation) => {
@@ -667,9 +705,10 @@ impl Shared {
                         errors: vec![crate::error_chain(&e)],
                     }));
                 }
-                Ok(spec) => {
+                Ok(mut spec) => {
                     let result = self
-                        .load_plugins(&owner, &spec)
+                        .fetch(&mut spec)
+                        .and_then(|()| self.load_plugins(&owner, &spec))
                         .and_then(|plugins| self.apply(&mut owner, spec.clone(), plugins).map_err(|e| vec![e]));
                     match result {
                         Ok(generation) => {

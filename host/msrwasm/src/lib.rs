@@ -59,6 +59,8 @@
 //! - [`api`] (feature `api`): the control API of a running VM (HTTP on a
 //!   Unix socket) with Prometheus metrics.
 //! - [`footprint`]: which MSRs a guest touches, and a manifest from that.
+//! - [`oci`]: `oci://` plugins, following tags; the registry client
+//!   (push, pull, cache) with feature `oci`.
 
 #![warn(missing_docs)]
 
@@ -72,6 +74,7 @@ pub mod files;
 pub mod footprint;
 #[cfg(feature = "kvm")]
 pub mod kvm;
+pub mod oci;
 pub mod plugin;
 pub mod policy;
 pub mod script;

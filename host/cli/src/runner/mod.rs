@@ -69,6 +69,8 @@ pub struct VmConfig {
     pub api_sock: Option<PathBuf>,
     /// Write the MSR footprint to this file at exit.
     pub footprint: Option<PathBuf>,
+    /// Fetches `oci://` plugins; also follows `pull_policy = "always"` tags.
+    pub oci: Option<Arc<dyn msrwasm::oci::Fetch>>,
 }
 
 impl VmConfig {
@@ -87,6 +89,7 @@ impl VmConfig {
             cache_dir: None,
             api_sock: None,
             footprint: None,
+            oci: None,
         }
     }
 }
@@ -314,6 +317,7 @@ pub struct Vm {
     trace: Option<Arc<Trace>>,
     footprint: Option<(Arc<msrwasm::footprint::Footprint>, Option<PathBuf>)>,
     api_sock: Option<PathBuf>,
+    oci: Option<Arc<dyn msrwasm::oci::Fetch>>,
     io: Arc<IoBus>,
     watch: bool,
     native: Option<vcpu::NativeMsr>,
@@ -354,6 +358,9 @@ impl Vm {
             .time_calls(config.time_calls || config.api_sock.is_some());
         if let Some(dir) = &config.cache_dir {
             builder = builder.cache_dir(dir);
+        }
+        if let Some(oci) = &config.oci {
+            builder = builder.oci(oci.clone());
         }
         if let Some(trace) = &trace {
             builder = builder.events(trace.clone());
@@ -415,6 +422,7 @@ impl Vm {
             trace,
             footprint,
             api_sock: config.api_sock,
+            oci: config.oci,
             io: Arc::new(IoBus::new(config.serial)),
             watch: config.watch,
             native: None,
@@ -460,6 +468,10 @@ impl Vm {
         let watcher = match self.watch {
             true => Some(msrwasm::watch::Watcher::spawn(&self.engine)?),
             false => None,
+        };
+        let follower = match &self.oci {
+            Some(oci) => Some(msrwasm::oci::Follower::spawn(&self.engine, oci.clone()).map_err(VmError::Thread)?),
+            None => None,
         };
         let api = match &self.api_sock {
             Some(path) => Some(msrwasm::api::ApiServer::start(
@@ -537,6 +549,9 @@ impl Vm {
         drop(api);
         if let Some(w) = watcher {
             w.stop(Duration::from_millis(100));
+        }
+        if let Some(f) = follower {
+            f.stop(Duration::from_millis(100));
         }
         stop.store(true, Ordering::Release);
         let exits = signals::stop_threads(threads);

@@ -13,8 +13,6 @@
 
 use std::collections::VecDeque;
 use std::hash::Hasher;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -189,16 +187,7 @@ impl Hasher for ShaHasher {
 
 impl DiskCache {
     fn open(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-        let meta = std::fs::metadata(dir)?;
-        // SAFETY-adjacent trust rule (no unsafe here): only a directory that
-        // this user owns and nobody else may write to.
-        let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
-        if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o022 != 0 {
-            return Err(std::io::Error::other(
-                "the directory must be owned by this user and not writable by group or others",
-            ));
-        }
+        crate::files::private_dir(dir)?;
         let mut h = ShaHasher(Sha256::new());
         std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut h);
         let engine_key = hex(&h.0.finalize()[..8]);
@@ -253,21 +242,11 @@ impl DiskCache {
         };
         let Ok(payload) = payload else { return };
         let path = self.path(sha256, artifact.kind() == "component");
-        let temp = self.dir.join(format!(".{}.{}.tmp", sha256, std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&temp)?;
-            f.write_all(MAGIC)?;
-            f.write_all(&Sha256::digest(&payload))?;
-            f.write_all(&payload)?;
-            f.sync_all()?;
-            std::fs::rename(&temp, &path)
-        };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_file(&temp);
+        let mut entry = Vec::with_capacity(48 + payload.len());
+        entry.extend_from_slice(MAGIC);
+        entry.extend_from_slice(&Sha256::digest(&payload));
+        entry.extend_from_slice(&payload);
+        if let Err(e) = crate::files::write_atomic(&path, &entry) {
             tracing::warn!(dir = %self.dir.display(), "cannot write a compiled-plugin cache entry: {e}");
             return;
         }

@@ -100,6 +100,9 @@ pub struct PluginSettings {
     pub sha256: Option<String>,
     /// Integers the plugin reads with `msr.config`.
     pub config: BTreeMap<String, i64>,
+    /// The registry artifact `path` came from (`path = "oci://..."`); until
+    /// the engine fetches it, `path` holds the reference text.
+    pub source: Option<crate::oci::OciSource>,
 }
 
 impl PluginSettings {
@@ -120,7 +123,14 @@ impl PluginSettings {
             memory_max_kib: Self::DEFAULT_MEMORY_MAX_KIB,
             sha256: None,
             config: BTreeMap::new(),
+            source: None,
         }
+    }
+
+    /// Whether `path` still holds an `oci://` reference the engine has not
+    /// fetched yet.
+    pub fn is_unfetched(&self) -> bool {
+        self.source.is_some() && self.path.to_str().is_some_and(crate::oci::is_reference)
     }
 
     /// The budget of `_initialize` and `init`.
@@ -768,8 +778,9 @@ fn set_budget(store: &mut Store<PluginCtx>, budget: runtime::Budget) {
     ctx.host_budget_ns = budget.cpu_ns;
 }
 
-/// The wasm binary of `bytes`: as is, or compiled from WAT text.
-fn to_binary<'a>(path: &Path, bytes: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, LoadError> {
+/// The wasm binary of `bytes`: as is, or compiled from WAT text (`path`
+/// names the file in errors).
+pub fn to_binary<'a>(path: &Path, bytes: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, LoadError> {
     let not_wasm = |reason: String| LoadError::NotWasm {
         path: path.to_owned(),
         source: reason.into(),

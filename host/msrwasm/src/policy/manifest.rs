@@ -127,6 +127,8 @@ struct RawPlugin {
     init_timeout_us: Option<Spanned<i64>>,
     memory_max_kib: Option<Spanned<i64>>,
     sha256: Option<Spanned<String>>,
+    pull_policy: Option<Spanned<crate::oci::PullPolicy>>,
+    poll_s: Option<Spanned<i64>>,
     #[serde(default)]
     config: BTreeMap<String, i64>,
 }
@@ -176,7 +178,12 @@ impl PolicySpec {
             err(e.span(), message)
         })?;
         let base = file.parent().unwrap_or(Path::new("."));
-        let named: Vec<PathBuf> = raw.plugin.iter().map(|p| base.join(p.path.get_ref())).collect();
+        let named: Vec<PathBuf> = raw
+            .plugin
+            .iter()
+            .filter(|p| !crate::oci::is_reference(p.path.get_ref()))
+            .map(|p| base.join(p.path.get_ref()))
+            .collect();
         let err = |span: Option<Range<usize>>, message: String| ManifestError {
             names: named.clone(),
             ..err(span, message)
@@ -218,11 +225,43 @@ impl PolicySpec {
                     format!("key `plugin.name`: duplicate plugin name `{name}`"),
                 ));
             }
-            let path = base.join(p.path.get_ref());
-            if std::fs::symlink_metadata(&path).is_err() {
+            let source = match crate::oci::is_reference(p.path.get_ref()) {
+                true => Some(crate::oci::OciRef::parse(p.path.get_ref()).map_err(|e| {
+                    err(
+                        Some(p.path.span()),
+                        format!("key `plugin.path` of plugin `{name}`: {e}"),
+                    )
+                })?),
+                false => None,
+            };
+            let path = match source {
+                Some(_) => PathBuf::from(p.path.get_ref()),
+                None => base.join(p.path.get_ref()),
+            };
+            if source.is_none() && std::fs::symlink_metadata(&path).is_err() {
                 return Err(err(
                     Some(p.path.span()),
                     format!("key `plugin.path` of plugin `{name}`: no such file {}", path.display()),
+                ));
+            }
+            for (key, span) in [
+                ("pull_policy", p.pull_policy.as_ref().map(Spanned::span)),
+                ("poll_s", p.poll_s.as_ref().map(Spanned::span)),
+            ] {
+                if source.is_none() && span.is_some() {
+                    return Err(err(
+                        span,
+                        format!("key `plugin.{key}` of plugin `{name}`: only for `oci://` paths"),
+                    ));
+                }
+            }
+            let pull_policy = p.pull_policy.as_ref().map(|s| *s.get_ref()).unwrap_or_default();
+            if let Some(poll) = &p.poll_s
+                && pull_policy != crate::oci::PullPolicy::Always
+            {
+                return Err(err(
+                    Some(poll.span()),
+                    format!("key `plugin.poll_s` of plugin `{name}`: only with pull_policy = \"always\""),
                 ));
             }
             let msrs = p
@@ -278,6 +317,18 @@ impl PolicySpec {
                 }
                 None => None,
             };
+            let poll_s = bounded(
+                &p.poll_s,
+                "poll_s",
+                1,
+                crate::oci::MAX_POLL_S as i64,
+                crate::oci::DEFAULT_POLL_S,
+            )?;
+            let source = source.map(|reference| crate::oci::OciSource {
+                reference,
+                pull_policy,
+                poll_s,
+            });
             plugins.push(PluginSettings {
                 name: name.to_owned(),
                 path,
@@ -288,6 +339,7 @@ impl PolicySpec {
                 memory_max_kib,
                 sha256,
                 config: p.config,
+                source,
             });
         }
         Ok(Self {
@@ -306,16 +358,25 @@ impl PolicySpec {
         let plugins = paths
             .iter()
             .map(|path| {
-                let stem = path
-                    .file_stem()
-                    .map_or("plugin".into(), |s| s.to_string_lossy().into_owned());
+                // `oci://...` names a registry artifact, named after its repository.
+                let text = path.to_str().filter(|t| crate::oci::is_reference(t));
+                let stem = match text.and_then(|t| crate::oci::OciRef::parse(t).ok()) {
+                    Some(r) => r.name().to_owned(),
+                    None => path
+                        .file_stem()
+                        .map_or("plugin".into(), |s| s.to_string_lossy().into_owned()),
+                };
                 let mut name = stem.clone();
                 let mut n = 1;
                 while !names.insert(name.clone()) {
                     n += 1;
                     name = format!("{stem}-{n}");
                 }
-                PluginSettings::new(name, path.clone())
+                let mut settings = PluginSettings::new(name, path.clone());
+                settings.source = text
+                    .and_then(|t| crate::oci::OciRef::parse(t).ok())
+                    .map(crate::oci::OciSource::new);
+                settings
             })
             .collect();
         Self {
@@ -329,6 +390,7 @@ impl PolicySpec {
     pub fn files(&self) -> Vec<PathBuf> {
         self.plugins
             .iter()
+            .filter(|p| !p.is_unfetched())
             .map(|p| p.path.clone())
             .chain(self.manifest.clone())
             .collect()
@@ -406,6 +468,52 @@ mod tests {
         assert_eq!(p.msrs, Some(vec![(0x606, 0x606), (0x610, 0x61f)]));
         assert_eq!((p.on_error, p.timeout_us, p.memory_max_kib), (OnError::Pass, 500, 2048));
         assert_eq!(p.config.get("tdp_watts"), Some(&95));
+    }
+
+    #[test]
+    fn oci_paths_take_a_pull_policy_and_files_do_not() {
+        let spec = parse(
+            "[[plugin]]\nname = \"r\"\npath = \"oci://127.0.0.1:5000/team/rapl:v2\"\npull_policy = \"always\"\npoll_s = 5\n",
+        )
+        .unwrap();
+        let p = &spec.plugins[0];
+        let source = p.source.as_ref().unwrap();
+        assert_eq!((source.pull_policy, source.poll_s), (crate::oci::PullPolicy::Always, 5));
+        assert!(p.is_unfetched());
+        assert!(
+            spec.files().iter().all(|f| f.ends_with("vm.toml")),
+            "nothing local to watch yet"
+        );
+        for (text, line, says) in [
+            (
+                "path = \"a.wat\"\npull_policy = \"always\"\n",
+                4,
+                "key `plugin.pull_policy` of plugin `r`: only for `oci://` paths",
+            ),
+            (
+                "path = \"oci://h/r\"\npoll_s = 5\n",
+                4,
+                "key `plugin.poll_s` of plugin `r`: only with pull_policy = \"always\"",
+            ),
+            (
+                "path = \"oci://h/r\"\npull_policy = \"always\"\npoll_s = 0\n",
+                5,
+                "0 is outside 1..=86400",
+            ),
+            (
+                "path = \"oci://h/R\"\n",
+                3,
+                "key `plugin.path` of plugin `r`: invalid OCI reference",
+            ),
+            (
+                "path = \"oci://h/r\"\npull_policy = \"never\"\n",
+                4,
+                "unknown variant `never`",
+            ),
+        ] {
+            let e = parse(&format!("[[plugin]]\nname = \"r\"\n{text}")).unwrap_err();
+            assert!(e.to_string().contains(says) && e.line == Some(line), "{says}: {e}");
+        }
     }
 
     #[test]

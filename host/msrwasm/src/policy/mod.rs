@@ -66,6 +66,15 @@ pub enum PolicyError {
         #[source]
         source: LoadError,
     },
+    /// An `oci://` plugin could not be made local.
+    #[error("plugin `{plugin}`")]
+    Oci {
+        /// The plugin.
+        plugin: String,
+        /// Why.
+        #[source]
+        source: Box<crate::oci::OciError>,
+    },
     /// The engine is shut down and takes no more changes.
     #[error("the engine is shut down")]
     Closed,

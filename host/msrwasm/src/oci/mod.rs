@@ -1,0 +1,447 @@
+//! Plugins in OCI registries: `oci://` references, pull policies, the
+//! [`Fetch`] seam the engine resolves references through, and the
+//! [`Follower`] that rolls a moved tag out to a running VM.
+//!
+//! The registry client itself ([`store::OciStore`]: push, pull, the
+//! content-addressed cache, credentials, TLS) sits behind the `oci` feature;
+//! everything here is plain code, so an engine built without it still
+//! parses manifests that name `oci://` plugins and says what is missing.
+//!
+//! A reference is `oci://HOST[:PORT]/REPOSITORY[:TAG][@sha256:DIGEST]`:
+//! `@sha256:` pins the OCI manifest, a manifest's `sha256` key still pins
+//! the wasm bytes, and any mismatch refuses the plugin. See `docs/oci.md`.
+
+mod follow;
+#[cfg(feature = "oci")]
+pub mod store;
+
+pub use follow::{Follower, FollowerThread};
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// The scheme prefix of a plugin path that names a registry artifact.
+pub const SCHEME: &str = "oci://";
+
+/// Default seconds between re-resolving a followed tag.
+pub const DEFAULT_POLL_S: u64 = 30;
+/// Longest `poll_s` a manifest may set (a day).
+pub const MAX_POLL_S: u64 = 86_400;
+
+/// Whether a plugin path names a registry artifact.
+pub fn is_reference(path: &str) -> bool {
+    path.starts_with(SCHEME)
+}
+
+/// A parsed `oci://` reference.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct OciRef {
+    /// `HOST[:PORT]`.
+    pub registry: String,
+    /// `team/plugins/rapl`.
+    pub repository: String,
+    /// The tag; `latest` when neither tag nor digest is given.
+    pub tag: Option<String>,
+    /// `sha256:<64 hex>`: pins the OCI manifest.
+    pub digest: Option<String>,
+}
+
+/// A reference that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid OCI reference `{reference}`: {reason}")]
+pub struct RefError {
+    /// The text given.
+    pub reference: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl OciRef {
+    /// Parses `oci://HOST[:PORT]/REPOSITORY[:TAG][@sha256:DIGEST]`.
+    pub fn parse(text: &str) -> Result<Self, RefError> {
+        let bad = |reason: &str| RefError {
+            reference: text.chars().take(300).collect(),
+            reason: reason.to_owned(),
+        };
+        if text.len() > 1024 {
+            return Err(bad("longer than 1024 characters"));
+        }
+        let rest = text
+            .strip_prefix(SCHEME)
+            .ok_or_else(|| bad("expected oci://HOST/REPOSITORY[:TAG][@sha256:DIGEST]"))?;
+        let (rest, digest) = match rest.split_once('@') {
+            Some((r, d)) => {
+                let hex = d
+                    .strip_prefix("sha256:")
+                    .ok_or_else(|| bad("the digest must be sha256:<64 hex digits>"))?;
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+                    return Err(bad("the digest must be sha256:<64 lowercase hex digits>"));
+                }
+                (r, Some(d.to_owned()))
+            }
+            None => (rest, None),
+        };
+        let (registry, path) = rest
+            .split_once('/')
+            .ok_or_else(|| bad("no repository after the registry host"))?;
+        let host_ok = !registry.is_empty()
+            && registry
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+        if !host_ok {
+            return Err(bad("the registry must be HOST or HOST:PORT"));
+        }
+        // A tag follows the last `:` after the last `/`.
+        let last_slash = path.rfind('/').map_or(0, |i| i + 1);
+        let (repository, tag) = match path[last_slash..].rfind(':') {
+            Some(i) => (&path[..last_slash + i], Some(&path[last_slash + i + 1..])),
+            None => (path, None),
+        };
+        let component_ok = |c: &str| {
+            !c.is_empty()
+                && c.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && c.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        };
+        if repository.len() > 255 || !repository.split('/').all(component_ok) {
+            return Err(bad(
+                "the repository must be lowercase path components of letters, digits, `.`, `_` and `-`",
+            ));
+        }
+        if let Some(tag) = tag {
+            let ok = !tag.is_empty()
+                && tag.len() <= 128
+                && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && !tag.starts_with(['.', '-']);
+            if !ok {
+                return Err(bad("a tag is 1-128 letters, digits, `.`, `_` and `-`"));
+            }
+        }
+        let tag = match (tag, &digest) {
+            (Some(t), _) => Some(t.to_owned()),
+            (None, Some(_)) => None,
+            (None, None) => Some("latest".to_owned()),
+        };
+        Ok(Self {
+            registry: registry.to_owned(),
+            repository: repository.to_owned(),
+            tag,
+            digest,
+        })
+    }
+
+    /// The host without the port.
+    pub fn host(&self) -> &str {
+        let r = self.registry.as_str();
+        if let Some(end) = r.strip_prefix('[').and_then(|s| s.find(']')) {
+            return &r[1..=end];
+        }
+        r.rsplit_once(':').map_or(r, |(h, _)| h)
+    }
+
+    /// Whether the registry is on this host (127.0.0.0/8, ::1, localhost):
+    /// the only registries spoken to over plain HTTP.
+    pub fn is_loopback(&self) -> bool {
+        let host = self.host();
+        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+
+    /// The last path component of the repository (`rapl` of `team/rapl`):
+    /// the plugin's default name.
+    pub fn name(&self) -> &str {
+        self.repository.rsplit('/').next().unwrap_or(&self.repository)
+    }
+
+    /// The same reference pinned to `digest`, without its tag.
+    pub fn pinned(&self, digest: &str) -> Self {
+        Self {
+            tag: None,
+            digest: Some(digest.to_owned()),
+            ..self.clone()
+        }
+    }
+}
+
+impl fmt::Display for OciRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{SCHEME}{}/{}", self.registry, self.repository)?;
+        if let Some(tag) = &self.tag {
+            write!(f, ":{tag}")?;
+        }
+        if let Some(digest) = &self.digest {
+            write!(f, "@{digest}")?;
+        }
+        Ok(())
+    }
+}
+
+/// When a reference is fetched from the registry (`pull_policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Start from the local cache when the content is there (the default).
+    #[default]
+    IfNotPresent,
+    /// Resolve the tag at start and every `poll_s` seconds; a new digest
+    /// goes through hot reload on the running VM.
+    Always,
+}
+
+/// A plugin's registry source: what the manifest's `path`, `pull_policy`
+/// and `poll_s` say.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct OciSource {
+    /// The reference.
+    pub reference: OciRef,
+    /// When to fetch.
+    pub pull_policy: PullPolicy,
+    /// Seconds between re-resolving the tag (`pull_policy = "always"`).
+    pub poll_s: u64,
+}
+
+impl OciSource {
+    /// `reference` with the default policy.
+    pub fn new(reference: OciRef) -> Self {
+        Self {
+            reference,
+            pull_policy: PullPolicy::IfNotPresent,
+            poll_s: DEFAULT_POLL_S,
+        }
+    }
+
+    /// Whether the VM follows the tag (re-resolves it while running). A
+    /// digest-pinned reference cannot move, so it is never followed.
+    pub fn follows(&self) -> bool {
+        self.pull_policy == PullPolicy::Always && self.reference.digest.is_none()
+    }
+}
+
+/// The OCI annotations for a plugin's `msrwasm.meta` fields: `name`,
+/// `version`, `description` and `author` (or `authors`) become
+/// `org.opencontainers.image.title`, `.version`, `.description` and
+/// `.authors`.
+pub fn annotations(meta: &std::collections::BTreeMap<String, String>) -> std::collections::BTreeMap<String, String> {
+    [
+        ("name", "title"),
+        ("version", "version"),
+        ("description", "description"),
+        ("authors", "authors"),
+        ("author", "authors"),
+    ]
+    .iter()
+    .filter_map(|(field, key)| {
+        let value = meta.get(*field)?.trim();
+        (!value.is_empty()).then(|| (format!("org.opencontainers.image.{key}"), value.to_owned()))
+    })
+    .collect()
+}
+
+/// A reference made local.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetched {
+    /// The file the engine loads.
+    pub path: PathBuf,
+    /// The sha256 (hex) its bytes must have, when the content is fixed
+    /// (everything but a followed tag).
+    pub sha256: Option<String>,
+}
+
+/// Why a reference was not fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    /// Not a valid reference.
+    #[error(transparent)]
+    Reference(#[from] RefError),
+    /// The engine has no way to fetch (built without the `oci` feature,
+    /// or the VMM gave it no store).
+    #[error("{0}: this engine has no OCI store (msrwasm built without the `oci` feature, or the VMM did not give one)")]
+    NoStore(String),
+    /// The registry refused or could not be reached.
+    #[error("{reference}: registry")]
+    Registry {
+        /// The reference.
+        reference: String,
+        /// What the client reported.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The registry took longer than the deadline.
+    #[error("{reference}: the registry did not answer within {seconds} s")]
+    Timeout {
+        /// The reference.
+        reference: String,
+        /// The deadline.
+        seconds: u64,
+    },
+    /// Content whose digest is not what was asked for.
+    #[error("{reference}: {what} has digest {actual}, expected {expected}; refused")]
+    Digest {
+        /// The reference.
+        reference: String,
+        /// `the manifest`, `the wasm layer`, `the wasm layer (plugin.sha256)`.
+        what: String,
+        /// What it should be.
+        expected: String,
+        /// What it is.
+        actual: String,
+    },
+    /// The artifact is not a wasm plugin (or not one we can read).
+    #[error("{reference}: {reason}")]
+    NotWasm {
+        /// The reference.
+        reference: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Not in the cache and the registry is unreachable.
+    #[error("{reference}: not in the local cache, and the registry failed: {source}")]
+    Unavailable {
+        /// The reference.
+        reference: String,
+        /// Why the registry failed.
+        #[source]
+        source: Box<OciError>,
+    },
+    /// The local cache or an output file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Settings (CA file, credentials) unusable.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// How the engine makes `oci://` plugins local: implemented by
+/// [`store::OciStore`] (feature `oci`), or by a VMM's own registry client.
+pub trait Fetch: Send + Sync {
+    /// Makes `source` local (from the cache or the registry, as its pull
+    /// policy says). For a followed tag, the returned file is the one that
+    /// [`Fetch::poll`] later replaces.
+    fn fetch(&self, source: &OciSource) -> Result<Fetched, OciError>;
+
+    /// Re-resolves a followed tag now; when it moved, replaces the file
+    /// [`Fetch::fetch`] returned with the new (digest-verified) content.
+    /// Returns whether the file changed.
+    fn poll(&self, source: &OciSource) -> Result<bool, OciError>;
+}
+
+/// Makes an `oci://` plugin local through `fetch`: its `path` becomes the
+/// fetched file, and fixed content is pinned by sha256 (a manifest
+/// `sha256` that disagrees with the registry's layer is refused here).
+/// Plugins that are files, or already fetched, are left alone.
+pub fn localize(fetch: Option<&dyn Fetch>, settings: &mut crate::plugin::PluginSettings) -> Result<(), OciError> {
+    if !settings.is_unfetched() {
+        return Ok(());
+    }
+    let Some(source) = settings.source.clone() else {
+        return Ok(());
+    };
+    let fetch = fetch.ok_or_else(|| OciError::NoStore(source.reference.to_string()))?;
+    let fetched = fetch.fetch(&source)?;
+    if let (Some(pin), Some(actual)) = (&settings.sha256, &fetched.sha256)
+        && !pin.eq_ignore_ascii_case(actual)
+    {
+        return Err(OciError::Digest {
+            reference: source.reference.to_string(),
+            what: "the wasm layer (against plugin.sha256)".into(),
+            expected: format!("sha256:{pin}"),
+            actual: format!("sha256:{actual}"),
+        });
+    }
+    settings.path = fetched.path;
+    if settings.sha256.is_none() {
+        settings.sha256 = fetched.sha256;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse_and_print_back() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        for (text, registry, repo, tag, digest) in [
+            (
+                "oci://127.0.0.1:5000/team/rapl:1.2",
+                "127.0.0.1:5000",
+                "team/rapl",
+                Some("1.2"),
+                None,
+            ),
+            ("oci://ghcr.io/acme/rapl", "ghcr.io", "acme/rapl", Some("latest"), None),
+            (
+                &format!("oci://localhost/rapl@{d}")[..],
+                "localhost",
+                "rapl",
+                None,
+                Some(&d[..]),
+            ),
+            (
+                &format!("oci://[::1]:5000/rapl:v1@{d}")[..],
+                "[::1]:5000",
+                "rapl",
+                Some("v1"),
+                Some(&d[..]),
+            ),
+        ] {
+            let r = OciRef::parse(text).unwrap();
+            assert_eq!((&r.registry[..], &r.repository[..]), (registry, repo));
+            assert_eq!(r.tag.as_deref(), tag);
+            assert_eq!(r.digest.as_deref(), digest);
+            let printed = r.to_string();
+            assert_eq!(OciRef::parse(&printed).unwrap(), r, "{printed}");
+        }
+    }
+
+    #[test]
+    fn bad_references_say_what_is_wrong() {
+        for (text, says) in [
+            ("https://x/y", "expected oci://"),
+            ("oci://host", "no repository"),
+            ("oci://host/Rapl", "lowercase"),
+            ("oci://host/a//b", "lowercase"),
+            ("oci://host/rapl:", "a tag is"),
+            ("oci://host/rapl:-x", "a tag is"),
+            ("oci://host/rapl@sha256:abc", "64 lowercase hex"),
+            ("oci://host/rapl@md5:abc", "sha256:"),
+            ("oci://ho st/rapl", "HOST:PORT"),
+            ("oci:///rapl", "HOST:PORT"),
+        ] {
+            let e = OciRef::parse(text).unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+        assert!(OciRef::parse(&format!("oci://h/{}", "a".repeat(2000))).is_err());
+    }
+
+    #[test]
+    fn only_loopback_registries_are_loopback() {
+        for (text, loopback) in [
+            ("oci://127.0.0.1:5000/a", true),
+            ("oci://127.8.9.10/a", true),
+            ("oci://localhost:5000/a", true),
+            ("oci://[::1]:5000/a", true),
+            ("oci://128.0.0.1/a", false),
+            ("oci://localhost.example.com/a", false),
+            ("oci://ghcr.io/a", false),
+        ] {
+            assert_eq!(OciRef::parse(text).unwrap().is_loopback(), loopback, "{text}");
+        }
+    }
+
+    #[test]
+    fn digest_pinned_references_are_never_followed() {
+        let mut s = OciSource::new(OciRef::parse("oci://h/a:v1").unwrap());
+        assert!(!s.follows());
+        s.pull_policy = PullPolicy::Always;
+        assert!(s.follows());
+        s.reference = s.reference.pinned(&format!("sha256:{}", "b".repeat(64)));
+        assert!(!s.follows());
+    }
+}

@@ -1,0 +1,728 @@
+//! The registry client and the content-addressed cache (feature `oci`).
+//!
+//! Artifacts follow the CNCF "Wasm OCI Artifact" layout: an OCI image
+//! manifest whose config has media type `application/vnd.wasm.config.v0+json`
+//! and whose one layer, `application/wasm`, holds the module or component
+//! bytes. The plugin's `msrwasm.meta` fields travel as the manifest's
+//! `org.opencontainers.image.*` annotations.
+//!
+//! Cache (under the directory given, normally the user cache directory):
+//!
+//! ```text
+//! oci/blobs/sha256/<hex>      wasm layers, by digest (immutable)
+//! oci/manifests/sha256/<hex>  OCI manifests, by digest (immutable)
+//! oci/refs/<key>.json         tag -> manifest digest, as last pulled
+//! oci/follow/<key>.wasm       the content of a followed tag (replaced)
+//! ```
+//!
+//! Every entry is checked against its digest when used; a corrupt one is
+//! removed and fetched again. Nothing from a registry is used before its
+//! digest is verified: the manifest against `@sha256:` (and the registry's
+//! own digest header), the layer against the manifest.
+//!
+//! Transport: HTTPS with the system roots, plus the PEM certificates of
+//! `MSRWASM_REGISTRY_CA`; plain HTTP only to loopback registries.
+//! Credentials: `MSRWASM_REGISTRY_USER`/`MSRWASM_REGISTRY_PASSWORD`, else the
+//! Docker config file (`$DOCKER_CONFIG/config.json` or
+//! `~/.docker/config.json`, credential helpers included), else anonymous.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+use sha2::{Digest, Sha256};
+
+use super::{Fetch, Fetched, OciError, OciRef, OciSource};
+use crate::plugin::MAX_PLUGIN_BYTES;
+
+/// Media type of the config blob of a Wasm OCI artifact.
+pub const WASM_CONFIG_MEDIA_TYPE: &str = "application/vnd.wasm.config.v0+json";
+/// Media type of the layer holding the wasm bytes.
+pub const WASM_LAYER_MEDIA_TYPE: &str = "application/wasm";
+/// Older wasm layer media types other tools push (wasm-to-oci, Istio /
+/// Solo `wasme`): accepted when pulling.
+pub const LEGACY_WASM_LAYER_MEDIA_TYPES: [&str; 2] = [
+    "application/vnd.wasm.content.layer.v1+wasm",
+    "application/vnd.module.wasm.content.layer.v1+wasm",
+];
+/// OCI image manifest media type.
+const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Docker's schema 2 manifest (some registries convert to it).
+const DOCKER_MANIFEST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Largest OCI manifest accepted (a wasm artifact's is under 2 KiB).
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Largest Docker config or CA file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// How the store reaches registries.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// PEM certificates trusted besides the system roots.
+    pub ca: Option<PathBuf>,
+    /// User and password for every registry (else the Docker config).
+    pub credentials: Option<(String, String)>,
+    /// Longest one push or pull may take, all requests included.
+    pub deadline: Duration,
+    /// Longest a connection attempt may take.
+    pub connect_timeout: Duration,
+    /// Longest the registry may stay silent mid-response.
+    pub read_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            ca: None,
+            credentials: None,
+            deadline: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Defaults plus `MSRWASM_REGISTRY_CA`, `MSRWASM_REGISTRY_USER` and
+    /// `MSRWASM_REGISTRY_PASSWORD` (the two given together or not at all).
+    pub fn from_env() -> Result<Self, OciError> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let credentials = match (var("MSRWASM_REGISTRY_USER"), var("MSRWASM_REGISTRY_PASSWORD")) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (None, None) => None,
+            _ => {
+                return Err(OciError::Config(
+                    "set both MSRWASM_REGISTRY_USER and MSRWASM_REGISTRY_PASSWORD, or neither".into(),
+                ));
+            }
+        };
+        Ok(Self {
+            ca: var("MSRWASM_REGISTRY_CA").map(PathBuf::from),
+            credentials,
+            ..Self::default()
+        })
+    }
+}
+
+/// What a pull produced: verified and in the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pulled {
+    /// `sha256:...` of the OCI manifest.
+    pub manifest_digest: String,
+    /// `sha256:...` of the wasm layer (the plugin's bytes).
+    pub layer_digest: String,
+    /// The wasm bytes in the cache.
+    pub blob: PathBuf,
+    /// The manifest's annotations.
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Pulled {
+    /// The layer digest's hex: the plugin's content sha256.
+    pub fn sha256(&self) -> &str {
+        self.layer_digest.trim_start_matches("sha256:")
+    }
+}
+
+/// What a push produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pushed {
+    /// `sha256:...` of the OCI manifest: pin with `@` + this.
+    pub manifest_digest: String,
+    /// `sha256:...` of the wasm layer.
+    pub layer_digest: String,
+}
+
+/// The tag -> digest record of `oci/refs/`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RefRecord {
+    reference: String,
+    manifest: String,
+}
+
+/// Pushes and pulls plugins; caches what it pulls. Implements [`Fetch`]
+/// for the engine.
+pub struct OciStore {
+    dir: PathBuf,
+    options: StoreOptions,
+    extra_roots: Vec<Certificate>,
+    /// Manifest digests whose content this process verified, per
+    /// reference: a poll that finds the same digest skips re-hashing.
+    verified: Mutex<HashMap<String, Pulled>>,
+}
+
+impl std::fmt::Debug for OciStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OciStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(bytes)))
+}
+
+/// The hex of a `sha256:<64 hex>` digest, if it is one.
+fn sha256_hex(digest: &str) -> Option<&str> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+}
+
+impl OciStore {
+    /// A store caching under `cache_dir/oci` (created private to this
+    /// user; an existing directory others may write to is refused).
+    pub fn open(cache_dir: &Path, options: StoreOptions) -> Result<Self, OciError> {
+        let dir = cache_dir.join("oci");
+        for sub in ["blobs/sha256", "manifests/sha256", "refs", "follow"] {
+            let d = dir.join(sub);
+            crate::files::private_dir(&d).map_err(|source| OciError::Io { path: d, source })?;
+        }
+        let extra_roots = match &options.ca {
+            Some(path) => {
+                let pem = crate::files::read_regular(path, MAX_CONFIG_BYTES)
+                    .map_err(|e| OciError::Config(format!("MSRWASM_REGISTRY_CA {}: {e}", path.display())))?;
+                if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                    return Err(OciError::Config(format!(
+                        "MSRWASM_REGISTRY_CA {}: no PEM certificate in it",
+                        path.display()
+                    )));
+                }
+                vec![Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data: pem,
+                }]
+            }
+            None => Vec::new(),
+        };
+        Ok(Self {
+            dir,
+            options,
+            extra_roots,
+            verified: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The cache directory (`.../oci`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn client(&self, r: &OciRef) -> Client {
+        Client::new(ClientConfig {
+            protocol: match r.is_loopback() {
+                true => ClientProtocol::HttpsExcept(vec![r.registry.clone()]),
+                false => ClientProtocol::Https,
+            },
+            extra_root_certificates: self.extra_roots.clone(),
+            connect_timeout: Some(self.options.connect_timeout),
+            read_timeout: Some(self.options.read_timeout),
+            // Only single-platform manifests are wasm artifacts.
+            platform_resolver: None,
+            max_concurrent_download: 1,
+            max_concurrent_upload: 2,
+            user_agent: concat!("msrwasm/", env!("CARGO_PKG_VERSION")),
+            ..ClientConfig::default()
+        })
+    }
+
+    /// Credentials for `r`'s registry.
+    fn auth(&self, r: &OciRef) -> RegistryAuth {
+        if let Some((user, password)) = &self.options.credentials {
+            return RegistryAuth::Basic(user.clone(), password.clone());
+        }
+        let config = std::env::var_os("DOCKER_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))
+            .map(|d| d.join("config.json"));
+        let Some(config) = config else {
+            return RegistryAuth::Anonymous;
+        };
+        let bytes = match crate::files::read_regular(&config, MAX_CONFIG_BYTES) {
+            Ok(b) => b,
+            Err(crate::files::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return RegistryAuth::Anonymous;
+            }
+            Err(e) => {
+                tracing::warn!("Docker config {}: {e}; pulling anonymously", config.display());
+                return RegistryAuth::Anonymous;
+            }
+        };
+        use docker_credential::{CredentialRetrievalError as E, DockerCredential as C};
+        match docker_credential::get_credential_from_reader(&bytes[..], &r.registry) {
+            Ok(C::UsernamePassword(u, p)) => RegistryAuth::Basic(u, p),
+            Ok(C::IdentityToken(t)) => RegistryAuth::Bearer(t),
+            Err(E::NoCredentialConfigured) => RegistryAuth::Anonymous,
+            Err(e) => {
+                tracing::warn!(
+                    "Docker config {} for {}: {e}; trying anonymously",
+                    config.display(),
+                    r.registry
+                );
+                RegistryAuth::Anonymous
+            }
+        }
+    }
+
+    /// Runs `work` on a runtime of its own (on a thread of its own, so that
+    /// callers inside another async runtime are fine), within the deadline.
+    fn block<T: Send>(
+        &self,
+        r: &OciRef,
+        work: impl Future<Output = Result<T, OciError>> + Send,
+    ) -> Result<T, OciError> {
+        let deadline = self.options.deadline;
+        let reference = r.to_string();
+        std::thread::scope(|s| {
+            let thread = std::thread::Builder::new().name("msrwasm-oci".into());
+            let handle = thread
+                .spawn_scoped(s, || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|source| OciError::Io {
+                            path: PathBuf::from("(tokio runtime)"),
+                            source,
+                        })?;
+                    runtime.block_on(async {
+                        tokio::time::timeout(deadline, work)
+                            .await
+                            .unwrap_or(Err(OciError::Timeout {
+                                reference: reference.clone(),
+                                seconds: deadline.as_secs(),
+                            }))
+                    })
+                })
+                .map_err(|source| OciError::Io {
+                    path: PathBuf::from("(thread)"),
+                    source,
+                })?;
+            handle
+                .join()
+                .unwrap_or_else(|_| Err(OciError::Config(format!("{reference}: the registry client panicked"))))
+        })
+    }
+
+    fn registry_error(r: &OciRef) -> impl Fn(oci_client::errors::OciDistributionError) -> OciError + '_ {
+        move |e| OciError::Registry {
+            reference: r.to_string(),
+            source: Box::new(e),
+        }
+    }
+
+    /// Pushes `bytes` (a wasm module or component) to `r` as a Wasm OCI
+    /// artifact with `annotations`.
+    pub fn push(&self, bytes: &[u8], annotations: BTreeMap<String, String>, r: &OciRef) -> Result<Pushed, OciError> {
+        if r.digest.is_some() {
+            return Err(OciError::Config(format!("{r}: push to a tag, not a digest")));
+        }
+        let component = wasmparser::Parser::is_component(bytes);
+        let layer_digest = digest_of(bytes);
+        let config = serde_json::json!({
+            "architecture": "wasm",
+            "os": if component { "wasip2" } else { "wasip1" },
+            "layerDigests": [layer_digest],
+        });
+        let config = serde_json::to_vec(&config).expect("a JSON value serializes");
+        let config_digest = digest_of(&config);
+        let manifest = OciImageManifest {
+            schema_version: 2,
+            media_type: Some(MANIFEST_MEDIA_TYPE.into()),
+            config: OciDescriptor {
+                media_type: WASM_CONFIG_MEDIA_TYPE.into(),
+                digest: config_digest.clone(),
+                size: config.len() as i64,
+                ..OciDescriptor::default()
+            },
+            layers: vec![OciDescriptor {
+                media_type: WASM_LAYER_MEDIA_TYPE.into(),
+                digest: layer_digest.clone(),
+                size: bytes.len() as i64,
+                ..OciDescriptor::default()
+            }],
+            subject: None,
+            artifact_type: None,
+            annotations: (!annotations.is_empty()).then_some(annotations),
+        };
+        let body = serde_json::to_vec(&manifest).expect("a manifest serializes");
+        let manifest_digest = digest_of(&body);
+        let reference = oci_reference(r);
+        let client = self.client(r);
+        let auth = self.auth(r);
+        let err = Self::registry_error(r);
+        self.block(r, async {
+            client
+                .auth(&reference, &auth, RegistryOperation::Push)
+                .await
+                .map_err(&err)?;
+            client
+                .push_blob(&reference, config.clone(), &config_digest)
+                .await
+                .map_err(&err)?;
+            client
+                .push_blob(&reference, bytes.to_vec(), &layer_digest)
+                .await
+                .map_err(&err)?;
+            client
+                .push_manifest_raw(
+                    &reference,
+                    body.clone(),
+                    http::HeaderValue::from_static(MANIFEST_MEDIA_TYPE),
+                )
+                .await
+                .map_err(&err)?;
+            Ok(())
+        })?;
+        Ok(Pushed {
+            manifest_digest,
+            layer_digest,
+        })
+    }
+
+    /// Resolves `r` at the registry now and makes its wasm layer local
+    /// (downloading it only when the cache lacks it), verifying every
+    /// digest on the way.
+    pub fn pull(&self, r: &OciRef) -> Result<Pulled, OciError> {
+        let reference = oci_reference(r);
+        let client = self.client(r);
+        let auth = self.auth(r);
+        let err = Self::registry_error(r);
+        let (body, header_digest) = self.block(r, async {
+            client
+                .pull_manifest_raw(&reference, &auth, &[MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE])
+                .await
+                .map_err(&err)
+        })?;
+        let manifest_digest = self.check_manifest(r, &body, Some(&header_digest))?;
+        let key = r.to_string();
+        if let Some(known) = self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
+            && known.manifest_digest == manifest_digest
+            && known.blob.exists()
+        {
+            return Ok(known.clone());
+        }
+        let (manifest, layer) = parse_manifest(r, &body)?;
+        let hex = sha256_hex(&layer.digest).expect("checked by parse_manifest").to_owned();
+        let blob = self.dir.join("blobs/sha256").join(&hex);
+        if !self.blob_ok(&blob, &hex) {
+            let size = layer.size as u64;
+            let bytes = self.block(r, async {
+                let mut stream = client.pull_blob_stream(&reference, &layer).await.map_err(&err)?;
+                if stream.content_length.is_some_and(|n| n > size) {
+                    return Err(OciError::NotWasm {
+                        reference: r.to_string(),
+                        reason: format!(
+                            "the registry sends a {}-byte layer the manifest says is {size} bytes",
+                            stream.content_length.unwrap_or(0)
+                        ),
+                    });
+                }
+                let mut bytes = Vec::with_capacity(size as usize);
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|e| {
+                        // The client's own check of the layer digest.
+                        use oci_client::errors::DigestError;
+                        match e.get_ref().and_then(|i| i.downcast_ref::<DigestError>()) {
+                            Some(DigestError::VerificationError { expected, actual }) => OciError::Digest {
+                                reference: r.to_string(),
+                                what: format!("the wasm layer ({} of {size} bytes received)", bytes.len()),
+                                expected: expected.clone(),
+                                actual: actual.clone(),
+                            },
+                            _ => OciError::Registry {
+                                reference: r.to_string(),
+                                source: Box::new(e),
+                            },
+                        }
+                    })?;
+                    if (bytes.len() + chunk.len()) as u64 > size {
+                        return Err(OciError::NotWasm {
+                            reference: r.to_string(),
+                            reason: format!(
+                                "the registry sends more than the {size} bytes the manifest gives the layer"
+                            ),
+                        });
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(bytes)
+            })?;
+            let actual = digest_of(&bytes);
+            if actual != layer.digest {
+                return Err(OciError::Digest {
+                    reference: r.to_string(),
+                    what: format!("the wasm layer ({} of {size} bytes received)", bytes.len()),
+                    expected: layer.digest.clone(),
+                    actual,
+                });
+            }
+            crate::files::write_atomic(&blob, &bytes).map_err(|source| OciError::Io {
+                path: blob.clone(),
+                source,
+            })?;
+        }
+        self.remember(r, &body, &manifest_digest)?;
+        let pulled = Pulled {
+            manifest_digest,
+            layer_digest: layer.digest.clone(),
+            blob,
+            annotations: manifest.annotations.unwrap_or_default(),
+        };
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, pulled.clone());
+        Ok(pulled)
+    }
+
+    /// Checks a manifest's bytes against the pin and the registry's digest
+    /// header; returns its digest.
+    fn check_manifest(&self, r: &OciRef, body: &[u8], header: Option<&str>) -> Result<String, OciError> {
+        if body.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(OciError::NotWasm {
+                reference: r.to_string(),
+                reason: format!("a {}-byte manifest is not a wasm artifact's", body.len()),
+            });
+        }
+        let actual = digest_of(body);
+        for (expected, what) in [
+            (r.digest.as_deref(), "the manifest"),
+            (header, "the manifest (against the registry's digest header)"),
+        ] {
+            if let Some(expected) = expected
+                && expected != actual
+            {
+                return Err(OciError::Digest {
+                    reference: r.to_string(),
+                    what: what.into(),
+                    expected: expected.to_owned(),
+                    actual,
+                });
+            }
+        }
+        Ok(actual)
+    }
+
+    /// Stores the manifest by digest and, for a tag, the tag's record.
+    fn remember(&self, r: &OciRef, body: &[u8], digest: &str) -> Result<(), OciError> {
+        let hex = sha256_hex(digest).expect("computed");
+        let path = self.dir.join("manifests/sha256").join(hex);
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| OciError::Io { path, source }
+        };
+        crate::files::write_atomic(&path, body).map_err(io(&path))?;
+        if r.digest.is_none() {
+            let record = RefRecord {
+                reference: r.to_string(),
+                manifest: digest.to_owned(),
+            };
+            let path = self.ref_path(r);
+            let json = serde_json::to_vec_pretty(&record).expect("serializes");
+            crate::files::write_atomic(&path, &json).map_err(io(&path))?;
+        }
+        Ok(())
+    }
+
+    fn key(r: &OciRef) -> String {
+        hex(&Sha256::digest(r.to_string().as_bytes()))[..32].to_owned()
+    }
+
+    fn ref_path(&self, r: &OciRef) -> PathBuf {
+        self.dir.join("refs").join(format!("{}.json", Self::key(r)))
+    }
+
+    /// The followed file of a tag.
+    pub fn follow_path(&self, r: &OciRef) -> PathBuf {
+        self.dir.join("follow").join(format!("{}.wasm", Self::key(r)))
+    }
+
+    /// Whether the cached blob is there with the right digest; a corrupt
+    /// one is removed (and so fetched again).
+    fn blob_ok(&self, blob: &Path, hex: &str) -> bool {
+        match crate::files::read_regular(blob, MAX_PLUGIN_BYTES) {
+            Ok(bytes) if crate::plugin::content_hash(&bytes) == hex => true,
+            Err(crate::files::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Ok(_) | Err(_) => {
+                tracing::warn!(file = %blob.display(), "corrupt OCI cache entry (digest mismatch) removed; fetching it again");
+                let _ = std::fs::remove_file(blob);
+                false
+            }
+        }
+    }
+
+    /// `r` from the cache alone, verified (`None`: not there, or corrupt).
+    pub fn cached(&self, r: &OciRef) -> Option<Pulled> {
+        let manifest_digest = match &r.digest {
+            Some(d) => d.clone(),
+            None => {
+                let record = crate::files::read_regular(&self.ref_path(r), MAX_CONFIG_BYTES).ok()?;
+                let record: RefRecord = serde_json::from_slice(&record).ok()?;
+                (record.reference == r.to_string()).then_some(record.manifest)?
+            }
+        };
+        let hex = sha256_hex(&manifest_digest)?;
+        let path = self.dir.join("manifests/sha256").join(hex);
+        let body = crate::files::read_regular(&path, MAX_MANIFEST_BYTES).ok()?;
+        if digest_of(&body) != manifest_digest {
+            tracing::warn!(file = %path.display(), "corrupt OCI cache entry (digest mismatch) removed; fetching it again");
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        let (manifest, layer) = parse_manifest(r, &body).ok()?;
+        let layer_hex = sha256_hex(&layer.digest)?;
+        let blob = self.dir.join("blobs/sha256").join(layer_hex);
+        self.blob_ok(&blob, layer_hex).then(|| Pulled {
+            manifest_digest,
+            layer_digest: layer.digest.clone(),
+            blob,
+            annotations: manifest.annotations.unwrap_or_default(),
+        })
+    }
+
+    /// Makes the followed file of `r` hold `pulled`; returns whether it
+    /// changed.
+    fn follow(&self, r: &OciRef, pulled: &Pulled) -> Result<bool, OciError> {
+        let path = self.follow_path(r);
+        let current = crate::files::read_regular(&path, MAX_PLUGIN_BYTES).ok();
+        if current.is_some_and(|b| crate::plugin::content_hash(&b) == pulled.sha256()) {
+            return Ok(false);
+        }
+        let io = |source| OciError::Io {
+            path: path.clone(),
+            source,
+        };
+        let bytes = crate::files::read_regular(&pulled.blob, MAX_PLUGIN_BYTES).map_err(|e| match e {
+            crate::files::ReadError::Io(source) => io(source),
+            other => io(std::io::Error::other(other)),
+        })?;
+        if crate::plugin::content_hash(&bytes) != pulled.sha256() {
+            let _ = std::fs::remove_file(&pulled.blob);
+            return Err(OciError::Digest {
+                reference: r.to_string(),
+                what: "the cached wasm layer".into(),
+                expected: pulled.layer_digest.clone(),
+                actual: digest_of(&bytes),
+            });
+        }
+        crate::files::write_atomic(&path, &bytes).map_err(io)?;
+        Ok(true)
+    }
+}
+
+/// The manifest's wasm layer: exactly one layer of a wasm media type,
+/// a sha256 digest and a size within the plugin limit.
+fn parse_manifest(r: &OciRef, body: &[u8]) -> Result<(OciImageManifest, OciDescriptor), OciError> {
+    let not_wasm = |reason: String| OciError::NotWasm {
+        reference: r.to_string(),
+        reason,
+    };
+    let manifest: OciImageManifest =
+        serde_json::from_slice(body).map_err(|e| not_wasm(format!("not an OCI image manifest: {e}")))?;
+    let wasm: Vec<&OciDescriptor> = manifest
+        .layers
+        .iter()
+        .filter(|l| {
+            l.media_type == WASM_LAYER_MEDIA_TYPE || LEGACY_WASM_LAYER_MEDIA_TYPES.contains(&l.media_type.as_str())
+        })
+        .collect();
+    let layer = match wasm[..] {
+        [one] => one.clone(),
+        _ => {
+            let types: Vec<&str> = manifest.layers.iter().map(|l| l.media_type.as_str()).collect();
+            return Err(not_wasm(format!(
+                "not a Wasm OCI artifact: expected one `{WASM_LAYER_MEDIA_TYPE}` layer, found [{}]",
+                types.join(", ")
+            )));
+        }
+    };
+    if sha256_hex(&layer.digest).is_none() {
+        return Err(not_wasm(format!("layer digest `{}` is not sha256", layer.digest)));
+    }
+    if layer.size < 0 || layer.size as u64 > MAX_PLUGIN_BYTES {
+        return Err(not_wasm(format!(
+            "the wasm layer is {} bytes, over the {} MiB plugin limit",
+            layer.size,
+            MAX_PLUGIN_BYTES >> 20
+        )));
+    }
+    Ok((manifest, layer))
+}
+
+fn oci_reference(r: &OciRef) -> Reference {
+    match (&r.tag, &r.digest) {
+        (Some(tag), Some(digest)) => {
+            Reference::with_tag_and_digest(r.registry.clone(), r.repository.clone(), tag.clone(), digest.clone())
+        }
+        (None, Some(digest)) => Reference::with_digest(r.registry.clone(), r.repository.clone(), digest.clone()),
+        (tag, None) => Reference::with_tag(
+            r.registry.clone(),
+            r.repository.clone(),
+            tag.clone().unwrap_or_else(|| "latest".into()),
+        ),
+    }
+}
+
+impl Fetch for OciStore {
+    fn fetch(&self, source: &OciSource) -> Result<Fetched, OciError> {
+        let r = &source.reference;
+        if !source.follows() {
+            let pulled = match self.cached(r) {
+                Some(p) => p,
+                None => self.pull(r)?,
+            };
+            tracing::info!(reference = %r, digest = %pulled.manifest_digest, "OCI plugin ready");
+            return Ok(Fetched {
+                path: pulled.blob.clone(),
+                sha256: Some(pulled.sha256().to_owned()),
+            });
+        }
+        let pulled = match self.pull(r) {
+            Ok(p) => p,
+            // Only an unreachable registry falls back; wrong content never.
+            Err(e @ (OciError::Registry { .. } | OciError::Timeout { .. })) => match self.cached(r) {
+                Some(p) => {
+                    tracing::warn!(
+                        "{}; starting from the cached {} (following the tag resumes when the registry answers)",
+                        crate::error_chain(&e),
+                        p.manifest_digest
+                    );
+                    p
+                }
+                None => {
+                    return Err(OciError::Unavailable {
+                        reference: r.to_string(),
+                        source: Box::new(e),
+                    });
+                }
+            },
+            Err(e) => return Err(e),
+        };
+        self.follow(r, &pulled)?;
+        tracing::info!(reference = %r, digest = %pulled.manifest_digest, "OCI plugin ready; following the tag every {} s", source.poll_s);
+        Ok(Fetched {
+            path: self.follow_path(r),
+            sha256: None,
+        })
+    }
+
+    fn poll(&self, source: &OciSource) -> Result<bool, OciError> {
+        let pulled = self.pull(&source.reference)?;
+        let changed = self.follow(&source.reference, &pulled)?;
+        if changed {
+            tracing::info!(reference = %source.reference, digest = %pulled.manifest_digest, "tag moved");
+        }
+        Ok(changed)
+    }
+}

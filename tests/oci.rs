@@ -1,0 +1,344 @@
+//! Plugins from a real OCI registry (the CNCF distribution registry on
+//! 127.0.0.1, started here) answering real guests: push then run, a moved
+//! tag rolled out to a running VM, the registry down, wrong digests,
+//! htpasswd authentication, truncated and corrupt blobs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use msrwasm::oci::store::{OciStore, StoreOptions};
+use msrwasm::oci::{OciError, OciRef};
+use msrwasm::policy::PolicySpec;
+use msrwasm_tests::registry::{Registry, truncate_half};
+use msrwasm_tests::{answering, guest, kvm_available, start_with, wait_until};
+
+fn store(cache: &Path) -> Arc<OciStore> {
+    Arc::new(OciStore::open(cache, StoreOptions::default()).unwrap())
+}
+
+fn oci_ref(text: &str) -> OciRef {
+    OciRef::parse(text).unwrap()
+}
+
+fn push(store: &OciStore, reference: &str, value: u64) -> msrwasm::oci::store::Pushed {
+    store
+        .push(&answering(value), BTreeMap::new(), &oci_ref(reference))
+        .unwrap_or_else(|e| panic!("{}", msrwasm::error_chain(&e)))
+}
+
+/// The value the plugin version answering the guest last recorded.
+fn live(state: &msrwasm::plugin::state::StateStore, plugin: &str) -> Option<i64> {
+    state.snapshot().get(plugin).and_then(|s| s.get(&1).copied())
+}
+
+/// The value of a traced access.
+fn value(t: &msrwasm::trace::TraceRecord) -> Option<u64> {
+    t.value.as_deref().and_then(msrwasm::parse_number)
+}
+
+fn manifest(dir: &Path, body: &str) -> PolicySpec {
+    let path = dir.join("vm.toml");
+    std::fs::write(&path, body).unwrap();
+    PolicySpec::from_manifest(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_pushed_plugin_runs_from_its_oci_reference() {
+    if !kvm_available() {
+        return;
+    }
+    let registry = Registry::start(&[]);
+    let cache = tempfile::tempdir().unwrap();
+    let store = store(cache.path());
+    let reference = registry.reference("team/answer:v1");
+    let pushed = push(&store, &reference, 7);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = manifest(
+        dir.path(),
+        &format!("[[plugin]]\nname = \"answer\"\npath = \"{reference}\"\n"),
+    );
+    let vm = start_with(&guest("msr_forever.elf"), 1, spec, |c| c.oci = Some(store.clone())).unwrap();
+    wait_until("the pulled plugin answers", || live(&vm.state, "answer") == Some(7));
+    let status = vm.engine.status();
+    assert_eq!(
+        status.plugins[0].version,
+        pushed.layer_digest.trim_start_matches("sha256:")
+    );
+    let run = vm.finish();
+    let other: Vec<_> = run
+        .trace
+        .iter()
+        .filter(|t| t.plugin.as_deref() != Some("answer") || value(t) != Some(7))
+        .collect();
+    assert!(other.is_empty(), "{other:#?}");
+    // By digest, too.
+    let pinned = oci_ref(&reference).pinned(&pushed.manifest_digest).to_string();
+    let spec = manifest(
+        dir.path(),
+        &format!("[[plugin]]\nname = \"answer\"\npath = \"{pinned}\"\n"),
+    );
+    let vm = start_with(&guest("msr_forever.elf"), 1, spec, |c| c.oci = Some(store.clone())).unwrap();
+    wait_until("the pinned plugin answers", || live(&vm.state, "answer") == Some(7));
+    vm.finish();
+}
+
+/// Pushing a new version to a followed tag reaches the running VM through
+/// hot reload; a version that does not load never answers; the registry
+/// failing leaves the running version serving. Prints the tag-move to
+/// first-answer latency over 20 pushes (poll_s = 1).
+#[test]
+fn a_moved_tag_rolls_out_to_a_running_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let mut registry = Registry::start(&[]);
+    let cache = tempfile::tempdir().unwrap();
+    let store = store(cache.path());
+    let reference = registry.reference("team/rollout:stable");
+    push(&store, &reference, 100);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = manifest(
+        dir.path(),
+        &format!("[[plugin]]\nname = \"p\"\npath = \"{reference}\"\npull_policy = \"always\"\npoll_s = 1\n"),
+    );
+    let vm = start_with(&guest("msr_forever.elf"), 2, spec, |c| c.oci = Some(store.clone())).unwrap();
+    wait_until("version 100 answers", || live(&vm.state, "p") == Some(100));
+    let mut latencies = Vec::new();
+    for v in 101..=120u64 {
+        push(&store, &reference, v);
+        let pushed = Instant::now();
+        let deadline = pushed + Duration::from_secs(30);
+        while live(&vm.state, "p") != Some(v as i64) {
+            assert!(Instant::now() < deadline, "version {v} never answered");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        latencies.push(pushed.elapsed());
+    }
+    latencies.sort();
+    eprintln!(
+        "tag move -> first answer by the new version over {} pushes (poll_s = 1): median {:?}, worst {:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    );
+    // A version that does not load: refused, 120 keeps answering.
+    let generation = vm.engine.generation();
+    store
+        .push(b"\0asm\x01\0\0\0", BTreeMap::new(), &oci_ref(&reference))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(live(&vm.state, "p"), Some(120));
+    assert_eq!(vm.engine.generation(), generation);
+    // The registry goes away: 120 keeps answering.
+    registry.stop();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(live(&vm.state, "p"), Some(120));
+    // It comes back with a new version: followed again.
+    registry.resume();
+    push(&store, &reference, 121);
+    wait_until("version 121 answers after the outage", || {
+        live(&vm.state, "p") == Some(121)
+    });
+    let run = vm.finish();
+    let answered: std::collections::BTreeSet<u64> = run.trace.iter().filter_map(value).collect();
+    assert!(answered.iter().all(|v| (100..=121).contains(v)), "{answered:?}");
+}
+
+#[test]
+fn with_the_registry_down_a_vm_starts_from_the_cache() {
+    if !kvm_available() {
+        return;
+    }
+    let mut registry = Registry::start(&[]);
+    let cache = tempfile::tempdir().unwrap();
+    let store = store(cache.path());
+    let reference = registry.reference("team/cached:v1");
+    push(&store, &reference, 5);
+    // Fetched once (this host ran it before).
+    store.pull(&oci_ref(&reference)).unwrap();
+    registry.stop();
+    let dir = tempfile::tempdir().unwrap();
+    for policy in ["if-not-present", "always"] {
+        let spec = manifest(
+            dir.path(),
+            &format!("[[plugin]]\nname = \"c\"\npath = \"{reference}\"\npull_policy = \"{policy}\"\n"),
+        );
+        let vm = start_with(&guest("msr_forever.elf"), 1, spec, |c| c.oci = Some(store.clone())).unwrap();
+        wait_until("the cached plugin answers", || live(&vm.state, "c") == Some(5));
+        vm.finish();
+    }
+    // Not in the cache and the registry is down: refused, named.
+    let missing = registry.reference("team/never-pulled:v1");
+    let spec = manifest(dir.path(), &format!("[[plugin]]\nname = \"m\"\npath = \"{missing}\"\n"));
+    let e = start_with(&guest("msr_forever.elf"), 1, spec, |c| c.oci = Some(store.clone()))
+        .err()
+        .expect("refused");
+    let e = msrwasm::error_chain(&e);
+    assert!(e.contains("plugin `m`") && e.contains(&missing), "{e}");
+}
+
+#[test]
+fn a_wrong_digest_or_sha256_is_refused_and_named() {
+    if !kvm_available() {
+        return;
+    }
+    let registry = Registry::start(&[]);
+    let cache = tempfile::tempdir().unwrap();
+    let store = store(cache.path());
+    let reference = registry.reference("team/pinned:v1");
+    let pushed = push(&store, &reference, 9);
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let pinned_wrong = format!("{reference}@{wrong}");
+    let pinned_right_sha_wrong = format!("{reference}@{}", pushed.manifest_digest);
+    for (path, extra, says) in [
+        (&pinned_wrong, "", "manifest unknown"),
+        (
+            &pinned_right_sha_wrong,
+            &format!("sha256 = \"{}\"\n", "1".repeat(64))[..],
+            "plugin.sha256",
+        ),
+        (
+            &reference,
+            &format!("sha256 = \"{}\"\n", "1".repeat(64))[..],
+            "plugin.sha256",
+        ),
+    ] {
+        let spec = manifest(
+            dir.path(),
+            &format!("[[plugin]]\nname = \"w\"\npath = \"{path}\"\n{extra}"),
+        );
+        let e = start_with(&guest("msr_forever.elf"), 1, spec, |c| c.oci = Some(store.clone()))
+            .err()
+            .expect("refused");
+        let e = msrwasm::error_chain(&e);
+        assert!(
+            e.contains("plugin `w`") && e.contains(path.as_str()) && e.contains(says),
+            "{e}"
+        );
+    }
+    // A manifest whose digest differs from the pin (the registry serves
+    // other content under the tag than the digest the user pinned): the
+    // pin is what the client asks for, so the registry's answer must match.
+    let by_tag_and_digest = format!("{reference}@{}", pushed.manifest_digest);
+    push(&store, &reference, 10);
+    let r = oci_ref(&by_tag_and_digest);
+    // The digest wins over the tag: still version 9's manifest.
+    let pulled = store.pull(&r).unwrap();
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+}
+
+#[test]
+fn an_htpasswd_registry_needs_the_credentials() {
+    let registry = Registry::start(&[("ci", "s3cret")]);
+    let cache = tempfile::tempdir().unwrap();
+    let reference = oci_ref(&registry.reference("team/private:v1"));
+    let anonymous = store(cache.path());
+    let e = anonymous.push(&answering(1), BTreeMap::new(), &reference).unwrap_err();
+    assert!(matches!(e, OciError::Registry { .. }), "{e:?}");
+    let with = |user: &str, password: &str| {
+        OciStore::open(
+            cache.path(),
+            StoreOptions {
+                credentials: Some((user.into(), password.into())),
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    assert!(
+        with("ci", "wrong")
+            .push(&answering(1), BTreeMap::new(), &reference)
+            .is_err()
+    );
+    let good = with("ci", "s3cret");
+    good.push(&answering(1), BTreeMap::new(), &reference).unwrap();
+    assert!(good.pull(&reference).is_ok());
+    assert!(anonymous.pull(&reference).is_err(), "anonymous pulls are refused too");
+}
+
+#[test]
+fn truncated_blobs_never_answer_and_corrupt_cache_entries_are_fetched_again() {
+    let registry = Registry::start(&[]);
+    let cache = tempfile::tempdir().unwrap();
+    let store = store(cache.path());
+    let reference = registry.reference("team/truncated:v1");
+    let pushed = push(&store, &reference, 3);
+    // The registry's copy is cut short: refused, naming the layer.
+    let blob = registry.blob_file(&pushed.layer_digest);
+    let good = std::fs::read(&blob).unwrap();
+    truncate_half(&blob);
+    let e = store.pull(&oci_ref(&reference)).unwrap_err();
+    assert!(
+        matches!(&e, OciError::Digest { what, .. } if what.contains("wasm layer")),
+        "{}",
+        msrwasm::error_chain(&e)
+    );
+    assert!(
+        store.cached(&oci_ref(&reference)).is_none(),
+        "nothing unverified is cached"
+    );
+    // Repaired: pulled and cached.
+    std::fs::write(&blob, &good).unwrap();
+    let pulled = store.pull(&oci_ref(&reference)).unwrap();
+    assert!(store.cached(&oci_ref(&reference)).is_some());
+    // The cached copy is corrupted: detected, removed, fetched again.
+    std::fs::write(&pulled.blob, b"\0asm garbage").unwrap();
+    assert!(store.cached(&oci_ref(&reference)).is_none());
+    assert!(!pulled.blob.exists(), "the corrupt entry is removed");
+    let fresh = OciStore::open(cache.path(), StoreOptions::default()).unwrap();
+    let again = fresh.pull(&oci_ref(&reference)).unwrap();
+    assert_eq!(std::fs::read(&again.blob).unwrap(), answering(3));
+}
+
+/// A followed tag moved to a manifest whose layer is corrupt in the
+/// registry: the VM keeps the version it has; that content never answers.
+#[test]
+fn a_followed_tag_moved_to_a_corrupt_layer_changes_nothing() {
+    if !kvm_available() {
+        return;
+    }
+    let registry = Registry::start(&[]);
+    let cache = tempfile::tempdir().unwrap();
+    let store = store(cache.path());
+    let reference = registry.reference("team/follow:prod");
+    push(&store, &reference, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = manifest(
+        dir.path(),
+        &format!("[[plugin]]\nname = \"f\"\npath = \"{reference}\"\npull_policy = \"always\"\npoll_s = 1\n"),
+    );
+    let vm = start_with(&guest("msr_forever.elf"), 1, spec, |c| c.oci = Some(store.clone())).unwrap();
+    wait_until("version 1 answers", || live(&vm.state, "f") == Some(1));
+    // Version 666 goes to another tag, its layer is damaged in storage,
+    // then its manifest is put under the followed tag.
+    let staging = registry.reference("team/follow:staging");
+    let bad = push(&store, &staging, 666);
+    truncate_half(&registry.blob_file(&bad.layer_digest));
+    let (status, body) = registry
+        .http(
+            "GET",
+            &format!("/v2/team/follow/manifests/{}", bad.manifest_digest),
+            None,
+            &[],
+        )
+        .unwrap();
+    assert_eq!(status, 200);
+    let (status, _) = registry
+        .http(
+            "PUT",
+            "/v2/team/follow/manifests/prod",
+            Some("application/vnd.oci.image.manifest.v1+json"),
+            &body,
+        )
+        .unwrap();
+    assert_eq!(status, 201);
+    std::thread::sleep(Duration::from_millis(3000));
+    let run = vm.finish();
+    assert!(
+        run.trace.iter().all(|t| value(t) == Some(1)),
+        "only version 1 ever answered"
+    );
+}
