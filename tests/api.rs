@@ -251,6 +251,29 @@ fn oversized_malformed_and_slow_requests_get_errors_and_block_nobody() {
     let mut rest = Vec::new();
     let n = slow_headers.read_to_end(&mut rest).unwrap_or(0);
     let _ = n;
+    // Connections over the limit, silent ones included, are answered 503
+    // at once and closed; once the silent ones are cut, clients are served.
+    let silent: Vec<UnixStream> = (0..msrwasm::api::MAX_CONNECTIONS)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let answer = raw(&sock, b"");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    assert!(answer.contains("too many connections"), "{answer:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered at once, not after a timeout"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while request(&sock, "GET", "/v1/status", None).map(|r| r.0).unwrap_or(0) != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the silent connections were never cut"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(silent);
     api.stop.stop();
     assert_eq!(api.thread.join().unwrap().end, VmEnd::Signal(15));
 }

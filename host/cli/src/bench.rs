@@ -96,6 +96,10 @@ pub struct BenchReport {
     /// wasm/native and chain/native (1.0 = as fast as native).
     pub wasm_vs_native: f64,
     pub chain_vs_native: f64,
+    /// The wasm plugin with call timing and the footprint on (what the
+    /// control API's metrics use), and its ratio to the plain wasm run.
+    pub observed_exits_per_s: f64,
+    pub observed_vs_wasm: f64,
     /// Dispatcher alone, nanoseconds per synthetic exit.
     pub dispatch_native_ns: f64,
     pub dispatch_wasm_ns: f64,
@@ -140,6 +144,10 @@ impl BenchReport {
             "  chain of 2 plugins    {:>10.0} exits/s   chain/native = {:.3}\n",
             self.chain_exits_per_s, self.chain_vs_native
         );
+        s += &format!(
+            "  + metrics & footprint {:>10.0} exits/s   observed/wasm = {:.3}\n",
+            self.observed_exits_per_s, self.observed_vs_wasm
+        );
         s += "dispatcher alone (synthetic exits, no KVM):\n";
         s += &format!("  native                {:>8.1} ns/exit\n", self.dispatch_native_ns);
         s += &format!("  one wasm plugin       {:>8.1} ns/exit\n", self.dispatch_wasm_ns);
@@ -168,12 +176,15 @@ impl BenchReport {
     }
 }
 
-/// The three ways of answering the loop guest.
+/// The ways of answering the loop guest.
 #[derive(Clone, Copy)]
 enum Answerer {
     Native,
     Wasm,
     Chain,
+    /// The wasm plugin with what the control API turns on: call timing
+    /// (the metrics' histogram) and the MSR footprint.
+    Observed,
 }
 
 struct Files {
@@ -193,7 +204,7 @@ impl Files {
         let p = |f: &str| self.dir.path().join(f);
         let plugins = match answerer {
             Answerer::Native => vec![],
-            Answerer::Wasm => vec![p("answer.wat")],
+            Answerer::Wasm | Answerer::Observed => vec![p("answer.wat")],
             Answerer::Chain => vec![p("pass.wat"), p("answer.wat")],
         };
         PolicySpec::from_paths(&plugins, Unhandled::Gp)
@@ -205,6 +216,10 @@ impl Files {
         config.vcpus = vcpus;
         config.mem_mib = 16;
         config.serial = Box::new(std::io::sink());
+        if let Answerer::Observed = answerer {
+            config.time_calls = true;
+            config.footprint = Some(self.dir.path().join("footprint.json"));
+        }
         let mut vm = Vm::new(config)?;
         if let Answerer::Native = answerer {
             vm = vm.with_native_msr(native_answer);
@@ -228,7 +243,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn dispatch_ns(files: &Files, answerer: Answerer, n: u64) -> Result<f64, BenchError> {
     let access = Access::read(LOOP_MSR, ExitReason::Unknown);
     let expected = Reply::Read(u64::from(LOOP_MSR));
-    if let Answerer::Native = answerer {
+    if let Answerer::Native | Answerer::Observed = answerer {
         let started = Instant::now();
         for _ in 0..n {
             if native_answer(0, std::hint::black_box(access)) != expected {
@@ -399,11 +414,12 @@ fn runaway_us(rdmsr_body: &str) -> Result<f64, BenchError> {
 pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchReport, BenchError> {
     let files = Files::new()?;
     let rounds = options.rounds.max(1);
-    let (mut native, mut wasm, mut chain, mut two) = (vec![], vec![], vec![], vec![]);
+    let (mut native, mut wasm, mut chain, mut two, mut observed) = (vec![], vec![], vec![], vec![], vec![]);
     for round in 1..=rounds {
         progress(&format!("end to end, round {round}/{rounds}"));
         native.push(files.run(Answerer::Native, 1)?);
         wasm.push(files.run(Answerer::Wasm, 1)?);
+        observed.push(files.run(Answerer::Observed, 1)?);
         chain.push(files.run(Answerer::Chain, 1)?);
         two.push(files.run(Answerer::Wasm, 2)?);
     }
@@ -421,7 +437,13 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
     progress("budget enforcement");
     let runaway_wasm = runaway_us("(loop $l (br $l)) (i32.const 2)")?;
     let runaway_host = runaway_us("(loop $l (drop (call $vcpu)) (br $l)) (i32.const 2)")?;
-    let (native, wasm, chain, two) = (median(native), median(wasm), median(chain), median(two));
+    let (native, wasm, chain, two, observed) = (
+        median(native),
+        median(wasm),
+        median(chain),
+        median(two),
+        median(observed),
+    );
     Ok(BenchReport {
         release_build: !cfg!(debug_assertions),
         rounds,
@@ -431,6 +453,8 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
         chain_exits_per_s: chain,
         wasm_vs_native: wasm / native,
         chain_vs_native: chain / native,
+        observed_exits_per_s: observed,
+        observed_vs_wasm: observed / wasm,
         dispatch_native_ns: median(dn),
         dispatch_wasm_ns: median(dw),
         dispatch_chain_ns: median(dc),
@@ -445,4 +469,220 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
         runaway_wasm_us: runaway_wasm,
         runaway_host_calls_us: runaway_host,
     })
+}
+
+/// What `msrwasm bench --plugin FILE...` measures of each plugin.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PluginFigures {
+    pub file: String,
+    pub flavour: String,
+    pub size_bytes: u64,
+    /// Compile and validate, no cache.
+    pub cold_load_ms: f64,
+    /// Load from the on-disk cache of compiled plugins.
+    pub warm_load_ms: f64,
+    pub warm_vs_cold: f64,
+    /// One more instance (what each vCPU and each reload costs).
+    pub instantiate_us: f64,
+    /// Resident memory per instance, KiB.
+    pub rss_per_instance_kib: f64,
+    /// Median ns per synthetic RDMSR of `msr` through the dispatcher.
+    pub dispatch_ns: f64,
+    /// Plugin errors (timeouts, traps) during the dispatch measurement:
+    /// anything but 0 makes `dispatch_ns` meaningless.
+    pub dispatch_errors: u64,
+    /// Reloads of a new version of this plugin on a 2-vCPU VM whose vCPUs
+    /// exit continuously: the longest time a switch held a vCPU, ms.
+    pub reload_swaps: usize,
+    pub reload_longest_switch_ms: Option<f64>,
+}
+
+impl PluginFigures {
+    pub fn table(rows: &[PluginFigures], msr: u32) -> String {
+        let mut s = format!(
+            "{:<44} {:>9} {:>7} {:>9} {:>8} {:>6} {:>9} {:>9} {:>11} {:>6} {:>9}\n",
+            "plugin",
+            "flavour",
+            "KiB",
+            "cold ms",
+            "warm ms",
+            "warm%",
+            "inst. us",
+            "KiB/inst",
+            format!("ns/rd {msr:#x}"),
+            "errors",
+            "switch ms"
+        );
+        for r in rows {
+            let skip = r.file.chars().count().saturating_sub(44);
+            let name: String = r.file.chars().skip(skip).collect();
+            s += &format!(
+                "{:<44} {:>9} {:>7.0} {:>9.1} {:>8.1} {:>5.1}% {:>9.1} {:>9.0} {:>11.1} {:>6} {:>9}\n",
+                name,
+                r.flavour,
+                r.size_bytes as f64 / 1024.0,
+                r.cold_load_ms,
+                r.warm_load_ms,
+                r.warm_vs_cold * 100.0,
+                r.instantiate_us,
+                r.rss_per_instance_kib,
+                r.dispatch_ns,
+                r.dispatch_errors,
+                r.reload_longest_switch_ms.map_or("-".into(), |v| format!("{v:.3}")),
+            );
+        }
+        s
+    }
+}
+
+/// Resident set size of this process, KiB.
+fn rss_kib() -> f64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .map_or(0.0, |pages| pages * 4.0)
+}
+
+/// Measures each plugin in `files`: load cold and warm, instantiate,
+/// memory per instance, dispatch of an RDMSR of `msr`, and (with
+/// `reload_swaps` > 0, on KVM) the longest switch when new versions of it
+/// are swapped into a 2-vCPU VM whose vCPUs exit continuously.
+pub fn plugins(
+    files: &[std::path::PathBuf],
+    memory_max_kib: u64,
+    timeout_us: u64,
+    msr: u32,
+    dispatches: u64,
+    reload_swaps: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<PluginFigures>, BenchError> {
+    let mut rows = Vec::new();
+    for file in files {
+        progress(&format!("{}: loading", file.display()));
+        let bytes = msrwasm::plugin::read_plugin_file(file)?;
+        let mut spec = PolicySpec::from_paths(std::slice::from_ref(file), Unhandled::Ignore);
+        spec.plugins[0].memory_max_kib = memory_max_kib;
+        spec.plugins[0].timeout_us = timeout_us;
+        let build = |cache: Option<&std::path::Path>| -> Result<(Engine, f64), BenchError> {
+            let mut builder = Engine::builder().filter(RecordingFilter::default());
+            if let Some(dir) = cache {
+                builder = builder.cache_dir(dir);
+            }
+            let started = Instant::now();
+            let engine = builder.build(spec.clone())?;
+            Ok((engine, started.elapsed().as_secs_f64() * 1e3))
+        };
+        let cache = tempfile::Builder::new().prefix("msrwasm-bench-cache-").tempdir()?;
+        let (_, cold) = build(Some(cache.path()))?; // compiles, fills the cache
+        let (_, cold2) = build(None)?;
+        let (engine, warm) = build(Some(cache.path()))?;
+        let cold = cold.min(cold2);
+        let plugin = engine.policy().plugins()[0].clone();
+        progress(&format!("{}: instances", file.display()));
+        let before = rss_kib();
+        let mut instances = Vec::new();
+        let mut times = Vec::new();
+        for i in 0..16 {
+            let started = Instant::now();
+            instances.push(plugin.instantiate(i)?);
+            times.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        let per_instance = (rss_kib() - before) / instances.len() as f64;
+        drop(instances);
+        progress(&format!("{}: dispatch", file.display()));
+        let mut dispatcher = engine.dispatcher(0);
+        dispatcher.warm_up()?;
+        let access = Access::read(msr, ExitReason::Filter);
+        let mut rounds = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            for _ in 0..dispatches {
+                std::hint::black_box(dispatcher.handle(std::hint::black_box(access), &mut NoKvm).reply);
+            }
+            rounds.push(started.elapsed().as_nanos() as f64 / dispatches as f64);
+        }
+        let dispatch_errors = engine.stats().plugins.values().map(|p| p.errors).sum();
+        let switch = match reload_swaps {
+            0 => None,
+            n => {
+                progress(&format!("{}: {n} reloads on 2 busy vCPUs", file.display()));
+                Some(reload_switch(file, &bytes, memory_max_kib, timeout_us, n)?)
+            }
+        };
+        rows.push(PluginFigures {
+            file: file.display().to_string(),
+            flavour: format!("{:?}", plugin.flavour()).to_lowercase(),
+            size_bytes: bytes.len() as u64,
+            cold_load_ms: cold,
+            warm_load_ms: warm,
+            warm_vs_cold: warm / cold,
+            instantiate_us: median(times),
+            rss_per_instance_kib: per_instance,
+            dispatch_ns: median(rounds),
+            dispatch_errors,
+            reload_swaps,
+            reload_longest_switch_ms: switch,
+        });
+    }
+    Ok(rows)
+}
+
+/// Swaps `swaps` new versions of `bytes` (differing only in their
+/// `msrwasm.meta` version) into a 2-vCPU VM running the forever guest;
+/// returns the longest switch any vCPU saw, ms.
+fn reload_switch(
+    file: &std::path::Path,
+    bytes: &[u8],
+    memory_max_kib: u64,
+    timeout_us: u64,
+    swaps: usize,
+) -> Result<f64, BenchError> {
+    let dir = tempfile::Builder::new().prefix("msrwasm-bench-reload-").tempdir()?;
+    let binary = msrwasm::plugin::to_binary(file, bytes)?;
+    let version = |k: usize| -> Result<Vec<u8>, BenchError> {
+        let mut meta = msrwasm::plugin::meta::read(&binary)
+            .map_err(|e| BenchError::Guest(VmEnd::Error(format!("{}: {e}", file.display()))))?
+            .unwrap_or_default();
+        meta.insert("version".into(), format!("bench-{k}"));
+        msrwasm::plugin::meta::write(&binary, &meta)
+            .map_err(|e| BenchError::Guest(VmEnd::Error(format!("{}: {e}", file.display()))))
+    };
+    let plugin = dir.path().join("plugin.wasm");
+    std::fs::write(&plugin, version(0)?)?;
+    std::fs::write(dir.path().join("forever.elf"), FOREVER_GUEST)?;
+    let mut spec = PolicySpec::from_paths(std::slice::from_ref(&plugin), Unhandled::Ignore);
+    spec.plugins[0].memory_max_kib = memory_max_kib;
+    spec.plugins[0].timeout_us = timeout_us;
+    let mut config = VmConfig::new(dir.path().join("forever.elf"), spec);
+    config.vcpus = 2;
+    config.mem_mib = 16;
+    config.serial = Box::new(std::io::sink());
+    let vm = Vm::new(config)?;
+    let (stop, engine) = (vm.stop_handle(), vm.engine().clone());
+    let running = std::thread::spawn(move || vm.run());
+    for k in 1..=swaps {
+        let next = dir.path().join("plugin.wasm.new");
+        std::fs::write(&next, version(k)?)?;
+        std::fs::rename(&next, &plugin)?;
+        let before = engine.generation();
+        let switched = engine.stats().total().switches;
+        let reloads = engine.refresh(&Default::default());
+        if engine.generation() == before {
+            stop.stop();
+            let _ = running.join();
+            return Err(BenchError::Guest(VmEnd::Error(format!(
+                "version {k} was not applied: {reloads:?}"
+            ))));
+        }
+        // Every vCPU takes the switch at its next exit.
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while engine.stats().total().switches < switched + 2 && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    stop.stop();
+    let report = running
+        .join()
+        .map_err(|_| BenchError::Guest(VmEnd::Error("VM thread panicked".into())))??;
+    Ok(report.stats.total().longest_switch_ns as f64 / 1e6)
 }

@@ -302,6 +302,24 @@ struct BenchArgs {
     /// Plugin versions swapped into a running VM for the reload latency.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
     swaps: u64,
+    /// Measure these plugins instead (repeatable; any language, module or
+    /// component): cold and warm load, instantiation, memory per instance,
+    /// ns per RDMSR of --msr through the dispatcher, and the longest switch
+    /// when new versions are swapped into a 2-vCPU VM exiting continuously.
+    #[arg(long)]
+    plugin: Vec<PathBuf>,
+    /// The MSR read in the per-plugin dispatch measurement.
+    #[arg(long, default_value = "0x606", value_parser = parse_msr)]
+    msr: u32,
+    /// Linear memory cap of each --plugin, KiB (manifest `memory_max_kib`).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(64..=4 << 20))]
+    memory_max_kib: u64,
+    /// Per-call CPU budget of each --plugin, µs (manifest `timeout_us`).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    timeout_us: u64,
+    /// Versions of each --plugin swapped into a running VM (0: skip).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=100))]
+    reload_swaps: u64,
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
@@ -520,7 +538,30 @@ fn demo(args: DemoArgs, cache: Option<PathBuf>) -> Result<i32> {
     status
 }
 
+fn parse_msr(s: &str) -> Result<u32, String> {
+    msrwasm::parse_number(s)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| format!("`{s}` is not a 32-bit MSR index"))
+}
+
 fn bench(args: BenchArgs) -> Result<i32> {
+    if !args.plugin.is_empty() {
+        let rows = crate::bench::plugins(
+            &args.plugin,
+            args.memory_max_kib,
+            args.timeout_us,
+            args.msr,
+            args.dispatches.min(1_000_000),
+            args.reload_swaps as usize,
+            |what| err!("msrwasm bench: {what}"),
+        )?;
+        if args.json {
+            out!("{}\n", serde_json::to_string_pretty(&rows)?);
+        } else {
+            out!("{}", crate::bench::PluginFigures::table(&rows, args.msr));
+        }
+        return Ok(0);
+    }
     let options = crate::bench::BenchOptions {
         rounds: args.rounds as usize,
         dispatches: args.dispatches,

@@ -198,17 +198,16 @@ async fn serve(
         tokio::spawn(async move {
             let io = TokioIo::new(stream);
             let Ok(_permit) = permit else {
-                let busy = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                    Ok::<_, Infallible>(error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "too many connections",
-                        Vec::new(),
-                    ))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(false)
-                    .serve_connection(io, busy)
-                    .await;
+                // Over the limit: a fixed answer without reading the request,
+                // within a second whatever the client does, then closed.
+                let mut stream = io.into_inner();
+                let answer = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 32\r\nconnection: close\r\n\r\n{\"error\":\"too many connections\"}";
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = stream.write_all(answer).await;
+                    let _ = stream.shutdown().await;
+                })
+                .await;
                 return;
             };
             let service = hyper::service::service_fn(move |req| {

@@ -682,6 +682,12 @@ impl Shared {
             if hold.contains(&file) {
                 continue;
             }
+            // An unchanged stamp means unchanged content: no need to read
+            // (and hash) the file again, however large.
+            let stamp = FileStamp::of(&file);
+            if !force && stamp.is_some() && owner.seen.get(&file).is_some_and(|b| b.stamp == stamp) {
+                continue;
+            }
             let now = seen(&file);
             let before = owner.seen.insert(file.clone(), now.clone());
             if force || before.as_ref() != Some(&now) && before.is_none_or(|b| b.hash != now.hash) {

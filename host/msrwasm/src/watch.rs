@@ -10,8 +10,8 @@
 //!   seen), and on the nearest existing ancestor of a missing directory (so
 //!   a directory deleted and re-created is seen);
 //! - any event in those directories makes the engine re-check its files by
-//!   content ([`crate::Engine::refresh`]): files whose stamp and content did
-//!   not change cost nothing;
+//!   content ([`crate::Engine::refresh`]): a file whose stamp (device,
+//!   inode, size, mtime, ctime) did not change is not read again;
 //! - a file written in place is not read while its writer still has it
 //!   open for writing (modified, not yet closed), so a pause mid-write never
 //!   puts half a file in force; a writer that keeps it open longer than

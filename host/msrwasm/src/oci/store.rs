@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
@@ -58,6 +58,8 @@ const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 const DOCKER_MANIFEST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// Largest OCI manifest accepted (a wasm artifact's is under 2 KiB).
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Most layers (and, apart, manifests) kept in the cache: the newest.
+const MAX_CACHED: usize = 64;
 /// Largest Docker config or CA file read.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -280,9 +282,11 @@ impl OciStore {
     fn block<T: Send>(
         &self,
         r: &OciRef,
+        until: Instant,
         work: impl Future<Output = Result<T, OciError>> + Send,
     ) -> Result<T, OciError> {
         let deadline = self.options.deadline;
+        let left = until.saturating_duration_since(Instant::now());
         let reference = r.to_string();
         std::thread::scope(|s| {
             let thread = std::thread::Builder::new().name("msrwasm-oci".into());
@@ -296,12 +300,10 @@ impl OciStore {
                             source,
                         })?;
                     runtime.block_on(async {
-                        tokio::time::timeout(deadline, work)
-                            .await
-                            .unwrap_or(Err(OciError::Timeout {
-                                reference: reference.clone(),
-                                seconds: deadline.as_secs(),
-                            }))
+                        tokio::time::timeout(left, work).await.unwrap_or(Err(OciError::Timeout {
+                            reference: reference.clone(),
+                            seconds: deadline.as_secs(),
+                        }))
                     })
                 })
                 .map_err(|source| OciError::Io {
@@ -361,7 +363,8 @@ impl OciStore {
         let client = self.client(r);
         let auth = self.auth(r);
         let err = Self::registry_error(r);
-        self.block(r, async {
+        let until = Instant::now() + self.options.deadline;
+        self.block(r, until, async {
             client
                 .auth(&reference, &auth, RegistryOperation::Push)
                 .await
@@ -398,7 +401,9 @@ impl OciStore {
         let client = self.client(r);
         let auth = self.auth(r);
         let err = Self::registry_error(r);
-        let (body, header_digest) = self.block(r, async {
+        // One deadline for the whole pull, manifest and layer.
+        let until = Instant::now() + self.options.deadline;
+        let (body, header_digest) = self.block(r, until, async {
             client
                 .pull_manifest_raw(&reference, &auth, &[MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE])
                 .await
@@ -417,7 +422,7 @@ impl OciStore {
         let blob = self.dir.join("blobs/sha256").join(&hex);
         if !self.blob_ok(&blob, &hex) {
             let size = layer.size as u64;
-            let bytes = self.block(r, async {
+            let bytes = self.block(r, until, async {
                 let mut stream = client.pull_blob_stream(&reference, &layer).await.map_err(&err)?;
                 if stream.content_length.is_some_and(|n| n > size) {
                     return Err(OciError::NotWasm {
@@ -471,6 +476,7 @@ impl OciStore {
                 path: blob.clone(),
                 source,
             })?;
+            self.evict("blobs/sha256");
         }
         self.remember(r, &body, &manifest_digest)?;
         let pulled = Pulled {
@@ -523,6 +529,7 @@ impl OciStore {
             move |source| OciError::Io { path, source }
         };
         crate::files::write_atomic(&path, body).map_err(io(&path))?;
+        self.evict("manifests/sha256");
         if r.digest.is_none() {
             let record = RefRecord {
                 reference: r.to_string(),
@@ -533,6 +540,25 @@ impl OciStore {
             crate::files::write_atomic(&path, &json).map_err(io(&path))?;
         }
         Ok(())
+    }
+
+    /// Keeps the newest [`MAX_CACHED`] entries of `sub` (an evicted entry
+    /// is pulled again when needed).
+    fn evict(&self, sub: &str) {
+        let Ok(dir) = std::fs::read_dir(self.dir.join(sub)) else {
+            return;
+        };
+        let mut entries: Vec<(std::time::SystemTime, PathBuf)> = dir
+            .flatten()
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if entries.len() <= MAX_CACHED {
+            return;
+        }
+        entries.sort();
+        for (_, path) in &entries[..entries.len() - MAX_CACHED] {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     fn key(r: &OciRef) -> String {

@@ -142,6 +142,8 @@ pub const MAX_MEMORY_KIB: i64 = 4 * 1024 * 1024;
 /// Most plugins one policy may chain: every plugin is instantiated on every
 /// vCPU, so this bounds instances (and address space) per vCPU.
 pub const MAX_PLUGINS: usize = 32;
+/// Most entries in one plugin's `msrs` list.
+pub const MAX_MSRS_ENTRIES: usize = 256;
 /// Largest manifest file read.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
@@ -262,6 +264,17 @@ impl PolicySpec {
                 return Err(err(
                     Some(poll.span()),
                     format!("key `plugin.poll_s` of plugin `{name}`: only with pull_policy = \"always\""),
+                ));
+            }
+            if let Some(list) = &p.msrs
+                && list.len() > MAX_MSRS_ENTRIES
+            {
+                return Err(err(
+                    Some(list[MAX_MSRS_ENTRIES].span()),
+                    format!(
+                        "key `plugin.msrs` of plugin `{name}`: {} entries, at most {MAX_MSRS_ENTRIES} (use ranges, `0x610-0x61f`)",
+                        list.len()
+                    ),
                 ));
             }
             let msrs = p
