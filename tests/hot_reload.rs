@@ -65,6 +65,50 @@ fn atomic_rename_and_in_place_rewrite_take_over_cleanly() {
     assert!(run.report.stats.reloads_applied >= 2);
 }
 
+/// A file written continuously beside the plugin (a trace, a log) makes
+/// a stream of events; it must not keep postponing the check until the
+/// once-a-second rescan (it did: every swap took a full second).
+#[test]
+fn a_busy_neighbour_file_does_not_delay_a_reload() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("p.wasm");
+    std::fs::write(&plugin, version(1)).unwrap();
+    let vm = start(&guest("msr_forever.elf"), 1, quick(&plugin));
+    let scope = vm.state.scope("p");
+    wait_until("version 1 answers", || scope.get(1) == 1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, path) = (stop.clone(), dir.path().join("busy.log"));
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::create(path).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f.write_all(b"a line of log\n").unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut slowest = std::time::Duration::ZERO;
+    for v in 2..=6 {
+        atomic_write(&plugin, &version(v));
+        let renamed = std::time::Instant::now();
+        wait_until("the new version answers", || scope.get(1) == v as i64);
+        slowest = slowest.max(renamed.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    vm.finish();
+    // Not a timing benchmark: a full rescan period (1 s) per swap is the
+    // bug; the event path takes a debounce (20 ms) plus a compile.
+    assert!(
+        slowest < msrwasm::watch::RESCAN * 9 / 10,
+        "a swap waited {slowest:?}, as long as the periodic rescan"
+    );
+}
+
 #[test]
 fn a_reload_storm_loses_nothing_and_never_serves_a_refused_version() {
     if !kvm_available() {

@@ -1,6 +1,9 @@
 //! The `msrwasm` command line as users and scripts drive it: exit statuses,
 //! messages for bad input, the demo, signals.
 
+mod common;
+use common::kvm_available;
+
 use std::process::{Command, Output, Stdio};
 
 fn msrwasm(args: &[&str]) -> Output {
@@ -12,30 +15,6 @@ fn msrwasm(args: &[&str]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "/dev/kvm is missing under CI=true: KVM tests must run in CI"
-        );
-        // Counted as a skip by tests/run.sh, never as a pass.
-        let test = std::thread::current().name().unwrap_or("a test").to_owned();
-        eprintln!("SKIPPED: {test}: /dev/kvm is missing or not accessible");
-        if let Some(log) = std::env::var_os("MSRWASM_SKIP_LOG") {
-            use std::io::Write;
-            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-                let _ = writeln!(f, "{test}");
-            }
-        }
-    }
-    ok
 }
 
 /// Bad input exits with status 2 and a message, never a panic.

@@ -1,6 +1,7 @@
 //! `msrwasm push`, `pull`, and `oci://` in `check`, `test` and `run`,
 //! against a real registry on 127.0.0.1: what a user types.
 
+mod common;
 #[path = "../../../tests/support/registry.rs"]
 mod registry;
 
@@ -190,23 +191,7 @@ fn remote_registries_are_spoken_to_over_https_only() {
 
 #[test]
 fn run_takes_an_oci_plugin() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "/dev/kvm missing under CI=true"
-        );
-        eprintln!("SKIPPED: run_takes_an_oci_plugin: /dev/kvm is missing or not accessible");
-        if let Some(log) = std::env::var_os("MSRWASM_SKIP_LOG") {
-            use std::io::Write;
-            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-                let _ = writeln!(f, "run_takes_an_oci_plugin");
-            }
-        }
+    if !common::kvm_available() {
         return;
     }
     let registry = Registry::start(&[]);

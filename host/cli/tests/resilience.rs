@@ -2,6 +2,9 @@
 //! panics, hangs or grows without bound, and always ends with its status
 //! and its summary. Each test failed before its fix.
 
+mod common;
+use common::kvm_available;
+
 use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -18,29 +21,6 @@ fn cache() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/msrwasm-test-cache");
     let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir);
     dir
-}
-
-fn kvm() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "/dev/kvm missing under CI=true"
-        );
-        let test = std::thread::current().name().unwrap_or("a test").to_owned();
-        eprintln!("SKIPPED: {test}: /dev/kvm is missing or not accessible");
-        if let Some(log) = std::env::var_os("MSRWASM_SKIP_LOG") {
-            use std::io::Write;
-            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-                let _ = writeln!(f, "{test}");
-            }
-        }
-    }
-    ok
 }
 
 /// Waits for `child` at most `limit`, reading its output meanwhile; a hang
@@ -141,7 +121,7 @@ fn a_compile_bomb_is_refused_before_compiling() {
 
 #[test]
 fn closed_standard_output_and_error_never_panic() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     for args in [
@@ -176,7 +156,7 @@ fn too_little_memory_for_the_vcpu_stacks_is_refused() {
 
 #[test]
 fn a_trace_on_a_full_disk_is_reported_and_the_vm_finishes() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -288,7 +268,7 @@ fn start_forever(dir: &Path, extra: &[&str]) -> Running {
 
 #[test]
 fn every_termination_signal_ends_the_run_with_its_status() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     for (sig, code) in [("HUP", 129), ("QUIT", 131), ("USR1", 138), ("ALRM", 142)] {
@@ -312,7 +292,7 @@ fn every_termination_signal_ends_the_run_with_its_status() {
 
 #[test]
 fn a_stalled_trace_reader_never_holds_up_the_end_of_a_run() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -349,7 +329,7 @@ fn a_fifo_trace_without_a_reader_is_refused() {
 
 #[test]
 fn a_trace_file_deleted_while_the_vm_runs_is_reported() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -364,7 +344,7 @@ fn a_trace_file_deleted_while_the_vm_runs_is_reported() {
 
 #[test]
 fn sigterm_during_a_reload_compile_does_not_wait_for_the_compile() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -393,7 +373,7 @@ fn sigterm_during_a_reload_compile_does_not_wait_for_the_compile() {
 
 #[test]
 fn unhandled_log_logs_a_bounded_number_of_distinct_msrs() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     // Real mode: RDMSR 0x4d540000 ..= 0x4d541387 (5000 distinct MSRs), exit 0.

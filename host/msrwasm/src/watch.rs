@@ -159,7 +159,9 @@ impl Watcher {
             if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write)) {
                 continue;
             }
-            self.dirty_since = Some(now);
+            // From the first event on: a stream of events (a trace or log
+            // written beside the plugins) must not keep postponing the check.
+            self.dirty_since.get_or_insert(now);
             for path in &event.paths {
                 let path = absolute(path);
                 match event.kind {
@@ -330,13 +332,8 @@ impl WatcherThread {
 
     fn stop_within(&mut self, grace: Duration) {
         let _ = self.stop.write(1);
-        let Some(thread) = self.thread.take() else { return };
-        let deadline = Instant::now() + grace;
-        while !thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        if thread.is_finished() {
-            let _ = thread.join();
+        if let Some(thread) = self.thread.take() {
+            crate::join_within(thread, grace);
         }
     }
 }

@@ -141,13 +141,8 @@ impl FollowerThread {
 
     fn stop_within(&mut self, grace: Duration) {
         drop(self.stop.take());
-        let Some(thread) = self.thread.take() else { return };
-        let deadline = Instant::now() + grace;
-        while !thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        if thread.is_finished() {
-            let _ = thread.join();
+        if let Some(thread) = self.thread.take() {
+            crate::join_within(thread, grace);
         }
     }
 }

@@ -545,20 +545,7 @@ impl OciStore {
     /// Keeps the newest [`MAX_CACHED`] entries of `sub` (an evicted entry
     /// is pulled again when needed).
     fn evict(&self, sub: &str) {
-        let Ok(dir) = std::fs::read_dir(self.dir.join(sub)) else {
-            return;
-        };
-        let mut entries: Vec<(std::time::SystemTime, PathBuf)> = dir
-            .flatten()
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-            .collect();
-        if entries.len() <= MAX_CACHED {
-            return;
-        }
-        entries.sort();
-        for (_, path) in &entries[..entries.len() - MAX_CACHED] {
-            let _ = std::fs::remove_file(path);
-        }
+        crate::files::keep_newest(&self.dir.join(sub), MAX_CACHED, |_| true);
     }
 
     fn key(r: &OciRef) -> String {

@@ -255,19 +255,9 @@ impl DiskCache {
 
     /// Keeps at most [`MAX_DISK_ENTRIES`] entries, the newest.
     fn evict(&self) {
-        let Ok(dir) = std::fs::read_dir(&self.dir) else { return };
-        let mut entries: Vec<(std::time::SystemTime, PathBuf)> = dir
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-            .collect();
-        if entries.len() <= MAX_DISK_ENTRIES {
-            return;
-        }
-        entries.sort();
-        for (_, path) in &entries[..entries.len() - MAX_DISK_ENTRIES] {
-            let _ = std::fs::remove_file(path);
-        }
+        crate::files::keep_newest(&self.dir, MAX_DISK_ENTRIES, |p| {
+            p.extension().is_some_and(|x| x == "cwasm")
+        });
     }
 }
 
