@@ -387,6 +387,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn many_instances_share_one_host_wide_log_budget() {
+        // 64 vCPUs x 4 plugins, each logging its own 20 lines in a burst:
+        // 5120 lines asked for, the host-wide window admits 200.
+        let limiter = Arc::new(LogLimiter::new());
+        let mut admitted = 0;
+        for vcpu in 0..64 {
+            for plugin in 0..4 {
+                let mut log = InstanceLog::new(format!("p{plugin}").into(), vcpu, limiter.clone());
+                for _ in 0..LOG_BURST {
+                    log.count += 1;
+                    if log.count <= LOG_BURST && log.limiter.admit() {
+                        admitted += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(admitted, LOG_GLOBAL_BURST);
+        assert_eq!(
+            limiter.window.lock().unwrap().2,
+            64 * 4 * u64::from(LOG_BURST) - u64::from(LOG_GLOBAL_BURST)
+        );
+    }
+
+    #[test]
     fn sanitize_keeps_one_inert_line() {
         assert_eq!(sanitize("ok"), "ok");
         assert_eq!(

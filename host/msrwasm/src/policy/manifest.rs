@@ -530,6 +530,16 @@ mod tests {
     }
 
     #[test]
+    fn a_manifest_chains_at_most_max_plugins() {
+        let text: String = (0..=MAX_PLUGINS)
+            .map(|i| format!("[[plugin]]\nname = \"p{i}\"\npath = \"a.wat\"\n"))
+            .collect();
+        let e = parse(&text).unwrap_err();
+        assert!(e.to_string().contains("33 plugins, at most 32"), "{e}");
+        assert_eq!(e.line, Some(3 * MAX_PLUGINS + 2), "the first plugin too many");
+    }
+
+    #[test]
     fn errors_name_line_and_key() {
         let e = parse("[[plugin]]\nname = \"a\"\npath = \"a.wat\"\nmsrs = [\"0x20-0x10\"]\n").unwrap_err();
         assert_eq!(e.line, Some(4));

@@ -54,3 +54,35 @@ fn catch_alls_are_asked_everywhere_claimants_only_on_their_claims() {
     assert_eq!(p.askers(0x4d53_0001), [0]);
     assert!(p.filter().claims(0x4d53_0000) && !p.filter().claims(0x4d53_0001));
 }
+
+#[test]
+fn filter_errors_name_the_manifest_and_the_claiming_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("q.wat"),
+        r#"(module (func (export "msrwasm_abi_version") (result i32) i32.const 1)
+            (func (export "rdmsr") (param i32) (result i32) i32.const 2))"#,
+    )
+    .unwrap();
+    // Seventeen claims too far apart to share one of KVM's 16 ranges.
+    let msrs: Vec<String> = (0..17u32)
+        .map(|i| format!("\"{:#x}\"", 0x6000_0000 + i * 0x10_0000))
+        .collect();
+    let manifest = dir.path().join("vm.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[[plugin]]\nname = \"q\"\npath = \"q.wat\"\nmsrs = [{}]\n",
+            msrs.join(", ")
+        ),
+    )
+    .unwrap();
+    let spec = PolicySpec::from_manifest(&manifest).unwrap();
+    let e = crate::Engine::builder()
+        .filter(crate::policy::filter::RecordingFilter::default())
+        .build(spec)
+        .unwrap_err();
+    let e = crate::error_chain(&e);
+    assert!(e.contains(&format!("manifest {}", manifest.display())), "{e}");
+    assert!(e.contains("plugin `q` claims 0x60000000"), "{e}");
+}
