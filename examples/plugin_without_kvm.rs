@@ -28,7 +28,7 @@ fn read(instance: &mut msrwasm::plugin::PluginInstance, index: u32) -> Result<u6
 }
 
 fn main() -> Result<()> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/rapl.wat");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins/rapl.wat");
     let mut settings = PluginSettings::new("rapl", path);
     settings.config.insert("tdp_watts".into(), 95);
 

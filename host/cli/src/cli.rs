@@ -30,8 +30,9 @@ struct Cli {
     #[arg(long, global = true, default_value = "warn", env = "MSRWASM_LOG")]
     log: String,
 
-    /// Where compiled plugins are cached (keyed by content hash and engine
-    /// version; a corrupt entry is compiled again). Default:
+    /// Where compiled plugins (keyed by content hash and engine version; a
+    /// corrupt entry is compiled again) and plugins pulled from OCI
+    /// registries (`oci/`, by digest) are cached. Default:
     /// $XDG_CACHE_HOME/msrwasm or ~/.cache/msrwasm. The directory must be
     /// private to this user.
     #[arg(long, global = true, env = "MSRWASM_CACHE_DIR")]
