@@ -45,6 +45,7 @@ fn claims_kvm_could_not_honour_are_refused_at_load() {
         ("0x10", "IA32_TSC"),
         ("0x1b", "IA32_APIC_BASE"),
         ("0x3a", "IA32_FEATURE_CONTROL"),
+        ("0x3b", "IA32_TSC_ADJUST"),
         ("0x345", "IA32_PERF_CAPABILITIES"),
         ("0xc0000080", "IA32_EFER"),
         ("0x0-0xfff", "IA32_TSC"),
@@ -224,6 +225,42 @@ fn a_manifest_that_arrives_before_its_plugin_goes_live_when_the_plugin_does() {
             std::thread::sleep(std::time::Duration::from_millis(300));
             std::fs::create_dir(dir.path().join("later")).unwrap();
             atomic_write(&dir.path().join("later/v2.wasm"), &answering(2));
+        },
+    );
+}
+
+/// A manifest replaced by a FIFO nobody writes to, then by a device, on a
+/// running VM: each is refused without blocking the reload path, and the
+/// good manifest that follows goes live.
+#[test]
+fn a_manifest_swapped_for_a_fifo_or_a_device_is_refused_and_reloads_go_on() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("v1.wasm"), answering(1)).unwrap();
+    std::fs::write(dir.path().join("v2.wasm"), answering(2)).unwrap();
+    let manifest = dir.path().join("vm.toml");
+    std::fs::write(&manifest, "[[plugin]]\nname = \"p\"\npath = \"v1.wasm\"\n").unwrap();
+    reload_scenario(
+        "manifest swapped for a FIFO",
+        PolicySpec::from_manifest(&manifest).unwrap(),
+        || {
+            let fifo = dir.path().join("fifo");
+            assert!(
+                std::process::Command::new("mkfifo")
+                    .arg(&fifo)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            std::fs::rename(&fifo, &manifest).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let temp = dir.path().join("link.tmp");
+            symlink("/dev/zero", &temp).unwrap();
+            std::fs::rename(&temp, &manifest).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            atomic_write(&manifest, b"[[plugin]]\nname = \"p\"\npath = \"v2.wasm\"\n");
         },
     );
 }

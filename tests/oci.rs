@@ -1,7 +1,9 @@
 //! Plugins from a real OCI registry (the CNCF distribution registry on
 //! 127.0.0.1, started here) answering real guests: push then run, a moved
 //! tag rolled out to a running VM, the registry down, wrong digests,
-//! htpasswd authentication, truncated and corrupt blobs.
+//! htpasswd authentication, truncated and corrupt blobs; and a hostile
+//! fake registry (huge manifest, silent and trickling peers, an oversized
+//! layer).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -340,5 +342,126 @@ fn a_followed_tag_moved_to_a_corrupt_layer_changes_nothing() {
     assert!(
         run.trace.iter().all(|t| value(t) == Some(1)),
         "only version 1 ever answered"
+    );
+}
+
+/// What the hostile registry does.
+#[derive(Clone, Copy, PartialEq)]
+enum Hostile {
+    /// A 5 MiB manifest.
+    HugeManifest,
+    /// Reads the request, then never answers.
+    Silent,
+    /// A manifest that never ends, a byte every 100 ms.
+    Trickle,
+    /// A good manifest whose layer of 100 bytes arrives as 8 MiB.
+    OversizedLayer,
+}
+
+/// A registry on 127.0.0.1 that misbehaves as told; returns its address.
+fn hostile_registry(mode: Hostile) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let layer_digest = format!("sha256:{}", "a".repeat(64));
+    let config = b"{}";
+    let config_digest = format!("sha256:{}", msrwasm::plugin::content_hash(config));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.wasm.config.v0+json","digest":"{config_digest}","size":2}},"layers":[{{"mediaType":"application/wasm","digest":"{layer_digest}","size":100}}]}}"#
+    );
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let manifest = manifest.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head += &line;
+                    }
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    let answer = |stream: &mut std::net::TcpStream, kind: &str, body: &[u8]| {
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = stream.write_all(head.as_bytes());
+                        let _ = stream.write_all(body);
+                    };
+                    let manifest_type = "application/vnd.oci.image.manifest.v1+json";
+                    match (mode, path.as_str()) {
+                        (_, "/v2/") => answer(&mut stream, "application/json", b"{}"),
+                        (Hostile::Silent, _) => {
+                            std::thread::sleep(Duration::from_secs(600));
+                            return;
+                        }
+                        (Hostile::HugeManifest, p) if p.contains("/manifests/") => {
+                            let mut body = manifest.clone().into_bytes();
+                            body.resize(5 << 20, b' ');
+                            answer(&mut stream, manifest_type, &body);
+                        }
+                        (Hostile::Trickle, p) if p.contains("/manifests/") => {
+                            let _ = stream.write_all(
+                                format!("HTTP/1.1 200 OK\r\nContent-Type: {manifest_type}\r\nContent-Length: 1000000000\r\n\r\n")
+                                    .as_bytes(),
+                            );
+                            while stream.write_all(b" ").is_ok() {
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                            return;
+                        }
+                        (_, p) if p.contains("/manifests/") => answer(&mut stream, manifest_type, manifest.as_bytes()),
+                        (_, p) if p.contains("/blobs/") => {
+                            answer(&mut stream, "application/octet-stream", &vec![0u8; 8 << 20])
+                        }
+                        _ => {
+                            let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                        }
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// Registries are untrusted: a huge manifest, a silent or trickling peer
+/// and an oversized layer are refused or cut off by the deadline, and the
+/// store stays usable.
+#[test]
+fn hostile_registries_are_refused_or_cut_off() {
+    let cache = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        deadline: Duration::from_secs(4),
+        read_timeout: Duration::from_secs(2),
+        ..StoreOptions::default()
+    };
+    let store = OciStore::open(cache.path(), options).unwrap();
+    for (mode, says) in [
+        (Hostile::HugeManifest, "5242880-byte manifest"),
+        (Hostile::Silent, "operation timed out"),        // read_timeout
+        (Hostile::Trickle, "did not answer within 4 s"), // the deadline
+        (Hostile::OversizedLayer, "100 bytes"),
+    ] {
+        let reference = oci_ref(&format!("oci://{}/team/bad:v1", hostile_registry(mode)));
+        let started = Instant::now();
+        let e = store.pull(&reference).expect_err("refused");
+        let e = msrwasm::error_chain(&e);
+        assert!(e.contains(says) && e.contains("team/bad:v1"), "{e}");
+        // Bound, not benchmark: the deadline is 4 s.
+        assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    }
+    assert_eq!(
+        std::fs::read_dir(cache.path().join("blobs/sha256")).map_or(0, |d| d.count()),
+        0,
+        "nothing refused was cached"
     );
 }

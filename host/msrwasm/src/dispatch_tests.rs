@@ -252,6 +252,31 @@ fn a_dispatcher_follows_updates_by_itself() {
     assert_eq!(engine.stats().total().switches, 1);
 }
 
+/// A VMM that renames its plugin on every update must not grow the
+/// per-vCPU counters without bound: past `stats::MAX_NAMES`, names no
+/// longer in the policy are forgotten.
+#[test]
+fn counters_for_renamed_plugins_are_bounded() {
+    let s = Setup::new(Unhandled::Gp).plugin("p", ANSWER_7, None, OnError::Fault);
+    let engine = s.engine();
+    let mut d = engine.dispatcher(0);
+    let renames = crate::stats::MAX_NAMES + 40;
+    for n in 0..renames {
+        let mut spec = s.spec.clone();
+        spec.plugins[0].name = format!("p{n}");
+        engine.update(spec).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(d.handle(read(1, ExitReason::Unknown), &mut NoKvm).reply, Reply::Read(7));
+    }
+    let stats = engine.stats();
+    assert!(
+        stats.plugins.len() <= crate::stats::MAX_NAMES + 1,
+        "{}",
+        stats.plugins.len()
+    );
+    assert_eq!(stats.plugins[&format!("p{}", renames - 1)].handled, 1);
+    assert_eq!(stats.total().rdmsr, renames as u64);
+}
+
 #[test]
 fn a_change_is_validated_on_every_vcpu_before_it_goes_live() {
     // init refuses on vCPU 1 only: refused at start for a 2-vCPU VM, and

@@ -216,4 +216,25 @@ mod tests {
         ));
         assert_eq!(read_regular(&f, 11).unwrap().len(), 11);
     }
+
+    #[test]
+    fn keep_newest_removes_the_oldest_wanted_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        // Written newest first, so creation order is not what decides.
+        for n in (0..6u64).rev() {
+            let path = dir.path().join(format!("{n}.entry"));
+            std::fs::write(&path, b"x").unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(base + std::time::Duration::from_secs(n)).unwrap();
+        }
+        std::fs::write(dir.path().join("other"), b"x").unwrap();
+        keep_newest(dir.path(), 2, |p| p.extension().is_some_and(|x| x == "entry"));
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["4.entry", "5.entry", "other"]);
+    }
 }

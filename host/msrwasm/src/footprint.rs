@@ -247,3 +247,68 @@ pub fn suggest(entries: &[FootprintEntry], source: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ExitReason;
+    use crate::policy::Unhandled;
+
+    fn outcome(reply: Reply, by: AnsweredBy<'_>) -> Outcome<'_> {
+        Outcome {
+            reply,
+            by,
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn vcpus_are_merged_per_op_and_index() {
+        let footprint = Footprint::new();
+        let mut vcpu0 = footprint.vcpu(0).unwrap();
+        let mut vcpu1 = footprint.vcpu(1).unwrap();
+        let gp = outcome(Reply::Gp, AnsweredBy::Unhandled(Unhandled::Gp));
+        vcpu0.access(
+            &Access::read(0x10, ExitReason::Filter),
+            &outcome(Reply::Read(5), AnsweredBy::Kvm),
+        );
+        vcpu1.access(
+            &Access::read(0x10, ExitReason::Filter),
+            &outcome(Reply::Read(7), AnsweredBy::Kvm),
+        );
+        vcpu1.access(&Access::write(0x10, 9, ExitReason::Unknown), &gp);
+        let entries = footprint.entries();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        let read = &entries[0];
+        assert_eq!(
+            (read.op.as_str(), read.index.as_str(), read.count),
+            ("rdmsr", "0x10", 2)
+        );
+        assert_eq!(read.vcpus, [0, 1]);
+        assert_eq!(read.reasons, ["filter"]);
+        assert_eq!(read.answered_by.get("kvm"), Some(&2));
+        let write = &entries[1];
+        assert_eq!(
+            (write.op.as_str(), write.gp, write.last_value.as_deref()),
+            ("wrmsr", 1, Some("0x9"))
+        );
+        assert_eq!(write.answered_by.get("unhandled"), Some(&1));
+        assert!(suggest(&entries, "test").contains("\"0x10\","));
+    }
+
+    #[test]
+    fn a_full_vcpu_footprint_only_counts_new_pairs() {
+        let footprint = Footprint::new();
+        let mut vcpu = footprint.vcpu(0).unwrap();
+        let answer = outcome(Reply::Read(0), AnsweredBy::Unhandled(Unhandled::Ignore));
+        for index in 0..MAX_ENTRIES as u32 + 10 {
+            vcpu.access(&Access::read(index, ExitReason::Unknown), &answer);
+        }
+        // Pairs already recorded are still counted.
+        vcpu.access(&Access::read(0, ExitReason::Unknown), &answer);
+        assert_eq!(footprint.overflow(), 10);
+        let entries = footprint.entries();
+        assert_eq!(entries.len(), MAX_ENTRIES);
+        assert_eq!(entries[0].count, 2);
+    }
+}

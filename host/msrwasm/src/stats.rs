@@ -20,7 +20,7 @@ pub const CALL_BUCKETS: [f64; 12] = [
 ];
 /// Plugin names one vCPU keeps counters for; past this, names no longer
 /// in the policy are forgotten.
-const MAX_NAMES: usize = 256;
+pub(crate) const MAX_NAMES: usize = 256;
 
 fn bump(cell: &AtomicU64) {
     add(cell, 1);

@@ -274,3 +274,77 @@ pub fn default_dir() -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     Some(base.join("msrwasm"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::Runtime;
+
+    fn compiled(engine: &Engine, n: usize) -> (String, Artifact) {
+        let wat = format!("(module (func (export \"f{n}\")))");
+        let module = Module::new(engine, &wat).unwrap();
+        (hex(&Sha256::digest(wat.as_bytes())), Artifact::Module(module))
+    }
+
+    fn private_temp() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        crate::files::private_dir(dir.path()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn disk_entries_are_reused_and_damaged_ones_compiled_again() {
+        let engine = Runtime::shared().engine().clone();
+        let dir = private_temp();
+        let (sha, artifact) = compiled(&engine, 0);
+        ModuleCache::with_disk(dir.path(), &engine).insert(&sha, &artifact, Source::Compiled);
+        let fresh = || ModuleCache::with_disk(dir.path(), &engine);
+        assert!(matches!(fresh().get(&sha, &engine, false), Some((_, Source::Disk))));
+        // A core entry is never taken for a component.
+        assert!(fresh().get(&sha, &engine, true).is_none());
+
+        let entry = fresh().disk.unwrap().path(&sha, false);
+        let good = std::fs::read(&entry).unwrap();
+        let mut flipped = good.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        for damaged in [flipped, good[..good.len() / 2].to_vec(), b"msrwasm".to_vec()] {
+            std::fs::write(&entry, damaged).unwrap();
+            assert!(fresh().get(&sha, &engine, false).is_none());
+            assert!(!entry.exists(), "a damaged entry is removed");
+        }
+        // A FIFO in its place is refused, not waited on.
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&entry)
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(fresh().get(&sha, &engine, false).is_none());
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_not_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let engine = Runtime::shared().engine().clone();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(ModuleCache::with_disk(dir.path(), &engine).disk_dir().is_none());
+    }
+
+    #[test]
+    fn both_caches_keep_only_the_newest_entries() {
+        let engine = Runtime::shared().engine().clone();
+        let dir = private_temp();
+        let cache = ModuleCache::with_disk(dir.path(), &engine);
+        let all: Vec<_> = (0..MAX_DISK_ENTRIES + 2).map(|n| compiled(&engine, n)).collect();
+        for (sha, artifact) in &all {
+            cache.insert(sha, artifact, Source::Compiled);
+        }
+        assert_eq!(cache.len(), ModuleCache::MAX_ENTRIES);
+        assert!(!cache.contains(&all[0].0) && cache.contains(&all[all.len() - 1].0));
+        let on_disk = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(on_disk, MAX_DISK_ENTRIES);
+    }
+}

@@ -469,7 +469,8 @@ mod tests {
         let started = std::time::Instant::now();
         let e = plan(&[("big", (0x900, u32::MAX))]).unwrap_err();
         assert!(matches!(e, FilterError::TooManyRanges { .. }), "{e}");
-        assert!(started.elapsed() < std::time::Duration::from_millis(100));
+        // Bound, not benchmark: it used to take 21 s and 555 MB.
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]
