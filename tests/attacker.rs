@@ -6,7 +6,9 @@ use std::path::Path;
 
 use msrwasm::policy::{PolicySpec, Unhandled};
 use msrwasm_cli::runner::VmEnd;
-use msrwasm_tests::{answering, atomic_write, guest, kvm_available, manifest, run, start, test_plugin, wait_until};
+use msrwasm_tests::{
+    answering, atomic_write, guest, kvm_available, manifest, mkfifo, run, start, test_plugin, wait_until,
+};
 
 fn quick(path: &Path) -> PolicySpec {
     PolicySpec::from_paths(&[path.to_owned()], Unhandled::Gp)
@@ -247,13 +249,7 @@ fn a_manifest_swapped_for_a_fifo_or_a_device_is_refused_and_reloads_go_on() {
         PolicySpec::from_manifest(&manifest).unwrap(),
         || {
             let fifo = dir.path().join("fifo");
-            assert!(
-                std::process::Command::new("mkfifo")
-                    .arg(&fifo)
-                    .status()
-                    .unwrap()
-                    .success()
-            );
+            mkfifo(&fifo);
             std::fs::rename(&fifo, &manifest).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(500));
             let temp = dir.path().join("link.tmp");
@@ -325,13 +321,7 @@ fn a_plugin_swapped_for_a_device_is_refused_and_the_running_version_stays() {
         swap("/dev/zero");
         // A FIFO nobody writes to would block a reader for ever.
         let fifo = dir.path().join("fifo");
-        assert!(
-            std::process::Command::new("mkfifo")
-                .arg(&fifo)
-                .status()
-                .unwrap()
-                .success()
-        );
+        mkfifo(&fifo);
         std::thread::sleep(std::time::Duration::from_millis(300));
         swap("fifo");
         std::thread::sleep(std::time::Duration::from_millis(300));

@@ -175,6 +175,12 @@ pub fn manifest(text: &str) -> (tempfile::TempDir, PolicySpec) {
     (dir, spec)
 }
 
+/// Makes a FIFO at `path` (nobody writes to it: a reader would block).
+pub fn mkfifo(path: &Path) {
+    let made = std::process::Command::new("mkfifo").arg(path).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", path.display());
+}
+
 /// The repository root.
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
