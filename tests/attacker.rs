@@ -2,17 +2,12 @@
 //! on real KVM with real files: each test failed before its fix.
 
 use std::os::unix::fs::symlink;
-use std::path::Path;
 
-use msrwasm::policy::{PolicySpec, Unhandled};
+use msrwasm::policy::PolicySpec;
 use msrwasm_cli::runner::VmEnd;
 use msrwasm_tests::{
-    answering, atomic_write, guest, kvm_available, manifest, mkfifo, run, start, test_plugin, wait_until,
+    answering, atomic_write, guest, kvm_available, manifest, mkfifo, quick, run, start, test_plugin, wait_until,
 };
-
-fn quick(path: &Path) -> PolicySpec {
-    PolicySpec::from_paths(&[path.to_owned()], Unhandled::Gp)
-}
 
 /// An observer that claims MSRs and passes on everything used to let the
 /// guest write SMI_COUNT and UCODE_REV (host-initiated KVM_SET_MSRS skips

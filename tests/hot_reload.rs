@@ -2,19 +2,14 @@
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::path::Path;
 
 use msrwasm::plugin::content_hash;
-use msrwasm::policy::{PolicySpec, Unhandled};
+use msrwasm::policy::PolicySpec;
 use msrwasm_cli::runner::VmEnd;
-use msrwasm_tests::{answering as version, atomic_write, guest, kvm_available, start, wait_until};
+use msrwasm_tests::{answering as version, atomic_write, guest, kvm_available, quick, start, wait_until};
 
 fn wat(text: &str) -> Vec<u8> {
     wat::parse_str(text).expect("test WAT")
-}
-
-fn quick(path: &Path) -> PolicySpec {
-    PolicySpec::from_paths(&[path.to_owned()], Unhandled::Gp)
 }
 
 #[test]

@@ -175,6 +175,12 @@ pub fn manifest(text: &str) -> (tempfile::TempDir, PolicySpec) {
     (dir, spec)
 }
 
+/// The quick form (`msrwasm run --plugin FILE`): one plugin, asked about
+/// every deflected access, `unhandled = "gp"`.
+pub fn quick(path: &Path) -> PolicySpec {
+    PolicySpec::from_paths(&[path.to_owned()], msrwasm::policy::Unhandled::Gp)
+}
+
 /// Makes a FIFO at `path` (nobody writes to it: a reader would block).
 pub fn mkfifo(path: &Path) {
     let made = std::process::Command::new("mkfifo").arg(path).status();

@@ -221,7 +221,7 @@ fn hostile_modules_are_refused_at_load_naming_the_file_and_reason() {
 }
 
 fn load_error(path: &std::path::Path) -> String {
-    let spec = PolicySpec::from_paths(&[path.to_owned()], Unhandled::Gp);
+    let spec = msrwasm_tests::quick(path);
     let engine = msrwasm::Engine::builder()
         .filter(msrwasm::policy::filter::RecordingFilter::default())
         .build(spec);

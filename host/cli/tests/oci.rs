@@ -158,11 +158,7 @@ fn credentials_come_from_the_environment_or_the_docker_config() {
     assert!(o.status.success(), "{}", text(&o));
     // A FIFO as the Docker config does not hang the pull.
     let fifo_dir = tempfile::tempdir().unwrap();
-    let status = Command::new("mkfifo")
-        .arg(fifo_dir.path().join("config.json"))
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::mkfifo(&fifo_dir.path().join("config.json"));
     let o = bin(cache.path())
         .env("DOCKER_CONFIG", fifo_dir.path())
         .args(["pull", &reference])

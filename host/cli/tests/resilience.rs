@@ -3,7 +3,7 @@
 //! and its summary. Each test failed before its fix.
 
 mod common;
-use common::kvm_available;
+use common::{kvm_available, mkfifo};
 
 use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
@@ -55,10 +55,6 @@ fn run(args: &[&str], limit: Duration) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn mkfifo(path: &Path) {
-    assert!(Command::new("mkfifo").arg(path).status().unwrap().success());
 }
 
 /// The built-in guests, written once per test.

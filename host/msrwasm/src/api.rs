@@ -511,26 +511,23 @@ impl Collector for EngineCollector {
                 }
             }
         }
-        {
-            let mut m = encoder.encode_descriptor(
+        type PerPlugin = fn(&crate::stats::PluginStats) -> u64;
+        let per_plugin: [(&str, &str, PerPlugin); 2] = [
+            (
                 "msrwasm_plugin_errors",
                 "Plugin errors (trap, timeout, bad status, no reply)",
-                None,
-                MetricType::Counter,
-            )?;
-            for (name, p) in &stats.plugins {
-                ConstCounter::new(p.errors).encode(m.encode_family(&labels([("plugin", name.clone())]))?)?;
-            }
-        }
-        {
-            let mut m = encoder.encode_descriptor(
+                |p| p.errors,
+            ),
+            (
                 "msrwasm_plugin_quarantines",
                 "Times a plugin was quarantined after repeated errors",
-                None,
-                MetricType::Counter,
-            )?;
+                |p| p.quarantines,
+            ),
+        ];
+        for (metric, help, value) in per_plugin {
+            let mut m = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
             for (name, p) in &stats.plugins {
-                ConstCounter::new(p.quarantines).encode(m.encode_family(&labels([("plugin", name.clone())]))?)?;
+                ConstCounter::new(value(p)).encode(m.encode_family(&labels([("plugin", name.clone())]))?)?;
             }
         }
         {

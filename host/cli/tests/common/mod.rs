@@ -27,3 +27,9 @@ pub fn kvm_available() -> bool {
     }
     ok
 }
+
+/// Makes a FIFO at `path` (nobody writes to it: a reader would block).
+pub fn mkfifo(path: &std::path::Path) {
+    let made = std::process::Command::new("mkfifo").arg(path).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", path.display());
+}
