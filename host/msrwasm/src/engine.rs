@@ -180,11 +180,13 @@ impl EngineBuilder {
         });
         let engine = Engine { shared };
         let mut spec = spec;
+        let manifest = manifest_seen(&spec);
         engine.shared.fetch(&mut spec).map_err(first_error)?;
         {
             let mut owner = engine.shared.lock_owner();
-            let plugins = engine.shared.load_plugins(&owner, &spec).map_err(first_error)?;
-            engine.shared.apply(&mut owner, spec, plugins)?;
+            let (plugins, mut files) = engine.shared.load_plugins(&owner, &spec).map_err(first_error)?;
+            files.extend(manifest);
+            engine.shared.apply(&mut owner, spec, plugins, files)?;
         }
         Ok(engine)
     }
@@ -537,30 +539,45 @@ impl Shared {
     }
 
     /// Loads every plugin of `spec`, reusing the running version when
-    /// content and settings are unchanged; returns every error.
-    fn load_plugins(&self, owner: &Owner, spec: &PolicySpec) -> Result<Vec<Arc<Plugin>>, Vec<PolicyError>> {
-        let mut plugins = Vec::new();
+    /// content and settings are unchanged, each with the record of the file
+    /// as it was read; returns every error.
+    fn load_plugins(&self, owner: &Owner, spec: &PolicySpec) -> Result<Loaded, Vec<PolicyError>> {
+        let (mut plugins, mut files) = (Vec::new(), Vec::new());
         let mut errors = Vec::new();
         for settings in &spec.plugins {
             match self.load_plugin(owner, settings) {
-                Ok(p) => plugins.push(p),
+                Ok((p, seen)) => {
+                    plugins.push(p);
+                    files.push((settings.path.clone(), seen));
+                }
                 Err(e) => errors.push(PolicyError::Load(e)),
             }
         }
         match errors.is_empty() {
-            true => Ok(plugins),
+            true => Ok((plugins, files)),
             false => Err(errors),
         }
     }
 
     /// The running plugin if content and settings are unchanged, else the
-    /// new version, compiled (or taken from the cache) and validated.
-    fn load_plugin(&self, owner: &Owner, settings: &PluginSettings) -> Result<Arc<Plugin>, crate::plugin::LoadError> {
+    /// new version, compiled (or taken from the cache) and validated; with
+    /// the file's record: its stamp taken before the read, so that a save
+    /// made during the compile shows as a change at the next refresh.
+    fn load_plugin(
+        &self,
+        owner: &Owner,
+        settings: &PluginSettings,
+    ) -> Result<(Arc<Plugin>, Seen), crate::plugin::LoadError> {
+        let stamp = FileStamp::of(&settings.path);
         let bytes = read_plugin_file(&settings.path)?;
         let sha256 = content_hash(&bytes);
+        let seen = Seen {
+            stamp,
+            hash: Some(sha256.clone()),
+        };
         let running = owner.plugins.iter().find(|p| p.name() == settings.name);
         if let Some(p) = running.filter(|p| p.settings() == settings && p.sha256() == sha256) {
-            return Ok(p.clone());
+            return Ok((p.clone(), seen));
         }
         let started = Instant::now();
         let cached = self.cache.contains(&sha256);
@@ -578,13 +595,21 @@ impl Shared {
                 "plugin version refused: {}", crate::error_chain(e)
             ),
         }
-        result.map(Arc::new)
+        result.map(|p| (Arc::new(p), seen))
     }
 
     /// Puts a loaded policy in force: composes it, prepares (and so
     /// validates) instances of new versions on every registered vCPU,
     /// hands the filter plan to the VMM, then switches the generation.
-    fn apply(&self, owner: &mut Owner, spec: PolicySpec, plugins: Vec<Arc<Plugin>>) -> Result<u64, PolicyError> {
+    /// `files`: records of the files read for this change, kept once it
+    /// is in force.
+    fn apply(
+        &self,
+        owner: &mut Owner,
+        spec: PolicySpec,
+        plugins: Vec<Arc<Plugin>>,
+        files: Vec<(PathBuf, Seen)>,
+    ) -> Result<u64, PolicyError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(PolicyError::Closed);
         }
@@ -624,9 +649,7 @@ impl Shared {
         self.state.prune(&names);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
         self.generation.store(generation, Ordering::Release);
-        for file in spec.files() {
-            owner.seen.entry(file.clone()).or_insert_with(|| seen(&file));
-        }
+        owner.seen.extend(files);
         *self.manifest.write().unwrap_or_else(|e| e.into_inner()) = spec.manifest.clone();
         owner.spec = spec;
         owner.plugins = plugins;
@@ -647,17 +670,18 @@ impl Shared {
 
     /// A whole new spec, from code or the API.
     fn change(&self, mut spec: PolicySpec, cause: Cause) -> Result<u64, Vec<PolicyError>> {
+        let manifest = manifest_seen(&spec);
         let fetched = self.fetch(&mut spec);
         let mut owner = self.lock_owner();
         let result = fetched
             .and_then(|()| self.load_plugins(&owner, &spec))
-            .and_then(|plugins| self.apply(&mut owner, spec.clone(), plugins).map_err(|e| vec![e]));
+            .and_then(|(plugins, mut files)| {
+                files.extend(manifest);
+                self.apply(&mut owner, spec, plugins, files).map_err(|e| vec![e])
+            });
         match &result {
             Ok(generation) => {
                 owner.pending = None;
-                for file in spec.files() {
-                    owner.seen.insert(file.clone(), seen(&file));
-                }
                 self.report(Reload::Applied {
                     cause,
                     generation: *generation,
@@ -690,7 +714,7 @@ impl Shared {
             }
             let now = seen(&file);
             let before = owner.seen.insert(file.clone(), now.clone());
-            if force || before.as_ref() != Some(&now) && before.is_none_or(|b| b.hash != now.hash) {
+            if force || before.is_none_or(|b| b.hash != now.hash) {
                 changed.insert(file);
             }
         }
@@ -712,16 +736,17 @@ impl Shared {
                     }));
                 }
                 Ok(mut spec) => {
+                    // The manifest's record was taken above, before it was read.
                     let result = self
                         .fetch(&mut spec)
                         .and_then(|()| self.load_plugins(&owner, &spec))
-                        .and_then(|plugins| self.apply(&mut owner, spec.clone(), plugins).map_err(|e| vec![e]));
+                        .and_then(|(plugins, files)| {
+                            self.apply(&mut owner, spec.clone(), plugins, files)
+                                .map_err(|e| vec![e])
+                        });
                     match result {
                         Ok(generation) => {
                             owner.pending = None;
-                            for file in spec.files() {
-                                owner.seen.insert(file.clone(), seen(&file));
-                            }
                             reports.push(self.report(Reload::Applied { cause, generation }));
                             return reports;
                         }
@@ -745,8 +770,9 @@ impl Shared {
             if !changed.contains(&settings.path) {
                 continue;
             }
+            // Its record was taken before this read, by the loop above.
             match self.load_plugin(&owner, settings) {
-                Ok(plugin) if !Arc::ptr_eq(&plugin, slot) => {
+                Ok((plugin, _)) if !Arc::ptr_eq(&plugin, slot) => {
                     *slot = plugin;
                     applied_cause.get_or_insert_with(|| settings.path.clone());
                 }
@@ -759,7 +785,7 @@ impl Shared {
         }
         if let Some(path) = applied_cause {
             let cause = Cause::File(path);
-            let reload = match self.apply(&mut owner, spec, plugins) {
+            let reload = match self.apply(&mut owner, spec, plugins, Vec::new()) {
                 Ok(generation) => Reload::Applied { cause, generation },
                 Err(e) => Reload::Refused {
                     cause,
@@ -777,6 +803,14 @@ impl Owner {
     fn pending_manifest(&self) -> Option<PathBuf> {
         self.pending.as_ref().and_then(|p| p.first().cloned())
     }
+}
+
+/// Loaded plugin versions, with the records of the files they came from.
+type Loaded = (Vec<Arc<Plugin>>, Vec<(PathBuf, Seen)>);
+
+/// The record of a spec's manifest, taken before anything else is read.
+fn manifest_seen(spec: &PolicySpec) -> Option<(PathBuf, Seen)> {
+    spec.manifest.as_ref().map(|m| (m.clone(), seen(m)))
 }
 
 /// The file as it is now: stamp and content hash.
