@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::engine::Shared;
 use crate::events::{CallResult, Events, VcpuEvents};
 use crate::plugin::{Answer, CallError, OnError, Plugin, PluginInfo, PluginInstance};
-use crate::policy::{FilterDefault, Policy, Unhandled, fallback};
+use crate::policy::{Policy, Unhandled, fallback};
 use crate::stats::StatsSink;
 
 /// Why KVM sent an access to user space (`KVM_MSR_EXIT_REASON_*`).
@@ -363,28 +363,24 @@ impl Dispatcher {
                 }
             }
         }
+        // A filtered access the firewall denied never falls back to KVM.
+        let firewall = access.reason == ExitReason::Filter && self.policy.filter().firewall_denies(access.index);
         if access.reason == ExitReason::Filter
-            && !self.firewall_denies(access.index)
+            && !firewall
             && let Some(reply) = kvm_fallback(access, kvm)
         {
             return (reply, Who::Kvm);
         }
-        (self.unhandled(access), Who::Unhandled)
+        (self.unhandled(access, firewall), Who::Unhandled)
     }
 
-    /// Whether the firewall (a deny default) keeps `index` from KVM.
-    fn firewall_denies(&self, index: u32) -> bool {
-        let plan = self.policy.filter();
-        plan.default == FilterDefault::Deny && !plan.allow.iter().any(|&(f, l)| (f..=l).contains(&index))
-    }
-
-    fn unhandled(&self, access: Access) -> Reply {
+    /// `firewall`: the firewall denied this access.
+    fn unhandled(&self, access: Access, firewall: bool) -> Reply {
         // KVM found the access invalid: it stays #GP, as with kvm.ignore_msrs.
         if access.reason == ExitReason::Inval {
             return Reply::Gp;
         }
         let policy = self.policy.unhandled();
-        let firewall = access.reason == ExitReason::Filter && self.firewall_denies(access.index);
         if policy == Unhandled::Log || firewall {
             self.shared.log_unhandled_once(self.vcpu, access, policy, firewall);
         }

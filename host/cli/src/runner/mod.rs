@@ -31,7 +31,7 @@ use io::IoBus;
 pub use io::SerialOut;
 pub use signals::install_termination_handlers;
 use vcpu::{Event, VcpuThread};
-pub use vcpu::{ExitStats, exit_reason_name};
+pub use vcpu::ExitStats;
 
 /// Default guest memory, MiB.
 pub const DEFAULT_MEM_MIB: u64 = 256;

@@ -76,15 +76,6 @@ pub(super) enum Exit {
     Unexpected { what: String },
 }
 
-/// Name of a KVM exit for messages.
-pub fn exit_reason_name(exit: &VcpuExit<'_>) -> String {
-    format!("{exit:?}")
-        .split(['(', ' ', '{'])
-        .next()
-        .unwrap_or("exit")
-        .to_owned()
-}
-
 /// Decides a non-MSR exit.
 pub(super) fn decide(exit: Exit, io: &IoBus, stats: &mut ExitStats, vcpu: u32) -> Action {
     stats.exits += 1;

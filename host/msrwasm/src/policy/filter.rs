@@ -125,6 +125,12 @@ pub struct FilterPlan {
 }
 
 impl FilterPlan {
+    /// Whether a default-deny firewall keeps `index` from KVM (it is not
+    /// in `allow`).
+    pub fn firewall_denies(&self, index: u32) -> bool {
+        self.default == FilterDefault::Deny && !contains(&self.allow, index)
+    }
+
     /// The plan for `claims` (plugin name, inclusive range) under the
     /// firewall `default`/`allow`; refuses what KVM cannot filter and what
     /// cannot fit in 16 ranges even without VMM ranges.
@@ -228,11 +234,7 @@ impl FilterPlan {
     fn describe(&self, vmm: &[VmmRange]) -> String {
         let mut parts: Vec<String> = Vec::new();
         for (plugin, f, l) in &self.claimants {
-            let range = if f == l {
-                format!("{f:#x}")
-            } else {
-                format!("{f:#x}-{l:#x}")
-            };
+            let range = crate::format_range((*f, *l));
             match parts
                 .iter_mut()
                 .find(|p| p.starts_with(&format!("plugin `{plugin}` claims ")))

@@ -440,11 +440,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 pub fn parse_msr_range(s: &str) -> Result<(u32, u32), String> {
     let one = |t: &str| -> Result<u32, String> {
         let t = t.trim();
-        let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-            Some(hex) => u64::from_str_radix(hex, 16),
-            None => t.parse::<u64>(),
-        };
-        let v = parsed.map_err(|_| format!("`{t}` is not an MSR index (write 0x606 or 1542)"))?;
+        let v = crate::parse_number(t).ok_or_else(|| format!("`{t}` is not an MSR index (write 0x606 or 1542)"))?;
         u32::try_from(v).map_err(|_| format!("`{t}` is out of the 32-bit MSR index space"))
     };
     let (first, last) = match s.split_once('-') {
