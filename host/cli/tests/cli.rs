@@ -289,3 +289,52 @@ fn meta_sets_and_shows_plugin_metadata() {
     assert!(String::from_utf8_lossy(&msrwasm(&["check", p]).stdout).contains("meta:     version = 0.2.0"));
     refused(&["meta", p, "--set", "novalue"], "expected KEY=VALUE");
 }
+
+/// `run --footprint FILE` writes what the guest touched at exit (private,
+/// written atomically), and `policy suggest` turns it into a manifest
+/// skeleton; what is not a footprint is refused, a FIFO without waiting.
+#[test]
+fn footprint_at_exit_and_policy_suggest() {
+    if !kvm_available() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // Real mode: rdmsr 0x4d530001; wrmsr 0x4d530001 <- 0; exit 0.
+    let guest = dir.path().join("touch.bin");
+    let mut code = vec![0x66, 0xb9, 0x01, 0x00, 0x53, 0x4d, 0x0f, 0x32];
+    code.extend([0x66, 0x31, 0xc0, 0x66, 0x31, 0xd2, 0x0f, 0x30]);
+    code.extend([0xb0, 0x00, 0xe6, 0xf4]);
+    std::fs::write(&guest, code).unwrap();
+    let footprint = dir.path().join("footprint.json");
+    let o = msrwasm(&[
+        "run",
+        "--unhandled",
+        "ignore",
+        "--footprint",
+        footprint.to_str().unwrap(),
+        guest.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let mode = std::fs::metadata(&footprint).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let entries: serde_json::Value = serde_json::from_slice(&std::fs::read(&footprint).unwrap()).unwrap();
+    assert_eq!(entries.as_array().map(Vec::len), Some(2), "{entries}");
+    assert_eq!(entries[0]["op"], "rdmsr");
+    assert_eq!(entries[1]["answered_by"]["unhandled"], 1);
+
+    let o = msrwasm(&["policy", "suggest", footprint.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.contains("filter_default = \"deny\""), "{out}");
+    assert!(out.contains("0x4d530001: rdmsr 1, wrmsr 1 (unknown)"), "{out}");
+
+    std::fs::write(dir.path().join("not.json"), "[{\"op\": 1}]").unwrap();
+    refused(
+        &["policy", "suggest", dir.path().join("not.json").to_str().unwrap()],
+        "not a footprint",
+    );
+    let fifo = dir.path().join("fifo");
+    common::mkfifo(&fifo);
+    refused(&["policy", "suggest", fifo.to_str().unwrap()], "FIFO");
+}

@@ -30,8 +30,8 @@ use image::{ImageError, LoadedImage};
 use io::IoBus;
 pub use io::SerialOut;
 pub use signals::install_termination_handlers;
-use vcpu::{Event, VcpuThread};
 pub use vcpu::ExitStats;
+use vcpu::{Event, VcpuThread};
 
 /// Default guest memory, MiB.
 pub const DEFAULT_MEM_MIB: u64 = 256;
@@ -587,13 +587,7 @@ impl Vm {
 /// renamed into place).
 fn write_footprint(path: &std::path::Path, footprint: &msrwasm::footprint::Footprint) -> Result<(), String> {
     let json = serde_json::to_vec_pretty(&footprint.entries()).map_err(|e| e.to_string())?;
-    let temp = path.with_extension("tmp~");
-    std::fs::write(&temp, json)
-        .and_then(|()| std::fs::rename(&temp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&temp);
-            format!("{}: {e}", path.display())
-        })
+    msrwasm::files::write_atomic(path, &json).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Sets up and runs a VM in one call.
