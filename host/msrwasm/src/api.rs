@@ -140,13 +140,7 @@ impl Drop for ApiServer {
         }
         if let Some(thread) = self.thread.take() {
             // A request compiling a policy may still run; do not wait long.
-            let deadline = std::time::Instant::now() + Duration::from_millis(500);
-            while !thread.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            }
+            crate::join_within(thread, Duration::from_millis(500));
         }
         let _ = std::fs::remove_file(&self.path);
     }

@@ -89,16 +89,18 @@ pub use engine::{Engine, EngineBuilder, EngineError};
 pub use events::{Events, Reload, VcpuEvents};
 pub use policy::{PolicyError, PolicySpec, Unhandled};
 
-/// Waits at most `grace` for `thread` to end, joining it if it did; else
-/// leaves it to end by itself (the helper threads' stop rule).
-pub(crate) fn join_within(thread: std::thread::JoinHandle<()>, grace: std::time::Duration) {
+/// Waits at most `grace` for `thread` to end and joins it if it did; else
+/// leaves it to end by itself and returns `None` (the helper threads' stop
+/// rule: a stalled peer never holds up a shutdown).
+pub fn join_within<T>(
+    thread: std::thread::JoinHandle<T>,
+    grace: std::time::Duration,
+) -> Option<std::thread::Result<T>> {
     let deadline = std::time::Instant::now() + grace;
     while !thread.is_finished() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    if thread.is_finished() {
-        let _ = thread.join();
-    }
+    thread.is_finished().then(|| thread.join())
 }
 
 /// Reads a number as manifests and scripts write them: `0x606` or `1542`.

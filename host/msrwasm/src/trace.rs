@@ -183,12 +183,9 @@ impl Trace {
     pub fn finish(&self, grace: std::time::Duration) -> TraceReport {
         drop(self.tx.lock().unwrap_or_else(|e| e.into_inner()).take());
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let deadline = Instant::now() + grace;
-        while thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        let joined = thread.and_then(|t| crate::join_within(t, grace));
         let sent = self.shared.sent.load(Ordering::Relaxed);
-        let (written, error, file) = match thread.filter(|t| t.is_finished()).map(JoinHandle::join) {
+        let (written, error, file) = match joined {
             Some(Ok(r)) => r,
             _ => {
                 return TraceReport {

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -152,13 +152,7 @@ impl IoBus {
         lock.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
         cvar.notify_all();
         if let Some(writer) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let deadline = Instant::now() + grace;
-            while !writer.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            if writer.is_finished() {
-                let _ = writer.join();
-            }
+            msrwasm::join_within(writer, grace);
         }
         let p = lock.lock().unwrap_or_else(|e| e.into_inner());
         p.dropped + p.bytes.len() as u64
@@ -210,7 +204,7 @@ mod tests {
     #[test]
     fn a_stalled_reader_never_blocks_a_vcpu() {
         let bus = IoBus::new(Box::new(Stalled));
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         for _ in 0..(SERIAL_BUFFER + 4096) {
             assert_eq!(bus.write(0x3f8, b"x"), Some(PortEffect::None));
         }
