@@ -76,9 +76,10 @@ pub fn check_cached(settings: PluginSettings, cache: &ModuleCache) -> CheckRepor
         }
     };
     report.size = Some(bytes.len() as u64);
-    report.sha256 = Some(content_hash(&bytes));
+    let sha256 = content_hash(&bytes);
+    report.sha256 = Some(sha256.clone());
     let runtime = Runtime::shared();
-    let plugin = match Plugin::build(&runtime, settings, &bytes, &StateStore::default(), Some(cache)) {
+    let plugin = match Plugin::build(&runtime, settings, &bytes, sha256, &StateStore::default(), Some(cache)) {
         Ok(plugin) => Arc::new(plugin),
         Err(e) => {
             report.error = Some(crate::error_chain(&e));

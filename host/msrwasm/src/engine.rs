@@ -582,7 +582,14 @@ impl Shared {
         let started = Instant::now();
         let cached = self.cache.contains(&sha256);
         // The bytes just hashed, not a second read that may see newer content.
-        let result = Plugin::build(&self.runtime, settings.clone(), &bytes, &self.state, Some(&self.cache));
+        let result = Plugin::build(
+            &self.runtime,
+            settings.clone(),
+            &bytes,
+            sha256.clone(),
+            &self.state,
+            Some(&self.cache),
+        );
         let old = running.map_or("-", |p| p.info().short_version());
         let took_ms = started.elapsed().as_secs_f64() * 1e3;
         match &result {

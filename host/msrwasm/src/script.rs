@@ -219,6 +219,7 @@ pub fn run_cached(
         &runtime,
         settings,
         &bytes,
+        crate::plugin::content_hash(&bytes),
         &StateStore::default(),
         Some(&cache),
     )?);

@@ -306,7 +306,7 @@ impl Plugin {
     /// `init` and `claim` on a probe instance (vCPU 0).
     pub fn load(runtime: &Arc<Runtime>, settings: PluginSettings, state: &StateStore) -> Result<Self, LoadError> {
         let bytes = read_plugin_file(&settings.path)?;
-        Self::build(runtime, settings, &bytes, state, None)
+        Self::build(runtime, settings, &bytes, content_hash(&bytes), state, None)
     }
 
     /// As [`Plugin::load`], from bytes already read (`settings.path` names them).
@@ -316,19 +316,20 @@ impl Plugin {
         bytes: &[u8],
         state: &StateStore,
     ) -> Result<Self, LoadError> {
-        Self::build(runtime, settings, bytes, state, None)
+        Self::build(runtime, settings, bytes, content_hash(bytes), state, None)
     }
 
-    /// As [`Plugin::from_bytes`], compiling through `cache`.
+    /// As [`Plugin::from_bytes`], compiling through `cache`; `sha256` is
+    /// the bytes' [`content_hash`], which the callers have computed already.
     pub(crate) fn build(
         runtime: &Arc<Runtime>,
         settings: PluginSettings,
         bytes: &[u8],
+        sha256: String,
         state: &StateStore,
         cache: Option<&ModuleCache>,
     ) -> Result<Self, LoadError> {
         let path = settings.path.clone();
-        let sha256 = content_hash(bytes);
         if let Some(expected) = &settings.sha256
             && !expected.eq_ignore_ascii_case(&sha256)
         {

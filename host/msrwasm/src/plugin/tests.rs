@@ -175,7 +175,8 @@ fn content_seen_before_comes_from_the_cache_without_compiling() {
     let load = || {
         let bytes = std::fs::read(&path).unwrap();
         let settings = PluginSettings::new("v", &path);
-        Arc::new(Plugin::build(&Runtime::shared(), settings, &bytes, &state, Some(&cache)).unwrap())
+        let sha256 = content_hash(&bytes);
+        Arc::new(Plugin::build(&Runtime::shared(), settings, &bytes, sha256, &state, Some(&cache)).unwrap())
     };
     std::fs::write(&path, version(1)).unwrap();
     let v1 = load();
@@ -267,6 +268,7 @@ fn refused_versions_never_enter_the_module_cache() {
             &Runtime::shared(),
             settings,
             bytes,
+            content_hash(bytes),
             &StateStore::default(),
             Some(&cache)
         )
