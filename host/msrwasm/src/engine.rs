@@ -184,9 +184,10 @@ impl EngineBuilder {
         engine.shared.fetch(&mut spec).map_err(first_error)?;
         {
             let mut owner = engine.shared.lock_owner();
-            let (plugins, mut files) = engine.shared.load_plugins(&owner, &spec).map_err(first_error)?;
-            files.extend(manifest);
-            engine.shared.apply(&mut owner, spec, plugins, files)?;
+            engine
+                .shared
+                .load_and_apply(&mut owner, spec, manifest)
+                .map_err(first_error)?;
         }
         Ok(engine)
     }
@@ -675,32 +676,44 @@ impl Shared {
         reload
     }
 
+    /// Loads `spec`'s plugins and puts it in force; `manifest`: the record
+    /// of its manifest, taken before the manifest was read.
+    fn load_and_apply(
+        &self,
+        owner: &mut Owner,
+        spec: PolicySpec,
+        manifest: Option<(PathBuf, Seen)>,
+    ) -> Result<u64, Vec<PolicyError>> {
+        let (plugins, mut files) = self.load_plugins(owner, &spec)?;
+        files.extend(manifest);
+        self.apply(owner, spec, plugins, files).map_err(|e| vec![e])
+    }
+
+    /// Reports the outcome of a whole new spec.
+    fn report_result(&self, cause: Cause, result: &Result<u64, Vec<PolicyError>>) -> Reload {
+        self.report(match result {
+            Ok(generation) => Reload::Applied {
+                cause,
+                generation: *generation,
+            },
+            Err(errors) => Reload::Refused {
+                cause,
+                errors: errors.iter().map(crate::error_chain).collect(),
+            },
+        })
+    }
+
     /// A whole new spec, from code or the API.
     fn change(&self, mut spec: PolicySpec, cause: Cause) -> Result<u64, Vec<PolicyError>> {
         let manifest = manifest_seen(&spec);
+        // Registries are asked before the owner lock is taken.
         let fetched = self.fetch(&mut spec);
         let mut owner = self.lock_owner();
-        let result = fetched
-            .and_then(|()| self.load_plugins(&owner, &spec))
-            .and_then(|(plugins, mut files)| {
-                files.extend(manifest);
-                self.apply(&mut owner, spec, plugins, files).map_err(|e| vec![e])
-            });
-        match &result {
-            Ok(generation) => {
-                owner.pending = None;
-                self.report(Reload::Applied {
-                    cause,
-                    generation: *generation,
-                });
-            }
-            Err(errors) => {
-                self.report(Reload::Refused {
-                    cause,
-                    errors: errors.iter().map(crate::error_chain).collect(),
-                });
-            }
+        let result = fetched.and_then(|()| self.load_and_apply(&mut owner, spec, manifest));
+        if result.is_ok() {
+            owner.pending = None;
         }
+        self.report_result(cause, &result);
         result
     }
 
@@ -743,27 +756,17 @@ impl Shared {
                     }));
                 }
                 Ok(mut spec) => {
+                    let fetched = self.fetch(&mut spec);
+                    let files = spec.files();
                     // The manifest's record was taken above, before it was read.
-                    let result = self
-                        .fetch(&mut spec)
-                        .and_then(|()| self.load_plugins(&owner, &spec))
-                        .and_then(|(plugins, files)| {
-                            self.apply(&mut owner, spec.clone(), plugins, files)
-                                .map_err(|e| vec![e])
-                        });
-                    match result {
-                        Ok(generation) => {
-                            owner.pending = None;
-                            reports.push(self.report(Reload::Applied { cause, generation }));
-                            return reports;
-                        }
-                        Err(errors) => {
-                            owner.pending = Some(spec.files());
-                            reports.push(self.report(Reload::Refused {
-                                cause,
-                                errors: errors.iter().map(crate::error_chain).collect(),
-                            }));
-                        }
+                    let result = fetched.and_then(|()| self.load_and_apply(&mut owner, spec, None));
+                    owner.pending = match result {
+                        Ok(_) => None,
+                        Err(_) => Some(files),
+                    };
+                    reports.push(self.report_result(cause, &result));
+                    if result.is_ok() {
+                        return reports;
                     }
                 }
             }
