@@ -20,6 +20,13 @@ pub use follow::{Follower, FollowerThread};
 use std::fmt;
 use std::path::PathBuf;
 
+/// The hex of a `sha256:<64 lowercase hex>` digest, if it is one.
+pub(crate) fn sha256_hex(digest: &str) -> Option<&str> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+}
+
 /// The scheme prefix of a plugin path that names a registry artifact.
 pub const SCHEME: &str = "oci://";
 
@@ -71,10 +78,10 @@ impl OciRef {
             .ok_or_else(|| bad("expected oci://HOST/REPOSITORY[:TAG][@sha256:DIGEST]"))?;
         let (rest, digest) = match rest.split_once('@') {
             Some((r, d)) => {
-                let hex = d
-                    .strip_prefix("sha256:")
-                    .ok_or_else(|| bad("the digest must be sha256:<64 hex digits>"))?;
-                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+                if !d.starts_with("sha256:") {
+                    return Err(bad("the digest must be sha256:<64 hex digits>"));
+                }
+                if sha256_hex(d).is_none() {
                     return Err(bad("the digest must be sha256:<64 lowercase hex digits>"));
                 }
                 (r, Some(d.to_owned()))

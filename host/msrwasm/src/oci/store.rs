@@ -37,10 +37,10 @@ use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientP
 use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
-use sha2::{Digest, Sha256};
 
-use super::{Fetch, Fetched, OciError, OciRef, OciSource};
+use super::{Fetch, Fetched, OciError, OciRef, OciSource, sha256_hex};
 use crate::plugin::MAX_PLUGIN_BYTES;
+use crate::plugin::content_hash;
 
 /// Media type of the config blob of a Wasm OCI artifact.
 pub const WASM_CONFIG_MEDIA_TYPE: &str = "application/vnd.wasm.config.v0+json";
@@ -167,19 +167,8 @@ impl std::fmt::Debug for OciStore {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn digest_of(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex(&Sha256::digest(bytes)))
-}
-
-/// The hex of a `sha256:<64 hex>` digest, if it is one.
-fn sha256_hex(digest: &str) -> Option<&str> {
-    digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    format!("sha256:{}", content_hash(bytes))
 }
 
 impl OciStore {
@@ -549,7 +538,7 @@ impl OciStore {
     }
 
     fn key(r: &OciRef) -> String {
-        hex(&Sha256::digest(r.to_string().as_bytes()))[..32].to_owned()
+        content_hash(r.to_string().as_bytes())[..32].to_owned()
     }
 
     fn ref_path(&self, r: &OciRef) -> PathBuf {

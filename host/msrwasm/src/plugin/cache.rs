@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
+
+use super::hex;
 use wasmtime::Engine;
 use wasmtime::Module;
 use wasmtime::component::Component;
@@ -259,10 +261,6 @@ impl DiskCache {
             p.extension().is_some_and(|x| x == "cwasm")
         });
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The user's cache directory for msrwasm: `$XDG_CACHE_HOME/msrwasm`, else

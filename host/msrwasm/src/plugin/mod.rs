@@ -298,7 +298,12 @@ pub fn read_plugin_file(path: &Path) -> Result<Vec<u8>, LoadError> {
 
 /// Hex SHA-256 of a plugin file's content: its version identity.
 pub fn content_hash(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(bytes))
+}
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Plugin {
