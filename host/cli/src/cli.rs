@@ -612,7 +612,14 @@ fn check(args: CheckArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> 
     // The manifest as a whole: what `run` composes (chain, firewall).
     let mut refused = None;
     if let Some(spec) = &spec {
-        let mut builder = msrwasm::Engine::builder().filter(msrwasm::policy::filter::RecordingFilter::default());
+        // The same runtime and disk cache as the checks above: nothing is
+        // calibrated or compiled a second time.
+        let mut builder = msrwasm::Engine::builder()
+            .runtime(runtime.clone())
+            .filter(msrwasm::policy::filter::RecordingFilter::default());
+        if let Some(dir) = cache.disk_dir() {
+            builder = builder.cache_dir(dir);
+        }
         if spec.plugins.iter().any(|p| p.source.is_some()) {
             builder = builder.oci(oci.store()?);
         }
