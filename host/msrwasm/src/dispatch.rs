@@ -183,7 +183,6 @@ enum Who {
 pub struct Dispatcher {
     vcpu: u32,
     shared: Arc<Shared>,
-    generation: u64,
     policy: Arc<Policy>,
     /// This vCPU's instance of each plugin; `None` until first use, and
     /// again after a failure threw it away.
@@ -203,7 +202,7 @@ impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dispatcher")
             .field("vcpu", &self.vcpu)
-            .field("generation", &self.generation)
+            .field("generation", &self.policy.generation())
             .finish_non_exhaustive()
     }
 }
@@ -218,7 +217,6 @@ impl Dispatcher {
         let time_calls = shared.time_calls;
         Self {
             vcpu,
-            generation: policy.generation(),
             instances: (0..policy.plugins().len()).map(|_| None).collect(),
             policy,
             shared,
@@ -236,7 +234,7 @@ impl Dispatcher {
 
     /// The policy generation it answers with now.
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.policy.generation()
     }
 
     /// The policy it answers with now.
@@ -248,7 +246,7 @@ impl Dispatcher {
     /// than at first use, and moves to the newest policy first: `init`
     /// failures surface before the guest runs.
     pub fn warm_up(&mut self) -> Result<(), crate::plugin::LoadError> {
-        if self.shared.generation() != self.generation {
+        if self.shared.generation() != self.policy.generation() {
             self.switch();
         }
         for (slot, plugin) in self.instances.iter_mut().zip(self.policy.plugins()) {
@@ -262,7 +260,7 @@ impl Dispatcher {
     /// Decides one deflected access: the claiming plugins in chain order,
     /// then KVM's own handling for claimed MSRs, then `unhandled`.
     pub fn handle(&mut self, access: Access, kvm: &mut dyn KvmMsrs) -> Outcome<'_> {
-        let switch_started = (self.shared.generation() != self.generation).then(|| {
+        let switch_started = (self.shared.generation() != self.policy.generation()).then(|| {
             let started = Instant::now();
             self.switch();
             started
@@ -411,7 +409,6 @@ impl Dispatcher {
         // Dropping instances and policies can take a while (large
         // memories): not on the vCPU thread.
         self.shared.bury(old_instances, old_policy);
-        self.generation = self.policy.generation();
         self.stats.policy(&self.policy);
         for sink in &mut self.sinks {
             sink.policy(&self.policy);
