@@ -350,9 +350,11 @@ fn a_followed_tag_moved_to_a_corrupt_layer_changes_nothing() {
 enum Hostile {
     /// A 5 MiB manifest.
     HugeManifest,
+    /// A manifest of no stated length that never ends, as fast as it goes.
+    Flood,
     /// Reads the request, then never answers.
     Silent,
-    /// A manifest that never ends, a byte every 100 ms.
+    /// A 1000-byte manifest sent a byte every 100 ms.
     Trickle,
     /// A good manifest whose layer of 100 bytes arrives as 8 MiB.
     OversizedLayer,
@@ -408,10 +410,23 @@ fn hostile_registry(mode: Hostile) -> String {
                             body.resize(5 << 20, b' ');
                             answer(&mut stream, manifest_type, &body);
                         }
+                        (Hostile::Flood, p) if p.contains("/manifests/") => {
+                            let _ = stream.write_all(
+                                format!(
+                                    "HTTP/1.1 200 OK\r\nContent-Type: {manifest_type}\r\nConnection: close\r\n\r\n"
+                                )
+                                .as_bytes(),
+                            );
+                            let spaces = vec![b' '; 64 << 10];
+                            while stream.write_all(&spaces).is_ok() {}
+                            return;
+                        }
                         (Hostile::Trickle, p) if p.contains("/manifests/") => {
                             let _ = stream.write_all(
-                                format!("HTTP/1.1 200 OK\r\nContent-Type: {manifest_type}\r\nContent-Length: 1000000000\r\n\r\n")
-                                    .as_bytes(),
+                                format!(
+                                    "HTTP/1.1 200 OK\r\nContent-Type: {manifest_type}\r\nContent-Length: 1000\r\n\r\n"
+                                )
+                                .as_bytes(),
                             );
                             while stream.write_all(b" ").is_ok() {
                                 std::thread::sleep(Duration::from_millis(100));
@@ -433,7 +448,7 @@ fn hostile_registry(mode: Hostile) -> String {
     address
 }
 
-/// Registries are untrusted: a huge manifest, a silent or trickling peer
+/// Registries are untrusted: a huge or endless manifest, a silent or trickling peer
 /// and an oversized layer are refused or cut off by the deadline, and the
 /// store stays usable.
 #[test]
@@ -447,6 +462,8 @@ fn hostile_registries_are_refused_or_cut_off() {
     let store = OciStore::open(cache.path(), options).unwrap();
     for (mode, says) in [
         (Hostile::HugeManifest, "5242880-byte manifest"),
+        // Cut off at the limit, long before the deadline.
+        (Hostile::Flood, "manifest of more than 4194304 bytes"),
         (Hostile::Silent, "operation timed out"),        // read_timeout
         (Hostile::Trickle, "did not answer within 4 s"), // the deadline
         (Hostile::OversizedLayer, "100 bytes"),
