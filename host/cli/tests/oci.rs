@@ -185,6 +185,52 @@ fn remote_registries_are_spoken_to_over_https_only() {
     assert!(!t.contains("http://0.0.0.0"), "{t}");
 }
 
+/// A registry off loopback with a private CA's certificate: refused until
+/// `MSRWASM_REGISTRY_CA` names the CA, then push and pull work (the
+/// manifest GET msrwasm makes itself and oci-client's requests alike).
+#[test]
+fn a_private_registry_ca_is_trusted_through_msrwasm_registry_ca() {
+    let registry = Registry::start_tls();
+    let ca = registry.ca.clone().unwrap();
+    let reference = registry.reference("team/rapl:v1");
+    let cache = tempfile::tempdir().unwrap();
+    let o = bin(cache.path())
+        .arg("push")
+        .arg(rapl())
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("certificate"), "{}", text(&o));
+    let o = bin(cache.path())
+        .arg("push")
+        .arg(rapl())
+        .arg(&reference)
+        .env("MSRWASM_REGISTRY_CA", &ca)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    for (trusted, cache) in [
+        (false, tempfile::tempdir().unwrap()),
+        (true, tempfile::tempdir().unwrap()),
+    ] {
+        let mut pull = bin(cache.path());
+        pull.args(["pull", &reference]);
+        if trusted {
+            pull.env("MSRWASM_REGISTRY_CA", &ca);
+        }
+        let o = pull.output().unwrap();
+        match trusted {
+            true => assert!(o.status.success() && text(&o).contains("sha256:"), "{}", text(&o)),
+            false => assert!(
+                o.status.code() == Some(2) && text(&o).contains("certificate"),
+                "{}",
+                text(&o)
+            ),
+        }
+    }
+}
+
 #[test]
 fn run_takes_an_oci_plugin() {
     if !common::kvm_available() {
