@@ -292,3 +292,36 @@ fn state_carries_across_reloads() {
     let first_v2 = values.iter().position(|v| v >> 40 == 1).expect("version 2 answered");
     assert!(first_v2 > 0 && counts[first_v2] > 100, "v2 continued v1's count");
 }
+
+/// Far more file events than the watcher queues between two `process()`
+/// calls (4096; inotify's own queue may overflow too): the events past the
+/// bound are dropped, the plugin's change among them, and the change is
+/// still applied. KVM-free: the engine and its watcher, driven by hand.
+#[test]
+fn a_flood_of_file_events_past_the_watcher_queue_loses_no_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("p.wasm");
+    std::fs::write(&plugin, version(1)).unwrap();
+    let engine = msrwasm::Engine::builder()
+        .filter(msrwasm::policy::filter::RecordingFilter::default())
+        .build(quick(&plugin))
+        .unwrap();
+    let mut watcher = msrwasm::watch::Watcher::new(&engine).unwrap();
+    assert!(watcher.process().is_empty(), "nothing changed yet");
+    // Each file: create, modify, close-write: 15,000 events.
+    for i in 0..5000 {
+        std::fs::write(dir.path().join(format!("noise-{i}.log")), b"x").unwrap();
+    }
+    atomic_write(&plugin, &version(2));
+    let mut applied = Vec::new();
+    wait_until("the change is applied", || {
+        applied.extend(
+            watcher
+                .process()
+                .into_iter()
+                .filter(|r| matches!(r, msrwasm::Reload::Applied { .. })),
+        );
+        !applied.is_empty()
+    });
+    assert_eq!(applied.len(), 1, "{applied:?}");
+}

@@ -328,3 +328,92 @@ fn a_quarantined_plugin_serves_again_once_a_fixed_version_is_dropped_in() {
         "before: errors or skipped"
     );
 }
+
+/// The smallest component that implements the plugin world: every access
+/// passes. `extra` is spliced in at the top level (more core modules and
+/// instances).
+fn passing_component(extra: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(component
+            (core module $m
+                (memory (export "mem") 1)
+                ;; init: ok; claims: none (both zero bytes at address 0)
+                (func (export "init") (result i32) (i32.const 0))
+                (func (export "claims") (result i32) (i32.const 0))
+                ;; read-result `pass` (case 2) at address 16
+                (data (i32.const 16) "\02")
+                (func (export "rdmsr") (param i32) (result i32) (i32.const 16))
+                (func (export "wrmsr") (param i32 i64) (result i32) (i32.const 2)))
+            (core instance $i (instantiate $m))
+            {extra}
+            (type $range (record (field "first" u32) (field "last" u32)))
+            (type $read (variant (case "value" u64) (case "fault") (case "pass")))
+            (type $write (enum "handled" "fault" "pass"))
+            (func $init (result (result (error string))) (canon lift (core func $i "init") (memory (core memory $i "mem"))))
+            (func $claims (result (option (list $range))) (canon lift (core func $i "claims") (memory (core memory $i "mem"))))
+            (func $rdmsr (param "index" u32) (result $read) (canon lift (core func $i "rdmsr") (memory (core memory $i "mem"))))
+            (func $wrmsr (param "index" u32) (param "value" u64) (result $write) (canon lift (core func $i "wrmsr")))
+            (instance $handler
+                (export "msr-range" (type $range))
+                (export "read-result" (type $read))
+                (export "write-result" (type $write))
+                (export "init" (func $init))
+                (export "claims" (func $claims))
+                (export "rdmsr" (func $rdmsr))
+                (export "wrmsr" (func $wrmsr)))
+            (export "msrwasm:plugin/handler@1.0.0" (instance $handler)))"#
+    ))
+    .expect("valid component text")
+}
+
+/// A component's core instances and memories count together against one
+/// store's limits (256 instances; one `memory_max_kib` for all its
+/// memories): over either, it is refused at load, naming the file.
+#[test]
+fn components_over_the_instance_or_memory_total_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, extra: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, passing_component(extra)).unwrap();
+        path
+    };
+    // The control: the same component with room to spare loads.
+    let fine = write(
+        "fine.wasm",
+        &format!(
+            "(core module $e (memory 2)) {}",
+            "(core instance (instantiate $e))".repeat(3)
+        ),
+    );
+    msrwasm::Engine::builder()
+        .filter(msrwasm::policy::filter::RecordingFilter::default())
+        .build(msrwasm_tests::quick(&fine))
+        .expect("a component within the limits loads");
+    // 300 instances of one empty module: within the 64-module limit, over
+    // the 256-instance one.
+    let instances = write(
+        "instances.wasm",
+        &format!("(core module $e) {}", "(core instance (instantiate $e))".repeat(300)),
+    );
+    let e = load_error(&instances);
+    assert!(
+        e.contains("instances.wasm") && e.contains("instance count too high"),
+        "{e}"
+    );
+    // Nine more memories of 128 KiB: each fits the 1024 KiB default, their
+    // sum does not.
+    let memories = write(
+        "memories.wasm",
+        &format!(
+            "(core module $e (memory 2)) {}",
+            "(core instance (instantiate $e))".repeat(9)
+        ),
+    );
+    let e = load_error(&memories);
+    assert!(
+        e.contains("memories.wasm")
+            && e.contains("a component's memories together")
+            && e.contains("memory_max_kib = 1024"),
+        "{e}"
+    );
+}

@@ -866,7 +866,7 @@ fn instantiation_error(e: wasmtime::Error, memory_max_kib: u64) -> WasmError {
     let text = wasm_error_text(&e);
     if text.contains("memory minimum size") && text.contains("exceeds memory limits") {
         return format!(
-            "{}: the module's initial memory is larger than memory_max_kib = {memory_max_kib} KiB (default {}); raise memory_max_kib in the manifest or shrink the module's memory (e.g. a smaller stack)",
+            "{}: the initial memory (a component's memories together) is larger than memory_max_kib = {memory_max_kib} KiB (default {}); raise memory_max_kib in the manifest or shrink the plugin's memory (e.g. a smaller stack)",
             one_line(&text),
             PluginSettings::DEFAULT_MEMORY_MAX_KIB
         )

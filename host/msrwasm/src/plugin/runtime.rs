@@ -259,3 +259,16 @@ impl Ticker {
         let _ = self.thread.join();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A measurement that cannot be made (here: an engine without fuel
+    /// metering) gives the fixed fallback rate, never an absurd one.
+    #[test]
+    fn calibration_that_cannot_measure_falls_back_to_1000_fuel_per_us() {
+        let engine = Engine::new(&wasmtime::Config::new()).unwrap();
+        assert_eq!(calibrate(&engine), 1000);
+    }
+}
