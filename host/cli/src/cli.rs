@@ -105,10 +105,14 @@ enum Command {
     /// roots plus MSRWASM_REGISTRY_CA (PEM); plain HTTP only to loopback
     /// registries. Credentials: MSRWASM_REGISTRY_USER and
     /// MSRWASM_REGISTRY_PASSWORD, else the Docker config
-    /// ($DOCKER_CONFIG/config.json or ~/.docker/config.json).
+    /// ($DOCKER_CONFIG/config.json or ~/.docker/config.json, credential
+    /// helpers included). A push or pull, credentials included, gets
+    /// MSRWASM_REGISTRY_TIMEOUT_S seconds (default 120).
     Push(PushArgs),
     /// Fetch a plugin from an OCI registry (verifying every digest) into
     /// the local cache and a file.
+    ///
+    /// Transport, credentials and MSRWASM_REGISTRY_TIMEOUT_S as for push.
     Pull(PullArgs),
 }
 

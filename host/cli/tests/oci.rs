@@ -16,6 +16,7 @@ fn bin(cache: &Path) -> Command {
         .env_remove("MSRWASM_REGISTRY_USER")
         .env_remove("MSRWASM_REGISTRY_PASSWORD")
         .env_remove("MSRWASM_REGISTRY_CA")
+        .env_remove("MSRWASM_REGISTRY_TIMEOUT_S")
         // No user Docker config leaks in.
         .env("DOCKER_CONFIG", cache.join("no-docker-config"));
     c
@@ -183,6 +184,80 @@ fn remote_registries_are_spoken_to_over_https_only() {
     let t = text(&o);
     assert!(t.contains("https://0.0.0.0:1/"), "{t}");
     assert!(!t.contains("http://0.0.0.0"), "{t}");
+}
+
+/// A credential helper the Docker config names runs (a working one gives
+/// the login); one that hangs is cut off by `MSRWASM_REGISTRY_TIMEOUT_S`,
+/// and a bad value of that is said so.
+#[test]
+fn credential_helpers_answer_and_a_hung_one_is_cut_off_by_the_deadline() {
+    use std::os::unix::fs::PermissionsExt;
+    let registry = Registry::start(&[("team", "pa55")]);
+    let reference = registry.reference("private/rapl:v1");
+    let cache = tempfile::tempdir().unwrap();
+    let o = bin(cache.path())
+        .env("MSRWASM_REGISTRY_USER", "team")
+        .env("MSRWASM_REGISTRY_PASSWORD", "pa55")
+        .arg("push")
+        .arg(rapl())
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let helpers = tempfile::tempdir().unwrap();
+    let hung_pid = helpers.path().join("hung.pid");
+    for (name, script) in [
+        (
+            "good",
+            "cat >/dev/null\necho '{\"Username\":\"team\",\"Secret\":\"pa55\"}'".to_owned(),
+        ),
+        ("hang", format!("echo $$ > {}\nexec sleep 60", hung_pid.display())),
+    ] {
+        let path = helpers.path().join(format!("docker-credential-{name}"));
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        helpers.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let pull = |helper: &str, timeout: &str| {
+        let docker = tempfile::tempdir().unwrap();
+        std::fs::write(
+            docker.path().join("config.json"),
+            format!(r#"{{"credsStore":"{helper}"}}"#),
+        )
+        .unwrap();
+        let fresh = tempfile::tempdir().unwrap();
+        bin(fresh.path())
+            .env("DOCKER_CONFIG", docker.path())
+            .env("PATH", &path)
+            .env("MSRWASM_REGISTRY_TIMEOUT_S", timeout)
+            .args(["pull", &reference, "-o"])
+            .arg(fresh.path().join("p.wasm"))
+            .output()
+            .unwrap()
+    };
+    let o = pull("good", "30");
+    assert!(o.status.success(), "{}", text(&o));
+    let o = pull("hang", "2");
+    if let Ok(pid) = std::fs::read_to_string(&hung_pid) {
+        let _ = Command::new("kill").arg(pid.trim()).status();
+    }
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("private/rapl:v1: the Docker credential helper did not answer within 2 s"),
+        "{}",
+        text(&o)
+    );
+    let o = pull("good", "0");
+    assert!(
+        o.status.code() == Some(2)
+            && text(&o).contains("MSRWASM_REGISTRY_TIMEOUT_S = \"0\": give whole seconds, 1 to 3600"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// A registry off loopback with a private CA's certificate: refused until

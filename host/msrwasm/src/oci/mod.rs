@@ -272,11 +272,14 @@ pub enum OciError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// The registry took longer than the deadline.
-    #[error("{reference}: the registry did not answer within {seconds} s")]
+    /// The registry (or the Docker credential helper for it) took longer
+    /// than the deadline.
+    #[error("{reference}: {what} did not answer within {seconds} s")]
     Timeout {
         /// The reference.
         reference: String,
+        /// `the registry`, `the Docker credential helper`.
+        what: &'static str,
         /// The deadline.
         seconds: u64,
     },

@@ -26,10 +26,10 @@
 //! Docker config file (`$DOCKER_CONFIG/config.json` or
 //! `~/.docker/config.json`, credential helpers included), else anonymous.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -92,9 +92,21 @@ impl Default for StoreOptions {
 
 impl StoreOptions {
     /// Defaults plus `MSRWASM_REGISTRY_CA`, `MSRWASM_REGISTRY_USER` and
-    /// `MSRWASM_REGISTRY_PASSWORD` (the two given together or not at all).
+    /// `MSRWASM_REGISTRY_PASSWORD` (the two given together or not at all),
+    /// and `MSRWASM_REGISTRY_TIMEOUT_S` (the deadline, 1 ..= 3600 s).
     pub fn from_env() -> Result<Self, OciError> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let deadline = match var("MSRWASM_REGISTRY_TIMEOUT_S") {
+            None => Self::default().deadline,
+            Some(v) => match v.parse::<u64>() {
+                Ok(s @ 1..=3600) => Duration::from_secs(s),
+                _ => {
+                    return Err(OciError::Config(format!(
+                        "MSRWASM_REGISTRY_TIMEOUT_S = {v:?}: give whole seconds, 1 to 3600"
+                    )));
+                }
+            },
+        };
         let credentials = match (var("MSRWASM_REGISTRY_USER"), var("MSRWASM_REGISTRY_PASSWORD")) {
             (Some(u), Some(p)) => Some((u, p)),
             (None, None) => None,
@@ -107,6 +119,7 @@ impl StoreOptions {
         Ok(Self {
             ca: var("MSRWASM_REGISTRY_CA").map(PathBuf::from),
             credentials,
+            deadline,
             ..Self::default()
         })
     }
@@ -159,6 +172,8 @@ pub struct OciStore {
     /// Manifest digests whose content this process verified, per
     /// reference: a poll that finds the same digest skips re-hashing.
     verified: Mutex<HashMap<String, Pulled>>,
+    /// Registries whose credential lookup is running (see `auth`).
+    lookups: Arc<Mutex<HashSet<String>>>,
 }
 
 impl std::fmt::Debug for OciStore {
@@ -208,6 +223,7 @@ impl OciStore {
             extra_roots,
             http_roots,
             verified: Mutex::new(HashMap::new()),
+            lookups: Arc::default(),
         })
     }
 
@@ -234,42 +250,50 @@ impl OciStore {
         })
     }
 
-    /// Credentials for `r`'s registry.
-    fn auth(&self, r: &OciRef) -> RegistryAuth {
+    /// Credentials for `r`'s registry, found by `until`: the Docker config
+    /// may name a credential helper, a program that can hang. It runs on a
+    /// thread of its own, one per registry at a time, so a hung helper
+    /// holds one thread however often a follower polls.
+    fn auth(&self, r: &OciRef, until: Instant) -> Result<RegistryAuth, OciError> {
         if let Some((user, password)) = &self.options.credentials {
-            return RegistryAuth::Basic(user.clone(), password.clone());
+            return Ok(RegistryAuth::Basic(user.clone(), password.clone()));
         }
-        let config = std::env::var_os("DOCKER_CONFIG")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))
-            .map(|d| d.join("config.json"));
-        let Some(config) = config else {
-            return RegistryAuth::Anonymous;
+        let timeout = || OciError::Timeout {
+            reference: r.to_string(),
+            what: "the Docker credential helper",
+            seconds: self.options.deadline.as_secs(),
         };
-        let bytes = match crate::files::read_regular(&config, MAX_CONFIG_BYTES) {
-            Ok(b) => b,
-            Err(crate::files::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                return RegistryAuth::Anonymous;
-            }
-            Err(e) => {
-                tracing::warn!("Docker config {}: {e}; pulling anonymously", config.display());
-                return RegistryAuth::Anonymous;
-            }
-        };
-        use docker_credential::{CredentialRetrievalError as E, DockerCredential as C};
-        match docker_credential::get_credential_from_reader(&bytes[..], &r.registry) {
-            Ok(C::UsernamePassword(u, p)) => RegistryAuth::Basic(u, p),
-            Ok(C::IdentityToken(t)) => RegistryAuth::Bearer(t),
-            Err(E::NoCredentialConfigured) => RegistryAuth::Anonymous,
-            Err(e) => {
-                tracing::warn!(
-                    "Docker config {} for {}: {e}; trying anonymously",
-                    config.display(),
-                    r.registry
-                );
-                RegistryAuth::Anonymous
+        /// A registry's entry in `lookups`, removed when dropped (the
+        /// lookup ended, panicked, or its thread never started).
+        struct Lookup(Arc<Mutex<HashSet<String>>>, String);
+        impl Drop for Lookup {
+            fn drop(&mut self) {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
             }
         }
+        if !self
+            .lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(r.registry.clone())
+        {
+            return Err(timeout());
+        }
+        let lookup = Lookup(self.lookups.clone(), r.registry.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("msrwasm-credentials".into())
+            .spawn(move || {
+                let auth = docker_auth(&lookup.1);
+                drop(lookup);
+                let _ = tx.send(auth);
+            })
+            .map_err(|source| OciError::Io {
+                path: PathBuf::from("(thread)"),
+                source,
+            })?;
+        rx.recv_timeout(until.saturating_duration_since(Instant::now()))
+            .map_err(|_| timeout())
     }
 
     /// Runs `work` on a runtime of its own (on a thread of its own, so that
@@ -297,6 +321,7 @@ impl OciStore {
                     runtime.block_on(async {
                         tokio::time::timeout(left, work).await.unwrap_or(Err(OciError::Timeout {
                             reference: reference.clone(),
+                            what: "the registry",
                             seconds: deadline.as_secs(),
                         }))
                     })
@@ -356,9 +381,10 @@ impl OciStore {
         let manifest_digest = digest_of(&body);
         let reference = oci_reference(r);
         let client = self.client(r);
-        let auth = self.auth(r);
-        let err = Self::registry_error(r);
+        // One deadline for the whole push, credentials included.
         let until = Instant::now() + self.options.deadline;
+        let auth = self.auth(r, until)?;
+        let err = Self::registry_error(r);
         self.block(r, until, async {
             client
                 .auth(&reference, &auth, RegistryOperation::Push)
@@ -394,10 +420,10 @@ impl OciStore {
     pub fn pull(&self, r: &OciRef) -> Result<Pulled, OciError> {
         let reference = oci_reference(r);
         let client = self.client(r);
-        let auth = self.auth(r);
-        let err = Self::registry_error(r);
-        // One deadline for the whole pull, manifest and layer.
+        // One deadline for the whole pull: credentials, manifest and layer.
         let until = Instant::now() + self.options.deadline;
+        let auth = self.auth(r, until)?;
+        let err = Self::registry_error(r);
         let (body, header_digest) = self.block(r, until, self.pull_manifest(r, &client, &reference, &auth))?;
         let manifest_digest = self.check_manifest(r, &body, header_digest.as_deref())?;
         let key = r.to_string();
@@ -763,6 +789,42 @@ fn parse_manifest(r: &OciRef, body: &[u8]) -> Result<(OciImageManifest, OciDescr
         )));
     }
     Ok((manifest, layer))
+}
+
+/// Credentials for `registry` from the Docker config (`$DOCKER_CONFIG` or
+/// `~/.docker`), running the credential helper it names; else anonymous.
+fn docker_auth(registry: &str) -> RegistryAuth {
+    let config = std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))
+        .map(|d| d.join("config.json"));
+    let Some(config) = config else {
+        return RegistryAuth::Anonymous;
+    };
+    let bytes = match crate::files::read_regular(&config, MAX_CONFIG_BYTES) {
+        Ok(b) => b,
+        Err(crate::files::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return RegistryAuth::Anonymous;
+        }
+        Err(e) => {
+            tracing::warn!("Docker config {}: {e}; pulling anonymously", config.display());
+            return RegistryAuth::Anonymous;
+        }
+    };
+    use docker_credential::{CredentialRetrievalError as E, DockerCredential as C};
+    match docker_credential::get_credential_from_reader(&bytes[..], registry) {
+        Ok(C::UsernamePassword(u, p)) => RegistryAuth::Basic(u, p),
+        Ok(C::IdentityToken(t)) => RegistryAuth::Bearer(t),
+        Err(E::NoCredentialConfigured) => RegistryAuth::Anonymous,
+        Err(e) => {
+            tracing::warn!(
+                "Docker config {} for {}: {e}; trying anonymously",
+                config.display(),
+                registry
+            );
+            RegistryAuth::Anonymous
+        }
+    }
 }
 
 fn oci_reference(r: &OciRef) -> Reference {
