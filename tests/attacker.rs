@@ -6,7 +6,8 @@ use std::os::unix::fs::symlink;
 use msrwasm::policy::PolicySpec;
 use msrwasm_cli::runner::VmEnd;
 use msrwasm_tests::{
-    answering, atomic_write, guest, kvm_available, manifest, mkfifo, quick, run, start, test_plugin, wait_until,
+    LivePlugin, answering, atomic_write, guest, kvm_available, live_plugin, manifest, mkfifo, quick, run, start,
+    test_plugin, wait_until,
 };
 
 /// An observer that claims MSRs and passes on everything used to let the
@@ -82,12 +83,9 @@ fn a_plugin_written_in_place_never_serves_its_first_half() {
     wasmparser::Validator::new().validate_all(&prefix).unwrap();
     wasmparser::Validator::new().validate_all(&whole).unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
-    let plugin = dir.path().join("p.wasm");
-    std::fs::write(&plugin, answering(1)).unwrap();
-    let vm = start(&guest("msr_forever.elf"), 1, quick(&plugin));
-    let scope = vm.state.scope("p");
-    wait_until("version 1 answers", || scope.get(1) == 1);
+    let LivePlugin {
+        dir: _dir, plugin, vm, ..
+    } = live_plugin();
     {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()

@@ -6,7 +6,9 @@ use std::io::Write;
 use msrwasm::plugin::content_hash;
 use msrwasm::policy::PolicySpec;
 use msrwasm_cli::runner::VmEnd;
-use msrwasm_tests::{answering as version, atomic_write, guest, kvm_available, quick, start, wait_until};
+use msrwasm_tests::{
+    LivePlugin, answering as version, atomic_write, guest, kvm_available, live_plugin, quick, start, wait_until,
+};
 
 fn wat(text: &str) -> Vec<u8> {
     wat::parse_str(text).expect("test WAT")
@@ -17,12 +19,12 @@ fn atomic_rename_and_in_place_rewrite_take_over_cleanly() {
     if !kvm_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let plugin = dir.path().join("p.wasm");
-    std::fs::write(&plugin, version(1)).unwrap();
-    let vm = start(&guest("msr_forever.elf"), 1, quick(&plugin));
-    let scope = vm.state.scope("p");
-    wait_until("version 1 answers", || scope.get(1) == 1);
+    let LivePlugin {
+        dir: _dir,
+        plugin,
+        vm,
+        scope,
+    } = live_plugin();
 
     atomic_write(&plugin, &version(2));
     wait_until("version 2 answers", || scope.get(1) == 2);
@@ -68,12 +70,7 @@ fn a_busy_neighbour_file_does_not_delay_a_reload() {
     if !kvm_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let plugin = dir.path().join("p.wasm");
-    std::fs::write(&plugin, version(1)).unwrap();
-    let vm = start(&guest("msr_forever.elf"), 1, quick(&plugin));
-    let scope = vm.state.scope("p");
-    wait_until("version 1 answers", || scope.get(1) == 1);
+    let LivePlugin { dir, plugin, vm, scope } = live_plugin();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (stop, path) = (stop.clone(), dir.path().join("busy.log"));

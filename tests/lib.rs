@@ -10,40 +10,11 @@ use msrwasm::policy::PolicySpec;
 use msrwasm::trace::TraceRecord;
 use msrwasm_cli::runner::{self as vm, VmConfig, VmReport};
 
+#[path = "support/common.rs"]
+mod common;
 #[path = "support/registry.rs"]
 pub mod registry;
-
-/// Whether KVM tests can run. Under CI (`CI=true`) a missing `/dev/kvm` is
-/// a failure, not a skip. Elsewhere the test is reported as skipped (see
-/// [`record_skip`]).
-pub fn kvm_available() -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !usable {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("/dev/kvm is missing or not accessible, and CI=true: KVM tests must run in CI");
-        }
-        record_skip("/dev/kvm is missing or not accessible");
-    }
-    usable
-}
-
-/// Reports the running test as skipped: on standard error, and as a line
-/// in `$MSRWASM_SKIP_LOG` (which `tests/run.sh` counts, so that a skip is
-/// never counted as a pass).
-pub fn record_skip(why: &str) {
-    let test = std::thread::current().name().unwrap_or("a test").to_owned();
-    eprintln!("SKIPPED: {test}: {why}");
-    if let Some(log) = std::env::var_os("MSRWASM_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-            let _ = writeln!(f, "{test}: {why}");
-        }
-    }
-}
+pub use common::{kvm_available, mkfifo, record_skip};
 
 /// Path of an assembled test guest: `name.elf`, or `name.bin` for flat ones.
 pub fn guest(file: &str) -> PathBuf {
@@ -179,12 +150,6 @@ pub fn manifest(text: &str) -> (tempfile::TempDir, PolicySpec) {
 /// every deflected access, `unhandled = "gp"`.
 pub fn quick(path: &Path) -> PolicySpec {
     PolicySpec::from_paths(&[path.to_owned()], msrwasm::policy::Unhandled::Gp)
-}
-
-/// Makes a FIFO at `path` (nobody writes to it: a reader would block).
-pub fn mkfifo(path: &Path) {
-    let made = std::process::Command::new("mkfifo").arg(path).status();
-    assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", path.display());
 }
 
 /// The repository root.
@@ -482,6 +447,28 @@ pub fn start_with(
         thread,
         out,
     })
+}
+
+/// A running one-vCPU VM on `msr_forever.elf` whose one plugin, `p`, is
+/// the file `plugin` in a directory of its own, started as
+/// [`answering`]`(1)`: what the hot-reload tests start from.
+pub struct LivePlugin {
+    pub dir: tempfile::TempDir,
+    pub plugin: PathBuf,
+    pub vm: Started,
+    /// Plugin `p`'s state: key 1 holds the version that answered last.
+    pub scope: Arc<msrwasm::plugin::state::StateScope>,
+}
+
+/// Starts a [`LivePlugin`] and returns once version 1 answers.
+pub fn live_plugin() -> LivePlugin {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let plugin = dir.path().join("p.wasm");
+    std::fs::write(&plugin, answering(1)).expect("writing the plugin");
+    let vm = start(&guest("msr_forever.elf"), 1, quick(&plugin));
+    let scope = vm.state.scope("p");
+    wait_until("version 1 answers", || scope.get(1) == 1);
+    LivePlugin { dir, plugin, vm, scope }
 }
 
 impl Started {

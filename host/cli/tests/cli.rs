@@ -1,6 +1,7 @@
 //! The `msrwasm` command line as users and scripts drive it: exit statuses,
 //! messages for bad input, the demo, signals.
 
+#[path = "../../../tests/support/common.rs"]
 mod common;
 use common::kvm_available;
 

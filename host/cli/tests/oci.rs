@@ -1,6 +1,7 @@
 //! `msrwasm push`, `pull`, and `oci://` in `check`, `test` and `run`,
 //! against a real registry on 127.0.0.1: what a user types.
 
+#[path = "../../../tests/support/common.rs"]
 mod common;
 #[path = "../../../tests/support/registry.rs"]
 mod registry;

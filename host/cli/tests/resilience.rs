@@ -2,6 +2,7 @@
 //! panics, hangs or grows without bound, and always ends with its status
 //! and its summary. Each test failed before its fix.
 
+#[path = "../../../tests/support/common.rs"]
 mod common;
 use common::{kvm_available, mkfifo};
 
