@@ -109,6 +109,7 @@ fn refused_plugins_bad_references_and_missing_tags_are_named() {
 
 #[test]
 fn credentials_come_from_the_environment_or_the_docker_config() {
+    use std::os::unix::fs::PermissionsExt;
     let registry = Registry::start(&[("team", "pa55")]);
     let cache = tempfile::tempdir().unwrap();
     let reference = registry.reference("private/rapl:v1");
@@ -169,42 +170,9 @@ fn credentials_come_from_the_environment_or_the_docker_config() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "anonymous, refused: {}", text(&o));
     assert!(text(&o).contains("FIFO"), "{}", text(&o));
-}
-
-#[test]
-fn remote_registries_are_spoken_to_over_https_only() {
-    let cache = tempfile::tempdir().unwrap();
-    // Not a loopback name (0.0.0.0 refuses at once here): what matters is
-    // the scheme tried.
-    let o = bin(cache.path())
-        .args(["pull", "oci://0.0.0.0:1/team/rapl:v1"])
-        .env("MSRWASM_LOG", "debug")
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    let t = text(&o);
-    assert!(t.contains("https://0.0.0.0:1/"), "{t}");
-    assert!(!t.contains("http://0.0.0.0"), "{t}");
-}
-
-/// A credential helper the Docker config names runs (a working one gives
-/// the login); one that hangs is cut off by `MSRWASM_REGISTRY_TIMEOUT_S`,
-/// and a bad value of that is said so.
-#[test]
-fn credential_helpers_answer_and_a_hung_one_is_cut_off_by_the_deadline() {
-    use std::os::unix::fs::PermissionsExt;
-    let registry = Registry::start(&[("team", "pa55")]);
-    let reference = registry.reference("private/rapl:v1");
-    let cache = tempfile::tempdir().unwrap();
-    let o = bin(cache.path())
-        .env("MSRWASM_REGISTRY_USER", "team")
-        .env("MSRWASM_REGISTRY_PASSWORD", "pa55")
-        .arg("push")
-        .arg(rapl())
-        .arg(&reference)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    // A credential helper the Docker config names runs (a working one
+    // gives the login); one that hangs is cut off by
+    // MSRWASM_REGISTRY_TIMEOUT_S, and a bad value of that is said so.
     let helpers = tempfile::tempdir().unwrap();
     let hung_pid = helpers.path().join("hung.pid");
     for (name, script) in [
@@ -259,6 +227,22 @@ fn credential_helpers_answer_and_a_hung_one_is_cut_off_by_the_deadline() {
         "{}",
         text(&o)
     );
+}
+
+#[test]
+fn remote_registries_are_spoken_to_over_https_only() {
+    let cache = tempfile::tempdir().unwrap();
+    // Not a loopback name (0.0.0.0 refuses at once here): what matters is
+    // the scheme tried.
+    let o = bin(cache.path())
+        .args(["pull", "oci://0.0.0.0:1/team/rapl:v1"])
+        .env("MSRWASM_LOG", "debug")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("https://0.0.0.0:1/"), "{t}");
+    assert!(!t.contains("http://0.0.0.0"), "{t}");
 }
 
 /// A registry off loopback with a private CA's certificate: refused until
