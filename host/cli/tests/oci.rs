@@ -275,7 +275,7 @@ fn a_private_registry_ca_is_trusted_through_msrwasm_registry_ca() {
         (true, tempfile::tempdir().unwrap()),
     ] {
         let mut pull = bin(cache.path());
-        pull.args(["pull", &reference]);
+        pull.args(["pull", &reference, "-o"]).arg(cache.path().join("p.wasm"));
         if trusted {
             pull.env("MSRWASM_REGISTRY_CA", &ca);
         }
