@@ -14,13 +14,16 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use msrwasm::ExitReason;
-use msrwasm::plugin::state::StateStore;
-use msrwasm::plugin::{Answer, Plugin, PluginSettings, Runtime};
+use msrwasm::tools::StateStore;
+use msrwasm::tools::Answer;
+use msrwasm::tools::Plugin;
+use msrwasm::PluginSettings;
+use msrwasm::tools::Runtime;
 
 const MSR_RAPL_POWER_UNIT: u32 = 0x606;
 const MSR_PKG_ENERGY_STATUS: u32 = 0x611;
 
-fn read(instance: &mut msrwasm::plugin::PluginInstance, index: u32) -> Result<u64> {
+fn read(instance: &mut msrwasm::tools::PluginInstance, index: u32) -> Result<u64> {
     match instance.rdmsr(index, ExitReason::Filter.bits())? {
         Answer::Handled(value) => Ok(value),
         other => bail!("rdmsr {index:#x} answered {other:?}"),

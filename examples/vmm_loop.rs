@@ -9,6 +9,9 @@
 //! 4. a hot reload of the plugin file while the guest runs;
 //! 5. a programmatic policy update that a later file reload does not undo.
 //!
+//! It uses only msrwasm's stable API (the crate root, `kvm`, `watch`,
+//! `filter`), owns its `VmFd` by value as Firecracker does, and keeps the
+//! dispatcher in a `Send + Sync` vCPU struct as cloud-hypervisor does.
 //! It exits 0 once all five were seen. Run it (needs /dev/kvm):
 //!
 //! ```sh
@@ -24,8 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use msrwasm::policy::filter::VmmRange;
-use msrwasm::{AnsweredBy, Engine, ExitReason, PolicySpec, Reply, Unhandled, kvm};
+use msrwasm::filter::VmmRange;
+use msrwasm::{Engine, ExitReason, PolicySpec, Reply, Unhandled, kvm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// An MSR KVM does not know: the plugin answers it.
@@ -75,7 +78,7 @@ fn main() -> Result<()> {
 
     // The VMM's VM and memory.
     let kvm = Kvm::new().context("opening /dev/kvm")?;
-    let vm = Arc::new(kvm.create_vm()?);
+    let vm = kvm.create_vm()?;
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
     register_memory(&vm, &mem)?;
     mem.write_slice(&GUEST, GuestAddress(0x1000))?;
@@ -92,7 +95,7 @@ fn main() -> Result<()> {
         write: false,
     };
     let engine = Engine::builder()
-        .filter(kvm::KvmFilter::new(vm.clone(), vec![own]))
+        .filter(kvm::KvmFilter::new(&kvm, &vm, vec![own])?)
         .build(spec.clone())?;
     let _watcher = msrwasm::watch::Watcher::spawn(&engine)?;
     // ---
@@ -109,9 +112,13 @@ fn main() -> Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = channel();
+    let mut vcpu = Vcpu {
+        fd: vcpu,
+        msrs: engine.dispatcher(0),
+    };
     let thread = {
-        let (engine, stop) = (engine.clone(), stop.clone());
-        std::thread::spawn(move || vcpu_loop(vcpu, &engine, &stop, &tx))
+        let stop = stop.clone();
+        std::thread::spawn(move || vcpu.run_loop(&stop, &tx))
     };
 
     // The scenario: each step waits until the guest shows its effect.
@@ -141,9 +148,7 @@ fn main() -> Result<()> {
     })?;
 
     spec.plugins[0].config.insert("value".into(), 7);
-    let generation = engine
-        .update(spec)
-        .map_err(|e| anyhow::anyhow!("update refused: {e:?}"))?;
+    let generation = engine.update(spec).context("update refused")?;
     println!("update(): generation {generation}");
     wait_for("the programmatic update", &mut |s| *s == (PLUGIN_MSR, 2007, "plugin"))?;
 
@@ -158,35 +163,42 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The VMM's run loop. The MSR integration is the `msr_access` match arm
-/// and the two calls inside the `if let`.
-fn vcpu_loop(mut vcpu: VcpuFd, engine: &Engine, stop: &AtomicBool, tx: &Sender<Seen>) -> Result<()> {
-    let mut msrs = engine.dispatcher(0);
-    while !stop.load(Ordering::Acquire) {
-        let access = match vcpu.run()? {
-            exit @ (VcpuExit::X86Rdmsr(_) | VcpuExit::X86Wrmsr(_)) => kvm::msr_access(&exit),
-            other => bail!("unexpected exit {other:?}"),
-        };
-        let Some(access) = access else { continue };
-        if access.index == VMM_MSR && access.reason == ExitReason::Filter {
-            // The VMM's own range: answered by the VMM, not by msrwasm.
-            kvm::complete(&mut vcpu, Reply::Read(VMM_TSC))?;
-            let _ = tx.send((VMM_MSR, VMM_TSC, "vmm"));
-            continue;
+/// The VMM's vCPU: like cloud-hypervisor's, it must be `Send + Sync`.
+struct Vcpu {
+    fd: VcpuFd,
+    msrs: msrwasm::Dispatcher,
+}
+
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Vcpu>()
+};
+
+impl Vcpu {
+    /// The VMM's run loop. The MSR integration is the `msr_access` match
+    /// arm and the `handle_exit` call.
+    fn run_loop(&mut self, stop: &AtomicBool, tx: &Sender<Seen>) -> Result<()> {
+        while !stop.load(Ordering::Acquire) {
+            let access = match self.fd.run()? {
+                exit @ (VcpuExit::X86Rdmsr(_) | VcpuExit::X86Wrmsr(_)) => kvm::msr_access(&exit),
+                other => bail!("unexpected exit {other:?}"),
+            };
+            let Some(access) = access else { continue };
+            if access.index == VMM_MSR && access.reason == ExitReason::Filter {
+                // The VMM's own range: answered by the VMM, not by msrwasm.
+                kvm::complete(&mut self.fd, Reply::Read(VMM_TSC))?;
+                let _ = tx.send((VMM_MSR, VMM_TSC, "vmm"));
+                continue;
+            }
+            let outcome = self.msrs.handle_exit(&mut self.fd, access)?;
+            let value = match outcome.reply {
+                Reply::Read(v) => v,
+                _ => u64::MAX,
+            };
+            let _ = tx.send((access.index, value, outcome.by.kind()));
         }
-        let outcome = msrs.handle_exit(&mut vcpu, access)?;
-        let value = match outcome.reply {
-            Reply::Read(v) => v,
-            _ => u64::MAX,
-        };
-        let by = match outcome.by {
-            AnsweredBy::Plugin { .. } => "plugin",
-            AnsweredBy::Kvm => "kvm",
-            AnsweredBy::Unhandled(_) => "unhandled",
-        };
-        let _ = tx.send((access.index, value, by));
+        Ok(())
     }
-    Ok(())
 }
 
 /// Registers guest memory with KVM: VMM code, not msrwasm's.

@@ -7,8 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use msrwasm::api::request;
-use msrwasm::policy::PolicySpec;
+use msrwasm::tools::request;
+use msrwasm::PolicySpec;
 use msrwasm_cli::runner::{Vm, VmConfig, VmEnd};
 use msrwasm_tests::{answering, guest, kvm_available, wait_until};
 
@@ -307,7 +307,7 @@ fn a_thousand_requests_while_two_vcpus_run_lose_nothing() {
     let report = api.thread.join().unwrap();
     assert_eq!(report.end, VmEnd::Signal(15));
     let trace = std::fs::read_to_string(&api.trace).unwrap();
-    let records: Vec<msrwasm::trace::TraceRecord> = trace.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records: Vec<msrwasm::tools::TraceRecord> = trace.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let t = report.trace.as_ref().unwrap();
     assert_eq!(t.dropped, 0, "the trace kept up");
     for vcpu in 0..2u32 {

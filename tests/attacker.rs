@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::symlink;
 
-use msrwasm::policy::PolicySpec;
+use msrwasm::PolicySpec;
 use msrwasm_cli::runner::VmEnd;
 use msrwasm_tests::{
     LivePlugin, answering, atomic_write, guest, kvm_available, live_plugin, manifest, mkfifo, quick, run, start,
@@ -53,10 +53,10 @@ fn claims_kvm_could_not_honour_are_refused_at_load() {
             test_plugin("observer.wat").display()
         ));
         let e = msrwasm::Engine::builder()
-            .filter(msrwasm::policy::filter::RecordingFilter::default())
+            .filter(msrwasm::filter::RecordingFilter::default())
             .build(spec)
             .unwrap_err();
-        let e = msrwasm::error_chain(&e);
+        let e = msrwasm::tools::error_chain(&e);
         assert!(e.contains("plugin `observer` claims") && e.contains(name), "{msr}: {e}");
     }
 }
@@ -100,9 +100,9 @@ fn a_plugin_written_in_place_never_serves_its_first_half() {
         f.write_all(&data).unwrap();
     }
     let engine = vm.engine.clone();
-    let whole_hash = msrwasm::plugin::content_hash(&whole);
+    let whole_hash = msrwasm::tools::content_hash(&whole);
     wait_until("the whole file is live", || {
-        engine.policy().plugins()[0].sha256() == whole_hash
+        engine.policy().plugins().next().unwrap().version == whole_hash
     });
     std::thread::sleep(std::time::Duration::from_millis(50));
     let run = vm.finish();
@@ -116,7 +116,7 @@ fn a_plugin_written_in_place_never_serves_its_first_half() {
 /// at first); it must make a version answering 2 live.
 fn reload_scenario(what: &str, spec: PolicySpec, scenario: impl FnOnce()) {
     let vm = start(&guest("msr_forever.elf"), 1, spec);
-    let name = vm.engine.policy().plugins()[0].name().to_owned();
+    let name = vm.engine.policy().plugins().next().unwrap().name.clone();
     let scope = vm.state.scope(&name);
     wait_until(&format!("{what}: version 1 answers"), || scope.get(1) == 1);
     scenario();

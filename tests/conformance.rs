@@ -8,8 +8,11 @@
 
 use std::path::{Path, PathBuf};
 
-use msrwasm::plugin::{Flavour, ModuleCache, PluginSettings, Runtime};
-use msrwasm::policy::PolicySpec;
+use msrwasm::Flavour;
+use msrwasm::tools::ModuleCache;
+use msrwasm::PluginSettings;
+use msrwasm::tools::Runtime;
+use msrwasm::PolicySpec;
 use msrwasm_tests::{
     build_as_plugin, build_c_plugin, build_go_plugin, build_js_plugin, build_python_plugin, build_rust_component,
     build_rust_plugin, build_zig_plugin, cache_dir, guest, kvm_available, manifest, repo, run,
@@ -56,11 +59,11 @@ fn every_language_passes_the_same_script() {
     let case = repo().join("tests/conformance/rapl.case");
     let cache = ModuleCache::with_disk(&cache_dir(), Runtime::shared().engine());
     for (lang, wasm, kib) in every_language() {
-        let report = msrwasm::script::run_cached(settings(&wasm, kib), &case, Some(&cache_dir()))
+        let report = msrwasm::tools::run_script_cached(settings(&wasm, kib), &case, Some(&cache_dir()))
             .unwrap_or_else(|e| panic!("{lang}: {e}"));
         assert!(report.failures.is_empty(), "{lang}: {:#?}", report.failures);
         assert_eq!(report.passed, 15, "{lang}");
-        let check = msrwasm::check::check_cached(settings(&wasm, kib), &cache);
+        let check = msrwasm::tools::check_cached(settings(&wasm, kib), &cache);
         assert!(check.ok, "{lang}: {check:?}");
         let flavour = match lang {
             "rust-component" | "python" | "javascript" => Flavour::Component,
@@ -102,19 +105,19 @@ fn every_language_answers_a_live_guest_identically() {
 #[test]
 fn metadata_from_the_sdks_or_added_afterwards() {
     // Go, Python and JavaScript cannot write a custom section from source:
-    // theirs comes from `msrwasm meta --set` (msrwasm::plugin::meta::write)
+    // theirs comes from `msrwasm meta --set` (msrwasm::tools::meta::write)
     // after the build, and the plugin must still pass the script.
     let all = every_language();
     for (lang, wasm, kib) in all.iter().filter(|(l, ..)| ["go", "python", "javascript"].contains(l)) {
         let fields =
-            msrwasm::plugin::meta::Meta::from([("name".into(), "rapl".into()), ("version".into(), "1.0.0".into())]);
+            msrwasm::tools::meta::Meta::from([("name".into(), "rapl".into()), ("version".into(), "1.0.0".into())]);
         let tagged = wasm.with_extension("meta.wasm");
         std::fs::write(
             &tagged,
-            msrwasm::plugin::meta::write(&std::fs::read(wasm).unwrap(), &fields).unwrap(),
+            msrwasm::tools::meta::write(&std::fs::read(wasm).unwrap(), &fields).unwrap(),
         )
         .unwrap();
-        let report = msrwasm::script::run_cached(
+        let report = msrwasm::tools::run_script_cached(
             settings(&tagged, *kib),
             &repo().join("tests/conformance/rapl.case"),
             Some(&cache_dir()),
@@ -123,7 +126,7 @@ fn metadata_from_the_sdks_or_added_afterwards() {
         assert!(report.failures.is_empty(), "{lang}: {:?}", report.failures);
         let cache = ModuleCache::with_disk(&cache_dir(), Runtime::shared().engine());
         assert_eq!(
-            msrwasm::check::check_cached(settings(&tagged, *kib), &cache).meta,
+            msrwasm::tools::check_cached(settings(&tagged, *kib), &cache).meta,
             Some(fields),
             "{lang}"
         );
@@ -131,7 +134,7 @@ fn metadata_from_the_sdks_or_added_afterwards() {
     // The others embed it from source (SDK macros, WAT's @custom).
     for (lang, wasm, kib) in all.iter().filter(|(l, ..)| !["go", "python", "javascript"].contains(l)) {
         let cache = ModuleCache::with_disk(&cache_dir(), Runtime::shared().engine());
-        let meta = msrwasm::check::check_cached(settings(wasm, *kib), &cache)
+        let meta = msrwasm::tools::check_cached(settings(wasm, *kib), &cache)
             .meta
             .unwrap_or_else(|| panic!("{lang}: no metadata"));
         assert_eq!(

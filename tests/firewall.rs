@@ -65,7 +65,7 @@ fn msr_filter_deny_sends_every_access_to_user_space() {
     assert!(r.trace.iter().all(|t| t.reason == "filter"), "{:#?}", r.trace);
     // Denied writes the plugin passes on are not handed back to KVM.
     let power = r.traced("wrmsr", "0x1fc");
-    assert_eq!(power[0].by, "unhandled");
+    assert_eq!(power[0].by, "firewall");
 }
 
 #[test]

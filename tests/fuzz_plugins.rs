@@ -11,8 +11,11 @@ use std::sync::Arc;
 
 use arbitrary::Unstructured;
 use msrwasm::ExitReason;
-use msrwasm::plugin::state::StateStore;
-use msrwasm::plugin::{Answer, CallError, Plugin, PluginSettings};
+use msrwasm::tools::StateStore;
+use msrwasm::tools::Answer;
+use msrwasm::CallError;
+use msrwasm::tools::Plugin;
+use msrwasm::PluginSettings;
 
 fn cases() -> u64 {
     std::env::var("MSRWASM_FUZZ_CASES")
@@ -54,7 +57,7 @@ impl Rng {
 fn exercise(seed: u64, bytes: &[u8], rng: &mut Rng) -> bool {
     let state = StateStore::default();
     let settings = PluginSettings::new("fuzz", format!("case-{seed}.wasm"));
-    let plugin = match Plugin::from_bytes(&msrwasm::plugin::Runtime::shared(), settings, bytes, &state) {
+    let plugin = match Plugin::from_bytes(&msrwasm::tools::Runtime::shared(), settings, bytes, &state) {
         Ok(plugin) => Arc::new(plugin),
         Err(e) => {
             let msg = e.to_string();

@@ -1,7 +1,8 @@
 //! guest-conventions.md on real KVM: image formats, ports, how a VM ends,
 //! #GP delivery, and multi-vCPU behaviour.
 
-use msrwasm::policy::{PolicySpec, Unhandled};
+use msrwasm::PolicySpec;
+use msrwasm::Unhandled;
 use msrwasm_cli::runner::VmEnd;
 use msrwasm_tests::{guest, kvm_available, run, test_plugin};
 

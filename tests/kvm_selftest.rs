@@ -2,7 +2,7 @@
 //! emulation prefix, reproduced on msrwasm: the selftest's filters become
 //! plugin claims, its user-space handlers become plugins.
 
-use msrwasm::policy::PolicySpec;
+use msrwasm::PolicySpec;
 use msrwasm_tests::{guest, kvm_available, manifest, run, test_plugin};
 
 fn echo() -> String {

@@ -6,8 +6,8 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use msrwasm::policy::PolicySpec;
-use msrwasm::trace::TraceRecord;
+use msrwasm::PolicySpec;
+use msrwasm::tools::TraceRecord;
 use msrwasm_cli::runner::{self as vm, VmConfig, VmReport};
 
 #[path = "support/common.rs"]
@@ -22,11 +22,11 @@ pub fn guest(file: &str) -> PathBuf {
 }
 
 /// Default settings for the plugin at `path` (named after its file stem).
-pub fn settings(path: &Path) -> msrwasm::plugin::PluginSettings {
+pub fn settings(path: &Path) -> msrwasm::PluginSettings {
     let name = path
         .file_stem()
         .map_or("plugin".into(), |s| s.to_string_lossy().into_owned());
-    msrwasm::plugin::PluginSettings::new(name, path)
+    msrwasm::PluginSettings::new(name, path)
 }
 
 /// Path of a test plugin in `tests/plugins/`.
@@ -149,7 +149,7 @@ pub fn manifest(text: &str) -> (tempfile::TempDir, PolicySpec) {
 /// The quick form (`msrwasm run --plugin FILE`): one plugin, asked about
 /// every deflected access, `unhandled = "gp"`.
 pub fn quick(path: &Path) -> PolicySpec {
-    PolicySpec::from_paths(&[path.to_owned()], msrwasm::policy::Unhandled::Gp)
+    PolicySpec::from_paths(&[path.to_owned()], msrwasm::Unhandled::Gp)
 }
 
 /// The repository root.
@@ -428,7 +428,7 @@ pub fn build_as_plugin(source: &str) -> PathBuf {
 pub struct Started {
     pub stop: vm::StopHandle,
     /// The VM's plugin state store, to watch progress from the test.
-    pub state: Arc<msrwasm::plugin::state::StateStore>,
+    pub state: Arc<msrwasm::tools::StateStore>,
     /// The VM's engine.
     pub engine: msrwasm::Engine,
     thread: std::thread::JoinHandle<Result<VmReport, vm::VmError>>,
@@ -470,7 +470,7 @@ pub struct LivePlugin {
     pub plugin: PathBuf,
     pub vm: Started,
     /// Plugin `p`'s state: key 1 holds the version that answered last.
-    pub scope: Arc<msrwasm::plugin::state::StateScope>,
+    pub scope: Arc<msrwasm::tools::StateScope>,
 }
 
 /// Starts a [`LivePlugin`] and returns once version 1 answers.

@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use msrwasm::policy::{PolicySpec, Unhandled};
+use msrwasm::PolicySpec;
+use msrwasm::Unhandled;
 use msrwasm_cli::runner::{self as vm, VmConfig};
 use msrwasm_tests::{guest, kvm_available, shipped_plugin};
 
@@ -24,7 +25,7 @@ fn load_error(plugins: Vec<PathBuf>) -> String {
     config.serial = Box::new(std::io::sink());
     match vm::run(config) {
         Ok(report) => panic!("the plugin was accepted and the VM ran: {:?}", report.end),
-        Err(e) => msrwasm::error_chain(&e),
+        Err(e) => msrwasm::tools::error_chain(&e),
     }
 }
 
@@ -131,6 +132,6 @@ fn init_refusal_and_bad_config() {
     let mut config = VmConfig::new(guest("msr_loop.elf"), spec);
     config.mem_mib = 16;
     config.serial = Box::new(std::io::sink());
-    let e = msrwasm::error_chain(&vm::run(config).expect_err("refused"));
+    let e = msrwasm::tools::error_chain(&vm::run(config).expect_err("refused"));
     assert!(e.contains("rapl.wat: init() refused the load: code 1"), "{e}");
 }

@@ -10,9 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use msrwasm::oci::store::{OciStore, StoreOptions};
-use msrwasm::oci::{OciError, OciRef};
-use msrwasm::policy::PolicySpec;
+use msrwasm::oci::store::OciStore;
+use msrwasm::oci::store::StoreOptions;
+use msrwasm::oci::OciError;
+use msrwasm::oci::OciRef;
+use msrwasm::PolicySpec;
 use msrwasm_tests::registry::{Registry, truncate_half};
 use msrwasm_tests::{answering, guest, kvm_available, start_with, wait_until};
 
@@ -27,17 +29,17 @@ fn oci_ref(text: &str) -> OciRef {
 fn push(store: &OciStore, reference: &str, value: u64) -> msrwasm::oci::store::Pushed {
     store
         .push(&answering(value), BTreeMap::new(), &oci_ref(reference))
-        .unwrap_or_else(|e| panic!("{}", msrwasm::error_chain(&e)))
+        .unwrap_or_else(|e| panic!("{}", msrwasm::tools::error_chain(&e)))
 }
 
 /// The value the plugin version answering the guest last recorded.
-fn live(state: &msrwasm::plugin::state::StateStore, plugin: &str) -> Option<i64> {
+fn live(state: &msrwasm::tools::StateStore, plugin: &str) -> Option<i64> {
     state.snapshot().get(plugin).and_then(|s| s.get(&1).copied())
 }
 
 /// The value of a traced access.
-fn value(t: &msrwasm::trace::TraceRecord) -> Option<u64> {
-    t.value.as_deref().and_then(msrwasm::parse_number)
+fn value(t: &msrwasm::tools::TraceRecord) -> Option<u64> {
+    t.value.as_deref().and_then(msrwasm::tools::parse_number)
 }
 
 fn manifest(dir: &Path, body: &str) -> PolicySpec {
@@ -177,7 +179,7 @@ fn with_the_registry_down_a_vm_starts_from_the_cache() {
     let e = start_with(&guest("msr_forever.elf"), 1, spec, |c| c.oci = Some(store.clone()))
         .err()
         .expect("refused");
-    let e = msrwasm::error_chain(&e);
+    let e = msrwasm::tools::error_chain(&e);
     assert!(e.contains("plugin `m`") && e.contains(&missing), "{e}");
 }
 
@@ -215,7 +217,7 @@ fn a_wrong_digest_or_sha256_is_refused_and_named() {
         let e = start_with(&guest("msr_forever.elf"), 1, spec, |c| c.oci = Some(store.clone()))
             .err()
             .expect("refused");
-        let e = msrwasm::error_chain(&e);
+        let e = msrwasm::tools::error_chain(&e);
         assert!(
             e.contains("plugin `w`") && e.contains(path.as_str()) && e.contains(says),
             "{e}"
@@ -276,7 +278,7 @@ fn truncated_blobs_never_answer_and_corrupt_cache_entries_are_fetched_again() {
     assert!(
         matches!(&e, OciError::Digest { what, .. } if what.contains("wasm layer")),
         "{}",
-        msrwasm::error_chain(&e)
+        msrwasm::tools::error_chain(&e)
     );
     assert!(
         store.cached(&oci_ref(&reference)).is_none(),
@@ -367,7 +369,7 @@ fn hostile_registry(mode: Hostile) -> String {
     let address = listener.local_addr().unwrap().to_string();
     let layer_digest = format!("sha256:{}", "a".repeat(64));
     let config = b"{}";
-    let config_digest = format!("sha256:{}", msrwasm::plugin::content_hash(config));
+    let config_digest = format!("sha256:{}", msrwasm::tools::content_hash(config));
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.wasm.config.v0+json","digest":"{config_digest}","size":2}},"layers":[{{"mediaType":"application/wasm","digest":"{layer_digest}","size":100}}]}}"#
     );
@@ -471,7 +473,7 @@ fn hostile_registries_are_refused_or_cut_off() {
         let reference = oci_ref(&format!("oci://{}/team/bad:v1", hostile_registry(mode)));
         let started = Instant::now();
         let e = store.pull(&reference).expect_err("refused");
-        let e = msrwasm::error_chain(&e);
+        let e = msrwasm::tools::error_chain(&e);
         assert!(e.contains(says) && e.contains("team/bad:v1"), "{e}");
         // Bound, not benchmark: the deadline is 4 s.
         assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());

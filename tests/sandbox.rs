@@ -3,8 +3,9 @@
 //! keeps running, the error counters match) or refused at load with a
 //! message naming the file.
 
-use msrwasm::plugin::OnError;
-use msrwasm::policy::{PolicySpec, Unhandled};
+use msrwasm::OnError;
+use msrwasm::PolicySpec;
+use msrwasm::Unhandled;
 use msrwasm_tests::{guest, kvm_available, run};
 
 const HEADER: &str = r#"
@@ -66,9 +67,9 @@ fn seen(serial: &str) -> Seen {
 fn contained(
     name: &str,
     wat: &str,
-    set: impl FnOnce(&mut msrwasm::plugin::PluginSettings),
+    set: impl FnOnce(&mut msrwasm::PluginSettings),
     unhandled: Unhandled,
-) -> (Seen, msrwasm::stats::PluginStats) {
+) -> (Seen, msrwasm::PluginStats) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("{name}.wat"));
     std::fs::write(&path, wat).unwrap();
@@ -162,7 +163,7 @@ fn failing_plugins_fault_or_pass_as_configured_and_get_quarantined() {
 /// access it was asked about is either an error or a skip. (How many of
 /// each depends on the wall clock: a slow run can outlast the 1 s backoff
 /// and call the plugin, failing, once more.)
-fn quarantine_accounting(name: &str, on_read: bool, c: msrwasm::stats::PluginStats) {
+fn quarantine_accounting(name: &str, on_read: bool, c: msrwasm::PluginStats) {
     // A catch-all plugin is asked about all 16 accesses once it fails on
     // reads; one failing on writes answered its 8 reads first.
     let asked = if on_read { 16 } else { 8 };
@@ -231,7 +232,7 @@ fn hostile_modules_are_refused_at_load_naming_the_file_and_reason() {
     let huge = dir.path().join("huge.wasm");
     std::fs::File::create(&huge)
         .unwrap()
-        .set_len(msrwasm::plugin::MAX_PLUGIN_BYTES + 1)
+        .set_len(msrwasm::tools::MAX_PLUGIN_BYTES + 1)
         .unwrap();
     let e = load_error(&huge);
     assert!(e.contains("huge.wasm") && e.contains("over the 64 MiB limit"), "{e}");
@@ -240,11 +241,11 @@ fn hostile_modules_are_refused_at_load_naming_the_file_and_reason() {
 fn load_error(path: &std::path::Path) -> String {
     let spec = msrwasm_tests::quick(path);
     let engine = msrwasm::Engine::builder()
-        .filter(msrwasm::policy::filter::RecordingFilter::default())
+        .filter(msrwasm::filter::RecordingFilter::default())
         .build(spec);
     match engine {
         Ok(_) => panic!("{} was accepted", path.display()),
-        Err(e) => msrwasm::error_chain(&e),
+        Err(e) => msrwasm::tools::error_chain(&e),
     }
 }
 
@@ -403,7 +404,7 @@ fn components_over_the_instance_or_memory_total_are_refused_at_load() {
         ),
     );
     msrwasm::Engine::builder()
-        .filter(msrwasm::policy::filter::RecordingFilter::default())
+        .filter(msrwasm::filter::RecordingFilter::default())
         .build(msrwasm_tests::quick(&fine))
         .expect("a component within the limits loads");
     // 300 instances of one empty module: within the 64-module limit, over

@@ -1,7 +1,8 @@
 //! Plugins written with the guest SDKs, built from source with the real
 //! toolchains, answering a live guest.
 
-use msrwasm::policy::{PolicySpec, Unhandled};
+use msrwasm::PolicySpec;
+use msrwasm::Unhandled;
 use msrwasm_tests::{build_rust_plugin, guest, kvm_available, run};
 
 #[test]

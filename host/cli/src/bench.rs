@@ -16,9 +16,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use msrwasm::plugin::state::StateStore;
-use msrwasm::plugin::{Plugin, PluginSettings, Runtime};
-use msrwasm::policy::filter::RecordingFilter;
+use msrwasm::tools::StateStore;
+use msrwasm::tools::Plugin;
+use msrwasm::PluginSettings;
+use msrwasm::tools::Runtime;
+use msrwasm::filter::RecordingFilter;
 use msrwasm::{Access, Engine, ExitReason, NoKvm, PolicySpec, Reply, Unhandled};
 
 use crate::runner::{Vm, VmConfig, VmEnd, VmError};
@@ -57,7 +59,7 @@ pub enum BenchError {
     #[error(transparent)]
     Engine(#[from] msrwasm::EngineError),
     #[error(transparent)]
-    Load(#[from] msrwasm::plugin::LoadError),
+    Load(#[from] msrwasm::LoadError),
     #[error("the benchmark guest did not finish cleanly: {0:?}")]
     Guest(VmEnd),
 }
@@ -100,8 +102,11 @@ pub struct BenchReport {
     /// control API's metrics use), and its ratio to the plain wasm run.
     pub observed_exits_per_s: f64,
     pub observed_vs_wasm: f64,
-    /// Dispatcher alone, nanoseconds per synthetic exit.
+    /// Dispatcher alone, nanoseconds per synthetic exit: the native
+    /// handler through a function pointer (the runner's native path), the
+    /// dispatcher with no plugin (`unhandled` answers), one plugin, a chain.
     pub dispatch_native_ns: f64,
+    pub dispatch_nobody_ns: f64,
     pub dispatch_wasm_ns: f64,
     pub dispatch_chain_ns: f64,
     /// Total exits/s of the wasm plugin on 2 vCPUs, and its ratio to 1 vCPU.
@@ -149,8 +154,16 @@ impl BenchReport {
             self.observed_exits_per_s, self.observed_vs_wasm
         );
         s += "dispatcher alone (synthetic exits, no KVM):\n";
-        s += &format!("  native                {:>8.1} ns/exit\n", self.dispatch_native_ns);
-        s += &format!("  one wasm plugin       {:>8.1} ns/exit\n", self.dispatch_wasm_ns);
+        s += &format!("  native handler        {:>8.1} ns/exit   (fn pointer, as the runner calls it)\n", self.dispatch_native_ns);
+        s += &format!(
+            "  dispatcher, no plugin {:>8.1} ns/exit   (generation check, claim lookup, unhandled, counters)\n",
+            self.dispatch_nobody_ns
+        );
+        s += &format!(
+            "  one wasm plugin       {:>8.1} ns/exit   plugin call = {:.1} ns\n",
+            self.dispatch_wasm_ns,
+            self.dispatch_wasm_ns - self.dispatch_nobody_ns
+        );
         s += &format!("  chain of 2 plugins    {:>8.1} ns/exit\n", self.dispatch_chain_ns);
         s += &format!(
             "scaling: wasm plugin on 2 vCPUs {:.0} exits/s = {:.2}x one vCPU\n",
@@ -180,6 +193,9 @@ impl BenchReport {
 #[derive(Clone, Copy)]
 enum Answerer {
     Native,
+    /// No plugin: `unhandled = "ignore"` answers (the dispatcher's own
+    /// work without a plugin call).
+    Nobody,
     Wasm,
     Chain,
     /// The wasm plugin with what the control API turns on: call timing
@@ -203,11 +219,15 @@ impl Files {
     fn policy(&self, answerer: Answerer) -> PolicySpec {
         let p = |f: &str| self.dir.path().join(f);
         let plugins = match answerer {
-            Answerer::Native => vec![],
+            Answerer::Native | Answerer::Nobody => vec![],
             Answerer::Wasm | Answerer::Observed => vec![p("answer.wat")],
             Answerer::Chain => vec![p("pass.wat"), p("answer.wat")],
         };
-        PolicySpec::from_paths(&plugins, Unhandled::Gp)
+        let unhandled = match answerer {
+            Answerer::Nobody => Unhandled::Ignore,
+            _ => Unhandled::Gp,
+        };
+        PolicySpec::from_paths(&plugins, unhandled)
     }
 
     /// One run; returns total exits/s over all vCPUs.
@@ -238,15 +258,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Nanoseconds per synthetic RDMSR exit through the dispatcher (the
-/// native baseline: the same loop calling the Rust handler).
+/// Nanoseconds per synthetic RDMSR exit through the dispatcher. The
+/// native baseline is what the runner's native path does per exit: a call
+/// through a `NativeMsr` function pointer the compiler cannot see through
+/// (so it cannot inline the handler or hoist it out of the loop).
 fn dispatch_ns(files: &Files, answerer: Answerer, n: u64) -> Result<f64, BenchError> {
     let access = Access::read(LOOP_MSR, ExitReason::Unknown);
-    let expected = Reply::Read(u64::from(LOOP_MSR));
+    let expected = match answerer {
+        Answerer::Nobody => Reply::Read(0),
+        _ => Reply::Read(u64::from(LOOP_MSR)),
+    };
     if let Answerer::Native | Answerer::Observed = answerer {
+        let native: crate::runner::NativeMsr = native_answer;
         let started = Instant::now();
-        for _ in 0..n {
-            if native_answer(0, std::hint::black_box(access)) != expected {
+        for vcpu in 0..n {
+            let handler = std::hint::black_box(native);
+            let reply = handler(std::hint::black_box(vcpu as u32), std::hint::black_box(access));
+            if std::hint::black_box(reply) != expected {
                 return Err(BenchError::Guest(VmEnd::Error("native answer changed".into())));
             }
         }
@@ -260,7 +288,7 @@ fn dispatch_ns(files: &Files, answerer: Answerer, n: u64) -> Result<f64, BenchEr
     let started = Instant::now();
     for _ in 0..n {
         let reply = dispatcher.handle(std::hint::black_box(access), &mut NoKvm).reply;
-        if reply != expected {
+        if std::hint::black_box(reply) != expected {
             return Err(BenchError::Guest(VmEnd::Error(format!(
                 "unexpected dispatch result {reply:?}"
             ))));
@@ -344,7 +372,7 @@ fn reload_latency(files: &Files, swaps: usize) -> Result<ReloadFigures, BenchErr
     if !ok || report.end != VmEnd::Signal(libc::SIGTERM) {
         return Err(BenchError::Guest(report.end));
     }
-    let records: Vec<msrwasm::trace::TraceRecord> = std::fs::read_to_string(&trace)?
+    let records: Vec<msrwasm::tools::TraceRecord> = std::fs::read_to_string(&trace)?
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
@@ -401,7 +429,7 @@ fn runaway_us(rdmsr_body: &str) -> Result<f64, BenchError> {
         let started = Instant::now();
         let result = instance.rdmsr(LOOP_MSR, ExitReason::Unknown.bits());
         times.push(started.elapsed().as_secs_f64() * 1e6);
-        if result != Err(msrwasm::plugin::CallError::Timeout) {
+        if result != Err(msrwasm::CallError::Timeout) {
             return Err(BenchError::Guest(VmEnd::Error(format!(
                 "the runaway plugin was not stopped: {result:?}"
             ))));
@@ -425,9 +453,10 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
     }
     progress("dispatcher alone");
     // Interleaved too, so that frequency changes hit all three alike.
-    let (mut dn, mut dw, mut dc) = (vec![], vec![], vec![]);
+    let (mut dn, mut de, mut dw, mut dc) = (vec![], vec![], vec![], vec![]);
     for _ in 0..3 {
         dn.push(dispatch_ns(&files, Answerer::Native, options.dispatches)?);
+        de.push(dispatch_ns(&files, Answerer::Nobody, options.dispatches)?);
         dw.push(dispatch_ns(&files, Answerer::Wasm, options.dispatches)?);
         dc.push(dispatch_ns(&files, Answerer::Chain, options.dispatches)?);
     }
@@ -456,6 +485,7 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
         observed_exits_per_s: observed,
         observed_vs_wasm: observed / wasm,
         dispatch_native_ns: median(dn),
+        dispatch_nobody_ns: median(de),
         dispatch_wasm_ns: median(dw),
         dispatch_chain_ns: median(dc),
         wasm_2vcpu_exits_per_s: two,
@@ -559,7 +589,7 @@ pub fn plugins(
     let mut rows = Vec::new();
     for file in files {
         progress(&format!("{}: loading", file.display()));
-        let bytes = msrwasm::plugin::read_plugin_file(file)?;
+        let bytes = msrwasm::tools::read_plugin_file(file)?;
         let mut spec = PolicySpec::from_paths(std::slice::from_ref(file), Unhandled::Ignore);
         spec.plugins[0].memory_max_kib = memory_max_kib;
         spec.plugins[0].timeout_us = timeout_us;
@@ -577,7 +607,7 @@ pub fn plugins(
         let (_, cold2) = build(None)?;
         let (engine, warm) = build(Some(cache.path()))?;
         let cold = cold.min(cold2);
-        let plugin = engine.policy().plugins()[0].clone();
+        let plugin = msrwasm::tools::loaded(&engine.policy())[0].clone();
         progress(&format!("{}: instances", file.display()));
         let before = rss_kib();
         let mut instances = Vec::new();
@@ -638,13 +668,13 @@ fn reload_switch(
     swaps: usize,
 ) -> Result<f64, BenchError> {
     let dir = tempfile::Builder::new().prefix("msrwasm-bench-reload-").tempdir()?;
-    let binary = msrwasm::plugin::to_binary(file, bytes)?;
+    let binary = msrwasm::tools::to_binary(file, bytes)?;
     let version = |k: usize| -> Result<Vec<u8>, BenchError> {
-        let mut meta = msrwasm::plugin::meta::read(&binary)
+        let mut meta = msrwasm::tools::meta::read(&binary)
             .map_err(|e| BenchError::Guest(VmEnd::Error(format!("{}: {e}", file.display()))))?
             .unwrap_or_default();
         meta.insert("version".into(), format!("bench-{k}"));
-        msrwasm::plugin::meta::write(&binary, &meta)
+        msrwasm::tools::meta::write(&binary, &meta)
             .map_err(|e| BenchError::Guest(VmEnd::Error(format!("{}: {e}", file.display()))))
     };
     let plugin = dir.path().join("plugin.wasm");

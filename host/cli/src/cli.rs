@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use msrwasm::oci::OciRef;
-use msrwasm::oci::store::{OciStore, StoreOptions};
-use msrwasm::plugin::PluginSettings;
-use msrwasm::policy::{PolicySpec, Unhandled};
+use msrwasm::oci::store::OciStore;
+use msrwasm::oci::store::StoreOptions;
+use msrwasm::PluginSettings;
+use msrwasm::PolicySpec;
+use msrwasm::Unhandled;
 
 use crate::runner::{self, VmConfig};
 use crate::{err, out};
@@ -272,7 +274,7 @@ fn parse_config(s: &str) -> Result<(String, i64), String> {
     let value = value
         .parse::<i64>()
         .ok()
-        .or_else(|| msrwasm::parse_number(value).map(|v| v as i64))
+        .or_else(|| msrwasm::tools::parse_number(value).map(|v| v as i64))
         .ok_or_else(|| format!("`{value}` is not an integer"))?;
     Ok((name.trim().to_owned(), value))
 }
@@ -409,7 +411,7 @@ pub fn main() -> i32 {
         .init();
     let cache = match cli.no_cache {
         true => None,
-        false => cli.cache_dir.clone().or_else(msrwasm::plugin::cache::default_dir),
+        false => cli.cache_dir.clone().or_else(msrwasm::tools::default_cache_dir),
     };
     let oci = OciHome {
         cache: cache.clone(),
@@ -471,7 +473,7 @@ impl OciHome {
     fn localize(&self, settings: &mut PluginSettings) -> Result<()> {
         if settings.is_unfetched() {
             let store = self.store()?;
-            msrwasm::oci::localize(Some(&*store), settings).with_context(|| format!("plugin `{}`", settings.name))?;
+            msrwasm::tools::localize(Some(&*store), settings).with_context(|| format!("plugin `{}`", settings.name))?;
         }
         Ok(())
     }
@@ -484,7 +486,7 @@ fn reference(text: &str) -> Result<OciRef> {
 
 fn run(args: RunArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
     for plugin in &args.plugin {
-        if let Some(text) = plugin.to_str().filter(|t| msrwasm::oci::is_reference(t)) {
+        if let Some(text) = plugin.to_str().filter(|t| msrwasm::tools::is_reference(t)) {
             reference(text).context("--plugin")?;
         }
     }
@@ -544,7 +546,7 @@ fn demo(args: DemoArgs, cache: Option<PathBuf>) -> Result<i32> {
 }
 
 fn parse_msr(s: &str) -> Result<u32, String> {
-    msrwasm::parse_number(s)
+    msrwasm::tools::parse_number(s)
         .and_then(|v| u32::try_from(v).ok())
         .ok_or_else(|| format!("`{s}` is not a 32-bit MSR index"))
 }
@@ -596,10 +598,10 @@ fn guests(args: GuestsArgs) -> Result<i32> {
 }
 
 fn check(args: CheckArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
-    let runtime = msrwasm::plugin::Runtime::shared();
+    let runtime = msrwasm::tools::Runtime::shared();
     let cache = match &cache {
-        Some(dir) => msrwasm::plugin::ModuleCache::with_disk(dir, runtime.engine()),
-        None => msrwasm::plugin::ModuleCache::new(),
+        Some(dir) => msrwasm::tools::ModuleCache::with_disk(dir, runtime.engine()),
+        None => msrwasm::tools::ModuleCache::new(),
     };
     let spec = args.limits.spec()?;
     let plugins: Vec<PathBuf> = match (&spec, args.plugins.is_empty()) {
@@ -611,7 +613,7 @@ fn check(args: CheckArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> 
     for path in &plugins {
         let mut settings = args.limits.settings(path, spec.as_ref())?;
         oci.localize(&mut settings)?;
-        reports.push(msrwasm::check::check_cached(settings, &cache));
+        reports.push(msrwasm::tools::check_cached(settings, &cache));
     }
     // The manifest as a whole: what `run` composes (chain, firewall).
     let mut refused = None;
@@ -620,7 +622,7 @@ fn check(args: CheckArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> 
         // calibrated or compiled a second time.
         let mut builder = msrwasm::Engine::builder()
             .runtime(runtime.clone())
-            .filter(msrwasm::policy::filter::RecordingFilter::default());
+            .filter(msrwasm::filter::RecordingFilter::default());
         if let Some(dir) = cache.disk_dir() {
             builder = builder.cache_dir(dir);
         }
@@ -629,7 +631,7 @@ fn check(args: CheckArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> 
         }
         match builder.build(spec.clone()) {
             Ok(engine) => engine.policy().filter().notes().iter().for_each(|n| err!("note: {n}")),
-            Err(e) => refused = Some(msrwasm::error_chain(&e)),
+            Err(e) => refused = Some(msrwasm::tools::error_chain(&e)),
         }
     }
     if args.json {
@@ -640,7 +642,7 @@ fn check(args: CheckArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> 
         }
     }
     if let Some(e) = &refused {
-        err!("manifest REFUSED: {}", msrwasm::plugin::sanitize(e));
+        err!("manifest REFUSED: {}", msrwasm::tools::sanitize(e));
     }
     Ok(if refused.is_none() && reports.iter().all(|r| r.ok) {
         0
@@ -655,7 +657,7 @@ fn test(args: TestArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
     oci.localize(&mut settings)?;
     let (mut passed, mut failed) = (0, 0);
     for case in &args.cases {
-        let report = msrwasm::script::run_cached(settings.clone(), case, cache.as_deref())?;
+        let report = msrwasm::tools::run_script_cached(settings.clone(), case, cache.as_deref())?;
         for failure in &report.failures {
             out!("FAIL {failure}\n");
         }
@@ -668,27 +670,27 @@ fn test(args: TestArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
 
 fn push(args: PushArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
     let target = reference(&args.reference)?;
-    let bytes = msrwasm::plugin::read_plugin_file(&args.file)?;
-    let binary = msrwasm::plugin::to_binary(&args.file, &bytes)?;
+    let bytes = msrwasm::tools::read_plugin_file(&args.file)?;
+    let binary = msrwasm::tools::to_binary(&args.file, &bytes)?;
     // What `run` would refuse is not published.
-    let runtime = msrwasm::plugin::Runtime::shared();
+    let runtime = msrwasm::tools::Runtime::shared();
     let compiled = match &cache {
-        Some(dir) => msrwasm::plugin::ModuleCache::with_disk(dir, runtime.engine()),
-        None => msrwasm::plugin::ModuleCache::new(),
+        Some(dir) => msrwasm::tools::ModuleCache::with_disk(dir, runtime.engine()),
+        None => msrwasm::tools::ModuleCache::new(),
     };
     let stem = args
         .file
         .file_stem()
         .map_or("plugin".into(), |s| s.to_string_lossy().into_owned());
-    let report = msrwasm::check::check_cached(PluginSettings::new(stem, &args.file), &compiled);
+    let report = msrwasm::tools::check_cached(PluginSettings::new(stem, &args.file), &compiled);
     if !report.ok {
         out!("{}", report.text());
         bail!("{}: refused by check, not pushed", args.file.display());
     }
-    let meta = msrwasm::plugin::meta::read(&binary)
+    let meta = msrwasm::tools::meta::read(&binary)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?
         .unwrap_or_default();
-    let annotations = msrwasm::oci::annotations(&meta);
+    let annotations = msrwasm::tools::annotations(&meta);
     let pushed = oci.store()?.push(&binary, annotations.clone(), &target)?;
     out!(
         "pushed {}\n  {} bytes, wasm sha256 {}\n",
@@ -700,7 +702,7 @@ fn push(args: PushArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
         pushed.layer_digest.trim_start_matches("sha256:")
     );
     for (k, v) in &annotations {
-        out!("  {k} = {}\n", msrwasm::plugin::sanitize(v));
+        out!("  {k} = {}\n", msrwasm::tools::sanitize(v));
     }
     Ok(0)
 }
@@ -711,15 +713,15 @@ fn pull(args: PullArgs, oci: &OciHome) -> Result<i32> {
     let output = args
         .output
         .unwrap_or_else(|| PathBuf::from(format!("{}.wasm", source.name())));
-    let bytes = msrwasm::files::read_regular(&pulled.blob, msrwasm::plugin::MAX_PLUGIN_BYTES)
+    let bytes = msrwasm::tools::read_regular(&pulled.blob, msrwasm::tools::MAX_PLUGIN_BYTES)
         .with_context(|| format!("reading the cached {}", pulled.blob.display()))?;
-    if msrwasm::plugin::content_hash(&bytes) != pulled.sha256() {
+    if msrwasm::tools::content_hash(&bytes) != pulled.sha256() {
         bail!(
             "{}: the cached layer changed while it was read; pull again",
             pulled.blob.display()
         );
     }
-    msrwasm::files::write_atomic(&output, &bytes).with_context(|| format!("writing {}", output.display()))?;
+    msrwasm::tools::write_atomic(&output, &bytes).with_context(|| format!("writing {}", output.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
         // Plugins are not secrets: the mode of a file one writes.
@@ -738,16 +740,16 @@ fn pull(args: PullArgs, oci: &OciHome) -> Result<i32> {
     for (k, v) in &pulled.annotations {
         out!(
             "  {} = {}\n",
-            msrwasm::plugin::sanitize(k),
-            msrwasm::plugin::sanitize(v)
+            msrwasm::tools::sanitize(k),
+            msrwasm::tools::sanitize(v)
         );
     }
     Ok(0)
 }
 
 fn meta(args: MetaArgs) -> Result<i32> {
-    use msrwasm::plugin::meta;
-    let bytes = msrwasm::plugin::read_plugin_file(&args.plugin)?;
+    use msrwasm::tools::meta;
+    let bytes = msrwasm::tools::read_plugin_file(&args.plugin)?;
     let mut fields: BTreeMap<String, String> = meta::read(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.plugin.display()))?
         .unwrap_or_default();
@@ -756,7 +758,7 @@ fn meta(args: MetaArgs) -> Result<i32> {
             out!("{}: no msrwasm.meta section\n", args.plugin.display());
         }
         for (k, v) in &fields {
-            out!("{} = {}\n", msrwasm::plugin::sanitize(k), msrwasm::plugin::sanitize(v));
+            out!("{} = {}\n", msrwasm::tools::sanitize(k), msrwasm::tools::sanitize(v));
         }
         return Ok(0);
     }
@@ -773,14 +775,14 @@ fn meta(args: MetaArgs) -> Result<i32> {
         "{}: msrwasm.meta set ({}), sha256 {}\n",
         target.display(),
         fields.keys().cloned().collect::<Vec<_>>().join(", "),
-        msrwasm::plugin::content_hash(&out)
+        msrwasm::tools::content_hash(&out)
     );
     Ok(0)
 }
 
 fn ctl(args: CtlArgs) -> Result<i32> {
     let read = |path: &PathBuf| {
-        msrwasm::files::read_regular(path, msrwasm::api::MAX_BODY as u64)
+        msrwasm::tools::read_regular(path, msrwasm::api::MAX_BODY as u64)
             .with_context(|| format!("reading {}", path.display()))
     };
     let (method, path, body) = match &args.command {
@@ -792,7 +794,7 @@ fn ctl(args: CtlArgs) -> Result<i32> {
         CtlCommand::Footprint => ("GET", "/v1/footprint", None),
         CtlCommand::Metrics => ("GET", "/metrics", None),
     };
-    let (status, text) = msrwasm::api::request(&args.api_sock, method, path, body)
+    let (status, text) = msrwasm::tools::request(&args.api_sock, method, path, body)
         .with_context(|| format!("API socket {}", args.api_sock.display()))?;
     // JSON comes back pretty-printed for people; metrics as they are.
     let shown = match serde_json::from_str::<serde_json::Value>(&text) {
@@ -806,9 +808,9 @@ fn ctl(args: CtlArgs) -> Result<i32> {
 fn policy(args: PolicyArgs) -> Result<i32> {
     match args.command {
         PolicyCommand::Suggest { footprint } => {
-            let bytes = msrwasm::files::read_regular(&footprint, 256 << 20)
+            let bytes = msrwasm::tools::read_regular(&footprint, 256 << 20)
                 .with_context(|| format!("reading {}", footprint.display()))?;
-            let entries: Vec<msrwasm::footprint::FootprintEntry> =
+            let entries: Vec<msrwasm::FootprintEntry> =
                 serde_json::from_slice(&bytes).with_context(|| {
                     format!(
                         "{}: not a footprint (run --footprint FILE writes one)",
@@ -817,7 +819,7 @@ fn policy(args: PolicyArgs) -> Result<i32> {
                 })?;
             out!(
                 "{}",
-                msrwasm::footprint::suggest(&entries, &footprint.display().to_string())
+                msrwasm::tools::suggest(&entries, &footprint.display().to_string())
             );
             Ok(0)
         }

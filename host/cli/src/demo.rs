@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use msrwasm::Engine;
-use msrwasm::policy::PolicySpec;
+use msrwasm::PolicySpec;
 
 use crate::runner::{SerialOut, VmConfig};
 
@@ -77,7 +77,7 @@ pub enum DemoError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Manifest(#[from] msrwasm::policy::ManifestError),
+    Manifest(#[from] msrwasm::ManifestError),
 }
 
 /// The demo's files, in a temporary directory that lives as long as this.
@@ -171,13 +171,12 @@ impl Demo {
                 say(&format!("msrwasm demo: could not swap topology.wat: {e}"));
                 return;
             }
-            let new = msrwasm::plugin::content_hash(TOPOLOGY_NOSMT_WAT.as_bytes());
+            let new = msrwasm::tools::content_hash(TOPOLOGY_NOSMT_WAT.as_bytes());
             let live = || {
                 engine
                     .policy()
                     .plugins()
-                    .iter()
-                    .any(|p| p.name() == "topology" && p.sha256() == new)
+                    .any(|p| p.name == "topology" && p.version == new)
             };
             if !wait(&live) {
                 say("msrwasm demo: the new topology.wat did not go live");

@@ -301,7 +301,7 @@ async fn route(req: Request<Incoming>, state: &Arc<ApiState>) -> Reply {
                 Ok(Err(errors)) => error(
                     StatusCode::BAD_REQUEST,
                     "policy refused; the running policy stays",
-                    errors.iter().map(crate::error_chain).collect(),
+                    errors.errors().iter().map(crate::error_chain).collect(),
                 ),
                 Err(e) => error(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -364,7 +364,7 @@ async fn route(req: Request<Incoming>, state: &Arc<ApiState>) -> Reply {
 }
 
 /// `GET /v1/status`.
-pub fn status(engine: &Engine) -> serde_json::Value {
+pub(crate) fn status(engine: &Engine) -> serde_json::Value {
     let s = engine.status();
     let plugins: Vec<serde_json::Value> = s
         .plugins
@@ -394,7 +394,7 @@ pub fn status(engine: &Engine) -> serde_json::Value {
 }
 
 /// Every plugin's store, keys and values as decimal strings.
-pub fn state_json(snapshot: &crate::plugin::state::StateSnapshot) -> serde_json::Value {
+pub(crate) fn state_json(snapshot: &crate::plugin::state::StateSnapshot) -> serde_json::Value {
     let map: serde_json::Map<String, serde_json::Value> = snapshot
         .iter()
         .map(|(plugin, keys)| {
@@ -409,7 +409,7 @@ pub fn state_json(snapshot: &crate::plugin::state::StateSnapshot) -> serde_json:
 }
 
 /// Parses the `GET /v1/state` shape back.
-pub fn parse_state(bytes: &[u8]) -> Result<crate::plugin::state::StateSnapshot, String> {
+pub(crate) fn parse_state(bytes: &[u8]) -> Result<crate::plugin::state::StateSnapshot, String> {
     let value: BTreeMap<String, BTreeMap<String, serde_json::Value>> =
         serde_json::from_slice(bytes).map_err(|e| format!("expected {{\"PLUGIN\": {{\"KEY\": \"VALUE\"}}}}: {e}"))?;
     let number = |v: &serde_json::Value| -> Option<i64> {
@@ -571,6 +571,7 @@ impl Collector for EngineCollector {
 
 /// A client request to the API at `socket` (what `msrwasm ctl` and the
 /// tests use): the status code and the body. Bounded in time.
+#[cfg(feature = "tools")]
 pub fn request(socket: &Path, method: &str, path: &str, body: Option<Vec<u8>>) -> std::io::Result<(u16, String)> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {

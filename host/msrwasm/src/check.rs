@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::dispatch::ExitReason;
+use crate::msr::ExitReason;
 use crate::plugin::meta::Meta;
 use crate::plugin::state::StateStore;
 use crate::plugin::{

@@ -3,168 +3,126 @@
 //! nothing here touches KVM, so every path is testable with synthetic
 //! exits ([`NoKvm`] stands in for KVM's own MSRs).
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::engine::Shared;
-use crate::events::{CallResult, Events, VcpuEvents};
-use crate::plugin::{Answer, CallError, OnError, Plugin, PluginInfo, PluginInstance};
-use crate::policy::{Policy, Unhandled, fallback};
-use crate::stats::StatsSink;
+use sync_wrapper::SyncWrapper;
 
-/// Why KVM sent an access to user space (`KVM_MSR_EXIT_REASON_*`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExitReason {
-    /// KVM knows the MSR but found the access invalid (a bad value,
-    /// reserved bits, a read-only MSR).
-    Inval,
-    /// KVM does not know the MSR.
-    Unknown,
-    /// The MSR filter denied the access (a plugin claimed the MSR, the
-    /// firewall denies it, or the VMM's own filter range covers it).
-    Filter,
+use crate::events::{CallResult, Events, Fanout, VcpuEvents};
+use crate::msr::{Access, AnsweredBy, ExitReason, KvmMsrs, Op, Outcome, Reply, Unhandled};
+use crate::plugin::{Answer, CallError, OnError, Plugin, PluginInstance};
+use crate::policy::{Policy, fallback};
+use crate::stats::{Stats, StatsSink};
+
+#[cfg(test)]
+use crate::msr::NoKvm;
+
+/// Distinct (MSR, direction) pairs `unhandled = "log"` (and the firewall)
+/// log individually per VM; past this, one line says the rest are not.
+pub(crate) const MAX_LOGGED_MSRS: usize = 4096;
+
+/// What dispatchers share with the engine that feeds them: the policy in
+/// force, where they leave what they drop at a switch, and the engine-wide
+/// sinks. The engine publishes; dispatchers only read.
+pub(crate) struct Live {
+    generation: AtomicU64,
+    current: RwLock<Arc<Policy>>,
+    graveyard: Mutex<Vec<Box<dyn Send>>>,
+    logged: Mutex<HashSet<(u32, bool)>>,
+    pub(crate) events: Fanout,
+    pub(crate) stats: Arc<Stats>,
+    time_calls: bool,
 }
 
-impl ExitReason {
-    /// KVM's bit for this reason (what `msr.reason` returns to plugins).
-    pub fn bits(self) -> u32 {
-        match self {
-            ExitReason::Inval => 1,
-            ExitReason::Unknown => 2,
-            ExitReason::Filter => 4,
-        }
-    }
-
-    /// The reason for KVM's bits, if they name exactly one.
-    pub fn from_bits(bits: u32) -> Option<Self> {
-        match bits {
-            1 => Some(ExitReason::Inval),
-            2 => Some(ExitReason::Unknown),
-            4 => Some(ExitReason::Filter),
-            _ => None,
-        }
-    }
-
-    /// `inval`, `unknown` or `filter`.
-    pub fn name(self) -> &'static str {
-        match self {
-            ExitReason::Inval => "inval",
-            ExitReason::Unknown => "unknown",
-            ExitReason::Filter => "filter",
-        }
-    }
-}
-
-/// RDMSR, or WRMSR with the value written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Op {
-    /// RDMSR.
-    Read,
-    /// WRMSR of this value (EDX:EAX).
-    Write(u64),
-}
-
-/// A deflected MSR access.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Access {
-    /// The MSR index (ECX).
-    pub index: u32,
-    /// Read or write.
-    pub op: Op,
-    /// Why KVM sent it to user space.
-    pub reason: ExitReason,
-}
-
-impl Access {
-    /// A deflected RDMSR.
-    pub fn read(index: u32, reason: ExitReason) -> Self {
+impl Live {
+    pub(crate) fn new(policy: Policy, events: Fanout, stats: Arc<Stats>, time_calls: bool) -> Self {
         Self {
-            index,
-            op: Op::Read,
-            reason,
+            generation: AtomicU64::new(policy.generation()),
+            current: RwLock::new(Arc::new(policy)),
+            graveyard: Mutex::new(Vec::new()),
+            logged: Mutex::new(HashSet::new()),
+            events,
+            stats,
+            time_calls,
         }
     }
 
-    /// A deflected WRMSR.
-    pub fn write(index: u32, value: u64, reason: ExitReason) -> Self {
-        Self {
-            index,
-            op: Op::Write(value),
-            reason,
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn current(&self) -> Arc<Policy> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `policy` in force: dispatchers take it at their next access.
+    pub(crate) fn publish(&self, policy: Policy) {
+        let generation = policy.generation();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        self.generation.store(generation, Ordering::Release);
+    }
+
+    /// Keeps what a dispatcher dropped at a switch until the change path
+    /// frees it, off the vCPU thread.
+    fn bury(&self, instances: Vec<Option<PluginInstance>>, policy: Arc<Policy>) {
+        let mut graveyard = self.graveyard.lock().unwrap_or_else(|e| e.into_inner());
+        let instances: Vec<_> = instances.into_iter().flatten().collect();
+        if !instances.is_empty() {
+            graveyard.push(Box::new(instances));
         }
+        graveyard.push(Box::new(policy));
     }
 
-    /// Whether this is a WRMSR.
-    pub fn is_write(&self) -> bool {
-        matches!(self.op, Op::Write(_))
-    }
-}
-
-/// What the guest gets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Reply {
-    /// The RDMSR completes with this value.
-    Read(u64),
-    /// The WRMSR completes.
-    Written,
-    /// The instruction faults with #GP(0).
-    Gp,
-}
-
-/// Who decided an access.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AnsweredBy<'a> {
-    /// A plugin answered HANDLED or FAULT, or failed and its
-    /// `on_error = "fault"` decided (`error`).
-    Plugin {
-        /// The plugin version.
-        plugin: &'a PluginInfo,
-        /// Its position in the chain.
-        position: usize,
-        /// Whether a plugin error decided.
-        error: bool,
-    },
-    /// Every plugin passed on a claimed MSR and KVM's own handling decided.
-    Kvm,
-    /// Nobody answered; the VM's `unhandled` policy decided.
-    Unhandled(Unhandled),
-}
-
-/// The decision on one access.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Outcome<'a> {
-    /// What the guest gets.
-    pub reply: Reply,
-    /// Who decided.
-    pub by: AnsweredBy<'a>,
-    /// The policy generation that decided.
-    pub generation: u64,
-}
-
-/// KVM's own handling of an MSR, for claimed MSRs every plugin passed on
-/// (`KVM_GET_MSRS`/`KVM_SET_MSRS` on the vCPU: see
-/// [`crate::kvm::VcpuMsrs`]).
-pub trait KvmMsrs {
-    /// KVM's value, or `None` if KVM does not know the MSR.
-    fn get(&mut self, index: u32) -> Option<u64>;
-    /// Whether KVM accepted the write.
-    fn set(&mut self, index: u32, value: u64) -> bool;
-}
-
-/// KVM as a host without one sees it: it knows no MSR. For driving a
-/// dispatcher without a VM (tests, `msrwasm test`); a VMM passes its vCPU
-/// instead ([`crate::kvm::VcpuMsrs`]), or "PASS falls back to KVM" is lost.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NoKvm;
-
-impl KvmMsrs for NoKvm {
-    fn get(&mut self, _: u32) -> Option<u64> {
-        None
+    /// Drops what dispatchers left behind at their last switch.
+    pub(crate) fn empty_graveyard(&self) {
+        let dead = std::mem::take(&mut *self.graveyard.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(dead);
     }
 
-    fn set(&mut self, _: u32, _: u64) -> bool {
-        false
+    /// Logs an unhandled access once per (MSR, direction) per VM.
+    fn log_unhandled_once(&self, vcpu: u32, access: Access, policy: Unhandled, firewall: bool) {
+        let key = (access.index, access.is_write());
+        let first = {
+            let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+            if logged.len() >= MAX_LOGGED_MSRS {
+                if logged.insert((u32::MAX, false)) {
+                    tracing::warn!(
+                        "{MAX_LOGGED_MSRS} distinct unhandled MSRs logged; further ones are not logged individually (the footprint and trace still record them)"
+                    );
+                }
+                return;
+            }
+            logged.insert(key)
+        };
+        if !first {
+            return;
+        }
+        let what = if firewall {
+            "denied by the MSR firewall (filter_default = \"deny\", not in allow)"
+        } else {
+            "unhandled"
+        };
+        let outcome = match (policy, firewall) {
+            (Unhandled::Gp, _) => "#GP",
+            (_, _) if access.is_write() => "write dropped",
+            _ => "read as 0",
+        };
+        match access.op {
+            Op::Read => tracing::warn!(
+                vcpu,
+                reason = access.reason.name(),
+                "rdmsr {:#x} {what}: {outcome} (unhandled = {policy}); logged once per VM",
+                access.index
+            ),
+            Op::Write(v) => tracing::warn!(
+                vcpu,
+                reason = access.reason.name(),
+                "wrmsr {:#x} <- {v:#x} {what}: {outcome} (unhandled = {policy}); logged once per VM",
+                access.index
+            ),
+        }
     }
 }
 
@@ -174,29 +132,38 @@ enum Who {
     Plugin { position: usize, error: bool },
     Kvm,
     Unhandled,
+    Firewall,
 }
 
-/// The per-vCPU dispatcher. `Send`: create it anywhere, use it on the vCPU
-/// thread. It follows policy generations by itself: a hot reload, an
-/// [`crate::Engine::update`] or an API change reaches it at its next access
-/// with no code in the VMM.
+/// What only the vCPU thread touches: its plugin instances (`None` until
+/// first use, and again after a failure threw one away) and its event
+/// sinks.
+struct Mine {
+    instances: Vec<Option<PluginInstance>>,
+    sinks: Vec<Box<dyn VcpuEvents>>,
+}
+
+/// The per-vCPU dispatcher. `Send + Sync`: it can live in a VMM's vCPU
+/// struct (cloud-hypervisor's `Vcpu` is `Send + Sync`) and be created on
+/// any thread; it is used through `&mut`, on the vCPU thread, with no lock
+/// on the exit path. It follows policy generations by itself: a hot reload,
+/// an [`crate::Engine::update`] or an API change reaches it at its next
+/// access with no code in the VMM.
 pub struct Dispatcher {
     vcpu: u32,
-    shared: Arc<Shared>,
+    live: Arc<Live>,
     policy: Arc<Policy>,
-    /// This vCPU's instance of each plugin; `None` until first use, and
-    /// again after a failure threw it away.
-    instances: Vec<Option<PluginInstance>>,
+    /// Only ever reached through `&mut self`, hence `Sync` whatever the
+    /// plugin instances and the VMM's sinks are.
+    mine: SyncWrapper<Mine>,
     stats: StatsSink,
-    sinks: Vec<Box<dyn VcpuEvents>>,
-    time_calls: bool,
     /// Plugin calls so far, for sampling which ones are timed.
     calls: u32,
 }
 
 /// With call timing on, one plugin call in this many is timed (reading the
 /// clock costs more than a plugin call on some hosts).
-pub const TIMING_SAMPLE: u32 = 16;
+pub(crate) const TIMING_SAMPLE: u32 = 16;
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -208,21 +175,21 @@ impl std::fmt::Debug for Dispatcher {
 }
 
 impl Dispatcher {
-    pub(crate) fn new(shared: Arc<Shared>, vcpu: u32) -> Self {
-        let policy = shared.current();
-        let mut stats = shared.stats.sink(vcpu);
-        let mut sinks = shared.events.vcpu_sinks(vcpu);
+    pub(crate) fn new(live: Arc<Live>, vcpu: u32) -> Self {
+        let policy = live.current();
+        let mut sinks = live.events.vcpu_sinks(vcpu);
+        let mut stats = live.stats.sink(vcpu);
         stats.policy(&policy);
         sinks.iter_mut().for_each(|s| s.policy(&policy));
-        let time_calls = shared.time_calls;
         Self {
             vcpu,
-            instances: (0..policy.plugins().len()).map(|_| None).collect(),
+            mine: SyncWrapper::new(Mine {
+                instances: (0..policy.chain().len()).map(|_| None).collect(),
+                sinks,
+            }),
             policy,
-            shared,
+            live,
             stats,
-            sinks,
-            time_calls,
             calls: 0,
         }
     }
@@ -238,7 +205,7 @@ impl Dispatcher {
     }
 
     /// The policy it answers with now.
-    pub fn policy(&self) -> &Arc<Policy> {
+    pub fn policy(&self) -> &Policy {
         &self.policy
     }
 
@@ -246,10 +213,11 @@ impl Dispatcher {
     /// than at first use, and moves to the newest policy first: `init`
     /// failures surface before the guest runs.
     pub fn warm_up(&mut self) -> Result<(), crate::plugin::LoadError> {
-        if self.shared.generation() != self.policy.generation() {
+        if self.live.generation() != self.policy.generation() {
             self.switch();
         }
-        for (slot, plugin) in self.instances.iter_mut().zip(self.policy.plugins()) {
+        let mine = self.mine.get_mut();
+        for (slot, plugin) in mine.instances.iter_mut().zip(self.policy.chain()) {
             if slot.is_none() {
                 *slot = Some(plugin.instantiate(self.vcpu)?);
             }
@@ -260,26 +228,29 @@ impl Dispatcher {
     /// Decides one deflected access: the claiming plugins in chain order,
     /// then KVM's own handling for claimed MSRs, then `unhandled`.
     pub fn handle(&mut self, access: Access, kvm: &mut dyn KvmMsrs) -> Outcome<'_> {
-        let switch_started = (self.shared.generation() != self.policy.generation()).then(|| {
+        let switch_started = (self.live.generation() != self.policy.generation()).then(|| {
             let started = Instant::now();
             self.switch();
             started
         });
         let (reply, who) = self.decide(access, kvm);
         let Self {
-            policy, stats, sinks, ..
+            policy, stats, mine, ..
         } = self;
+        let sinks = &mut mine.get_mut().sinks;
         let outcome = Outcome {
             reply,
             by: match who {
                 Who::Plugin { position, error } => AnsweredBy::Plugin {
-                    plugin: policy.plugins()[position].info(),
+                    plugin: policy.chain()[position].info(),
                     position,
                     error,
                 },
                 Who::Kvm => AnsweredBy::Kvm,
                 Who::Unhandled => AnsweredBy::Unhandled(policy.unhandled()),
+                Who::Firewall => AnsweredBy::Firewall(policy.unhandled()),
             },
+            reason: access.reason,
             generation: policy.generation(),
         };
         stats.access(&access, &outcome);
@@ -303,15 +274,15 @@ impl Dispatcher {
         // written on the exit path.
         let Self {
             vcpu,
-            shared,
+            live,
             policy,
-            instances,
+            mine,
             stats,
-            sinks,
-            time_calls,
             calls,
             ..
         } = self;
+        let Mine { instances, sinks } = mine.get_mut();
+        let time_calls = live.time_calls;
         let mut event = |position: usize, result: CallResult<'_>, took: Option<Duration>| {
             stats.plugin_call(position, result, took);
             for sink in sinks.iter_mut() {
@@ -319,13 +290,13 @@ impl Dispatcher {
             }
         };
         for &position in policy.askers(access.index) {
-            let plugin = &policy.plugins()[position];
+            let plugin = &policy.chain()[position];
             if plugin.health().quarantined() {
                 event(position, CallResult::Skipped, None);
                 continue;
             }
             *calls = calls.wrapping_add(1);
-            let started = (*time_calls && *calls % TIMING_SAMPLE == 0).then(Instant::now);
+            let started = (time_calls && *calls % TIMING_SAMPLE == 0).then(Instant::now);
             let result = ask(&mut instances[position], plugin, *vcpu, access);
             let took = started.map(|s| s.elapsed());
             match result {
@@ -346,7 +317,7 @@ impl Dispatcher {
                     // A trap may leave wasm state half-written: start afresh.
                     instances[position] = None;
                     let quarantined = plugin.health().record_error();
-                    plugin_failed(shared, *vcpu, plugin, access, &error, quarantined);
+                    plugin_failed(live, *vcpu, plugin, access, &error, quarantined);
                     event(
                         position,
                         CallResult::Error {
@@ -369,7 +340,8 @@ impl Dispatcher {
         {
             return (reply, Who::Kvm);
         }
-        (self.unhandled(access, firewall), Who::Unhandled)
+        let who = if firewall { Who::Firewall } else { Who::Unhandled };
+        (self.unhandled(access, firewall), who)
     }
 
     /// `firewall`: the firewall denied this access.
@@ -380,7 +352,7 @@ impl Dispatcher {
         }
         let policy = self.policy.unhandled();
         if policy == Unhandled::Log || firewall {
-            self.shared.log_unhandled_once(self.vcpu, access, policy, firewall);
+            self.live.log_unhandled_once(self.vcpu, access, policy, firewall);
         }
         match (policy, access.op) {
             (Unhandled::Gp, _) => Reply::Gp,
@@ -392,11 +364,12 @@ impl Dispatcher {
     /// Moves to the policy in force: carried-over plugins keep their
     /// instances, new versions take the instances prepared for this vCPU.
     fn switch(&mut self) {
-        let next = self.shared.current();
-        let mut instances: Vec<Option<PluginInstance>> = (0..next.plugins().len()).map(|_| None).collect();
-        for (position, plugin) in next.plugins().iter().enumerate() {
-            if let Some(old) = self.policy.plugins().iter().position(|p| Arc::ptr_eq(p, plugin)) {
-                instances[position] = self.instances[old].take();
+        let next = self.live.current();
+        let mine = self.mine.get_mut();
+        let mut instances: Vec<Option<PluginInstance>> = (0..next.chain().len()).map(|_| None).collect();
+        for (position, plugin) in next.chain().iter().enumerate() {
+            if let Some(old) = self.policy.chain().iter().position(|p| Arc::ptr_eq(p, plugin)) {
+                instances[position] = mine.instances[old].take();
             }
         }
         for (position, instance) in next.take_prepared(self.vcpu) {
@@ -404,20 +377,20 @@ impl Dispatcher {
                 *slot = Some(instance);
             }
         }
-        let old_instances = std::mem::replace(&mut self.instances, instances);
+        let old_instances = std::mem::replace(&mut mine.instances, instances);
         let old_policy = std::mem::replace(&mut self.policy, next);
         // Dropping instances and policies can take a while (large
         // memories): not on the vCPU thread.
-        self.shared.bury(old_instances, old_policy);
+        self.live.bury(old_instances, old_policy);
         self.stats.policy(&self.policy);
-        for sink in &mut self.sinks {
+        for sink in &mut mine.sinks {
             sink.policy(&self.policy);
         }
     }
 }
 
 fn plugin_failed(
-    shared: &Shared,
+    live: &Live,
     vcpu: u32,
     plugin: &Plugin,
     access: Access,
@@ -434,7 +407,7 @@ fn plugin_failed(
             plugin = plugin.name(), version = plugin.info().short_version(), file = %plugin.path().display(),
             "plugin quarantined for {backoff:?} after repeated errors: skipped (as PASS) until its file changes or the backoff expires"
         );
-        shared.events.quarantine(plugin.info(), backoff);
+        live.events.quarantine(plugin.info(), backoff);
     }
 }
 

@@ -85,6 +85,7 @@ fn by_name(outcome: &Outcome<'_>) -> String {
         AnsweredBy::Plugin { plugin, error, .. } => format!("{}{}", plugin.name, if error { "!" } else { "" }),
         AnsweredBy::Kvm => "kvm".into(),
         AnsweredBy::Unhandled(u) => format!("unhandled:{u}"),
+        AnsweredBy::Firewall(u) => format!("firewall:{u}"),
     }
 }
 
@@ -211,9 +212,55 @@ fn a_default_deny_firewall_never_falls_back_for_msrs_outside_allow() {
         msrs: HashMap::from([(0x174, 1), (0x175, 2)]),
         ..FakeKvm::default()
     };
-    // 0x175 is outside allow: KVM's value is not given; unhandled decides.
+    // 0x175 is outside allow: KVM's value is not given; unhandled decides,
+    // and the outcome says the firewall refused it.
     let o = d.handle(read(0x175, ExitReason::Filter), &mut kvm);
-    assert_eq!((o.reply, by_name(&o)), (Reply::Read(0), "unhandled:ignore".into()));
+    assert_eq!((o.reply, by_name(&o)), (Reply::Read(0), "firewall:ignore".into()));
+    assert_eq!(o.reason, ExitReason::Filter);
+    // An MSR KVM does not know is not the firewall's doing.
+    let o = d.handle(read(0x4d53_0001, ExitReason::Unknown), &mut kvm);
+    assert_eq!((by_name(&o), o.reason), ("unhandled:ignore".into(), ExitReason::Unknown));
+}
+
+/// cloud-hypervisor's `Vcpu` trait is `Send + Sync`: a dispatcher must fit
+/// in such a struct whatever the plugins and the VMM's sinks hold.
+#[test]
+fn a_dispatcher_is_send_and_sync() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    struct NotSync(std::cell::Cell<u64>);
+    impl VcpuEvents for NotSync {
+        fn access(&mut self, _: &Access, _: &Outcome<'_>) {
+            self.0.set(self.0.get() + 1);
+        }
+    }
+    struct Sinks;
+    impl Events for Sinks {
+        fn vcpu(&self, _: u32) -> Option<Box<dyn VcpuEvents>> {
+            Some(Box::new(NotSync(std::cell::Cell::new(0))))
+        }
+    }
+    let s = Setup::new(Unhandled::Gp).plugin("p", ANSWER_7, None, OnError::Fault);
+    let engine = Engine::builder()
+        .filter(RecordingFilter::default())
+        .events(Arc::new(Sinks))
+        .build(s.spec.clone())
+        .unwrap();
+    let mut d = engine.dispatcher(0);
+    d.warm_up().unwrap();
+    send_sync(&d);
+    // Used from another thread through a shared lock, as a VMM would.
+    let shared = Arc::new(Mutex::new(d));
+    let on_other = shared.clone();
+    let reply = std::thread::spawn(move || {
+        on_other
+            .lock()
+            .unwrap()
+            .handle(read(1, ExitReason::Unknown), &mut NoKvm)
+            .reply
+    })
+    .join()
+    .unwrap();
+    assert_eq!(reply, Reply::Read(7));
 }
 
 #[test]

@@ -10,11 +10,11 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use crate::dispatch::{Access, Dispatcher, Op};
+use crate::dispatch::{Dispatcher, Live};
 use crate::events::{Cause, Events, Fanout, Reload};
 use crate::files::FileStamp;
 use crate::oci::Fetch;
@@ -26,10 +26,6 @@ use crate::policy::filter::{FilterSink, NoFilter};
 use crate::policy::{Policy, PolicyError, PolicySpec, Unhandled};
 use crate::stats::{Stats, StatsSnapshot};
 
-/// Distinct (MSR, direction) pairs `unhandled = "log"` (and the firewall)
-/// log individually per VM; past this, one line says the rest are not.
-pub const MAX_LOGGED_MSRS: usize = 4096;
-
 /// Why an engine could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -39,6 +35,48 @@ pub enum EngineError {
     /// The initial policy is refused.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+}
+
+/// A policy change was refused; the running policy stays. Every reason is
+/// kept ([`UpdateError::errors`]); the first is the error's source.
+#[derive(Debug)]
+pub struct UpdateError {
+    errors: Vec<PolicyError>,
+}
+
+impl UpdateError {
+    fn new(errors: Vec<PolicyError>) -> Self {
+        debug_assert!(!errors.is_empty());
+        Self { errors }
+    }
+
+    /// Every reason, each naming its file.
+    pub fn errors(&self) -> &[PolicyError] {
+        &self.errors
+    }
+
+    /// The reasons, taken out.
+    pub fn into_errors(self) -> Vec<PolicyError> {
+        self.errors
+    }
+}
+
+impl std::fmt::Display for UpdateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.errors.len() {
+            1 => f.write_str("policy change refused"),
+            n => write!(f, "policy change refused ({n} reasons: {})", {
+                let all: Vec<String> = self.errors.iter().map(crate::error_chain).collect();
+                all.join("; ")
+            }),
+        }
+    }
+}
+
+impl std::error::Error for UpdateError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.errors.first().map(|e| e as _)
+    }
 }
 
 /// Builds an [`Engine`].
@@ -105,7 +143,7 @@ impl EngineBuilder {
     }
 
     /// Times plugin calls (for the call-time histogram of `/metrics`): one
-    /// call in [`crate::dispatch::TIMING_SAMPLE`], since reading the clock
+    /// call in one in 16, since reading the clock
     /// costs more than a plugin call on some hosts.
     pub fn time_calls(mut self, on: bool) -> Self {
         self.time_calls = on;
@@ -148,8 +186,9 @@ impl EngineBuilder {
         events.push(stats.clone());
         let base_dir = self
             .base_dir
-            .or_else(|| spec.manifest.as_ref().and_then(|m| m.parent()).map(Path::to_owned))
+            .or_else(|| spec.manifest().and_then(|m| m.parent()).map(Path::to_owned))
             .unwrap_or_else(|| PathBuf::from("."));
+        let empty = Policy::compose(Vec::new(), &PolicySpec::default(), 0)?;
         let shared = Arc::new(Shared {
             runtime: runtime.clone(),
             state: Arc::new(StateStore::default()),
@@ -157,44 +196,41 @@ impl EngineBuilder {
                 Some(dir) => ModuleCache::with_disk(dir, runtime.engine()),
                 None => ModuleCache::new(),
             },
-            generation: AtomicU64::new(0),
-            current: RwLock::new(Arc::new(Policy::compose(Vec::new(), &PolicySpec::default(), 0)?)),
+            live: Arc::new(Live::new(empty, events, stats, self.time_calls)),
             owner: Mutex::new(Owner {
                 spec: PolicySpec::default(),
                 plugins: Vec::new(),
                 seen: HashMap::new(),
                 pending: None,
             }),
-            events,
-            stats,
             filter: self.filter.unwrap_or_else(|| Box::new(NoFilter)),
-            logged: Mutex::new(HashSet::new()),
             vcpus: Mutex::new(BTreeSet::new()),
-            graveyard: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             manifest: RwLock::new(None),
-            time_calls: self.time_calls,
             oci: self.oci,
             base_dir,
             started: Instant::now(),
         });
         let engine = Engine { shared };
-        let mut spec = spec;
-        let manifest = manifest_seen(&spec);
-        engine.shared.fetch(&mut spec).map_err(first_error)?;
-        {
-            let mut owner = engine.shared.lock_owner();
-            engine
-                .shared
-                .load_and_apply(&mut owner, spec, manifest)
-                .map_err(first_error)?;
-        }
+        // The first load goes through the change path like every later
+        // one, and is reported to the event sinks like them.
+        engine
+            .shared
+            .change(spec, Cause::Start, Follow::AsGiven)
+            .map_err(|e| EngineError::Policy(e.into_errors().remove(0)))?;
         Ok(engine)
     }
 }
 
-fn first_error(mut errors: Vec<PolicyError>) -> PolicyError {
-    errors.remove(0)
+/// Whether a change follows the manifest its spec came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Follow {
+    /// As the spec says (a spec from [`PolicySpec::from_manifest`] follows
+    /// its file).
+    AsGiven,
+    /// The change comes from code: it owns the policy from now on, and no
+    /// manifest file is followed.
+    Code,
 }
 
 /// The answer to a VM's deflected MSR accesses: its policy, plugin state
@@ -205,8 +241,8 @@ fn first_error(mut errors: Vec<PolicyError>) -> PolicyError {
 /// use msrwasm::{Access, Engine, ExitReason, NoKvm, PolicySpec, Reply, Unhandled};
 ///
 /// let spec = PolicySpec::from_paths(&["plugins/rapl.wat".into()], Unhandled::Gp);
-/// // A real VMM passes its filter: .filter(msrwasm::kvm::KvmFilter::new(vm, vec![]))
-/// let engine = Engine::builder().filter(msrwasm::policy::filter::RecordingFilter::default()).build(spec)?;
+/// // A real VMM passes its filter: .filter(msrwasm::kvm::KvmFilter::new(&kvm, &vm, vec![])?)
+/// let engine = Engine::builder().filter(msrwasm::filter::RecordingFilter::default()).build(spec)?;
 /// let mut vcpu0 = engine.dispatcher(0);
 /// let outcome = vcpu0.handle(Access::read(0x606, ExitReason::Filter), &mut NoKvm);
 /// assert_eq!(outcome.reply, Reply::Read(0xa0e03));
@@ -251,7 +287,7 @@ pub struct PluginStatus {
     /// Content sha256.
     pub version: String,
     /// `core` or `component`.
-    pub flavour: crate::plugin::Flavour,
+    pub flavour: crate::msr::Flavour,
     /// File.
     pub path: PathBuf,
     /// Claims in force, `0x35` or `0x610-0x61f`; `None`: a catch-all.
@@ -273,7 +309,7 @@ impl Engine {
     /// plugin instances for it off the vCPU thread.
     pub fn dispatcher(&self, vcpu: u32) -> Dispatcher {
         self.shared.vcpus.lock().unwrap_or_else(|e| e.into_inner()).insert(vcpu);
-        Dispatcher::new(self.shared.clone(), vcpu)
+        Dispatcher::new(self.shared.live.clone(), vcpu)
     }
 
     /// The generation in force (changes with every applied change).
@@ -286,26 +322,42 @@ impl Engine {
         self.shared.current()
     }
 
-    /// The spec in force.
+    /// The spec in force, to edit and pass to [`Engine::update`]. It never
+    /// names a manifest: see [`Engine::update`].
     pub fn spec(&self) -> PolicySpec {
-        self.shared.lock_owner().spec.clone()
+        let mut spec = self.shared.lock_owner().spec.clone();
+        spec.manifest = None;
+        spec
     }
 
-    /// Replaces the policy with `spec` (from the VMM's code): the same
-    /// serialized path as file reloads; the spec becomes the engine's, so
-    /// a later change of a file it does not name changes nothing.
-    pub fn update(&self, spec: PolicySpec) -> Result<u64, Vec<PolicyError>> {
-        self.shared.change(spec, Cause::Update)
+    /// Replaces the policy with `spec`, from the VMM's code, through the
+    /// same serialized path as file reloads.
+    ///
+    /// A programmatic change owns the policy from then on: the engine stops
+    /// following the manifest file (if the policy came from one), so a later
+    /// edit of that file can never silently revert what the code set. The
+    /// plugin files `spec` names are still followed (a new version of a
+    /// plugin's code goes live as before, with the settings given here).
+    /// To hand the policy back to a file, call [`Engine::follow_manifest`].
+    pub fn update(&self, spec: PolicySpec) -> Result<u64, UpdateError> {
+        self.shared.change(spec, Cause::Update, Follow::Code)
+    }
+
+    /// Replaces the policy with the manifest at `path` and follows that
+    /// file from then on (what a policy built from
+    /// [`PolicySpec::from_manifest`] does from the start).
+    pub fn follow_manifest(&self, path: &Path) -> Result<u64, UpdateError> {
+        let spec = PolicySpec::from_manifest(path).map_err(|e| UpdateError::new(vec![PolicyError::Manifest(e)]))?;
+        self.shared.change(spec, Cause::Update, Follow::AsGiven)
     }
 
     /// Replaces the policy with a manifest given as text (the control API):
     /// relative plugin paths resolve against the engine's base directory.
-    /// The text becomes the VM's manifest until the next such change.
-    pub fn update_manifest(&self, text: &str) -> Result<u64, Vec<PolicyError>> {
+    /// Like [`Engine::update`], no manifest file is followed afterwards.
+    pub fn update_manifest(&self, text: &str) -> Result<u64, UpdateError> {
         let name = self.shared.base_dir.join("(manifest from the control API)");
-        let mut spec = PolicySpec::parse(&name, text).map_err(|e| vec![PolicyError::Manifest(e)])?;
-        spec.manifest = None;
-        self.shared.change(spec, Cause::Api)
+        let spec = PolicySpec::parse(&name, text).map_err(|e| UpdateError::new(vec![PolicyError::Manifest(e)]))?;
+        self.shared.change(spec, Cause::Api, Follow::Code)
     }
 
     /// Checks every file the policy reads (and a refused manifest's) and
@@ -336,7 +388,7 @@ impl Engine {
 
     /// Counters so far.
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot()
+        self.shared.live.stats.snapshot()
     }
 
     /// The plugin state store.
@@ -373,7 +425,7 @@ impl Engine {
             unhandled: policy.unhandled(),
             manifest,
             plugins: policy
-                .plugins()
+                .chain()
                 .iter()
                 .map(|p| PluginStatus {
                     name: p.name().to_owned(),
@@ -397,7 +449,7 @@ impl Engine {
     /// Drops plugin instances and policies that dispatchers left behind
     /// at their last switch (done by every change too).
     pub fn collect_garbage(&self) {
-        self.shared.empty_graveyard();
+        self.shared.live.empty_graveyard();
     }
 }
 
@@ -421,101 +473,36 @@ struct Owner {
     pending: Option<Vec<PathBuf>>,
 }
 
-/// What the engine's clones and dispatchers share.
+/// What the engine's clones share.
 pub(crate) struct Shared {
     runtime: Arc<Runtime>,
     state: Arc<StateStore>,
     cache: ModuleCache,
-    generation: AtomicU64,
-    current: RwLock<Arc<Policy>>,
+    /// The policy in force and what dispatchers share with the engine.
+    live: Arc<Live>,
     owner: Mutex<Owner>,
-    pub(crate) events: Fanout,
-    pub(crate) stats: Arc<Stats>,
     filter: Box<dyn FilterSink>,
-    logged: Mutex<HashSet<(u32, bool)>>,
     vcpus: Mutex<BTreeSet<u32>>,
-    graveyard: Mutex<Vec<Box<dyn Send>>>,
     closed: AtomicBool,
     /// The manifest file of the spec in force (readable while a change is
     /// being compiled).
     manifest: RwLock<Option<PathBuf>>,
-    pub(crate) time_calls: bool,
     oci: Option<Arc<dyn Fetch>>,
     base_dir: PathBuf,
     started: Instant,
 }
 
 impl Shared {
-    pub(crate) fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+    fn generation(&self) -> u64 {
+        self.live.generation()
     }
 
-    pub(crate) fn current(&self) -> Arc<Policy> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    fn current(&self) -> Arc<Policy> {
+        self.live.current()
     }
 
     fn lock_owner(&self) -> std::sync::MutexGuard<'_, Owner> {
         self.owner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Keeps what a dispatcher dropped at a switch until the change path
-    /// frees it, off the vCPU thread.
-    pub(crate) fn bury(&self, instances: Vec<Option<crate::plugin::PluginInstance>>, policy: Arc<Policy>) {
-        let mut graveyard = self.graveyard.lock().unwrap_or_else(|e| e.into_inner());
-        let instances: Vec<_> = instances.into_iter().flatten().collect();
-        if !instances.is_empty() {
-            graveyard.push(Box::new(instances));
-        }
-        graveyard.push(Box::new(policy));
-    }
-
-    fn empty_graveyard(&self) {
-        let dead = std::mem::take(&mut *self.graveyard.lock().unwrap_or_else(|e| e.into_inner()));
-        drop(dead);
-    }
-
-    /// Logs an unhandled access once per (MSR, direction) per VM.
-    pub(crate) fn log_unhandled_once(&self, vcpu: u32, access: Access, policy: Unhandled, firewall: bool) {
-        let key = (access.index, access.is_write());
-        let first = {
-            let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
-            if logged.len() >= MAX_LOGGED_MSRS {
-                if logged.insert((u32::MAX, false)) {
-                    tracing::warn!(
-                        "{MAX_LOGGED_MSRS} distinct unhandled MSRs logged; further ones are not logged individually (the footprint and trace still record them)"
-                    );
-                }
-                return;
-            }
-            logged.insert(key)
-        };
-        if !first {
-            return;
-        }
-        let what = if firewall {
-            "denied by the MSR firewall (filter_default = \"deny\", not in allow)"
-        } else {
-            "unhandled"
-        };
-        let outcome = match (policy, firewall) {
-            (Unhandled::Gp, _) => "#GP",
-            (_, _) if access.is_write() => "write dropped",
-            _ => "read as 0",
-        };
-        match access.op {
-            Op::Read => tracing::warn!(
-                vcpu,
-                reason = access.reason.name(),
-                "rdmsr {:#x} {what}: {outcome} (unhandled = {policy}); logged once per VM",
-                access.index
-            ),
-            Op::Write(v) => tracing::warn!(
-                vcpu,
-                reason = access.reason.name(),
-                "wrmsr {:#x} <- {v:#x} {what}: {outcome} (unhandled = {policy}); logged once per VM",
-                access.index
-            ),
-        }
     }
 
     /// Makes every `oci://` plugin of `spec` local: its path becomes the
@@ -631,8 +618,8 @@ impl Shared {
             .iter()
             .copied()
             .collect();
-        for (position, plugin) in policy.plugins().iter().enumerate() {
-            if old.plugins().iter().any(|p| Arc::ptr_eq(p, plugin)) {
+        for (position, plugin) in policy.chain().iter().enumerate() {
+            if old.chain().iter().any(|p| Arc::ptr_eq(p, plugin)) {
                 continue;
             }
             for &vcpu in &vcpus {
@@ -655,24 +642,27 @@ impl Shared {
         }
         let names: Vec<&str> = spec.plugins.iter().map(|p| p.name.as_str()).collect();
         self.state.prune(&names);
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
-        self.generation.store(generation, Ordering::Release);
+        self.live.publish(policy);
         owner.seen.extend(files);
         *self.manifest.write().unwrap_or_else(|e| e.into_inner()) = spec.manifest.clone();
         owner.spec = spec;
         owner.plugins = plugins;
-        self.empty_graveyard();
+        self.live.empty_graveyard();
         Ok(generation)
     }
 
     fn report(&self, reload: Reload) -> Reload {
         match &reload {
+            Reload::Applied {
+                cause: Cause::Start,
+                generation,
+            } => tracing::debug!(generation, "policy loaded"),
             Reload::Applied { cause, generation } => tracing::info!(%cause, generation, "reload applied"),
             Reload::Refused { cause, errors } => {
                 tracing::warn!(%cause, "change refused, the running policy stays: {}", errors.join("; "))
             }
         }
-        self.events.reload(&reload);
+        self.live.events.reload(&reload);
         reload
     }
 
@@ -703,8 +693,11 @@ impl Shared {
         })
     }
 
-    /// A whole new spec, from code or the API.
-    fn change(&self, mut spec: PolicySpec, cause: Cause) -> Result<u64, Vec<PolicyError>> {
+    /// A whole new spec: the first, or one from code or the API.
+    fn change(&self, mut spec: PolicySpec, cause: Cause, follow: Follow) -> Result<u64, UpdateError> {
+        if follow == Follow::Code {
+            spec.manifest = None;
+        }
         let manifest = manifest_seen(&spec);
         // Registries are asked before the owner lock is taken.
         let fetched = self.fetch(&mut spec);
@@ -714,7 +707,7 @@ impl Shared {
             owner.pending = None;
         }
         self.report_result(cause, &result);
-        result
+        result.map_err(UpdateError::new)
     }
 
     fn refresh(&self, hold: &HashSet<PathBuf>, force: bool) -> Vec<Reload> {
@@ -831,3 +824,7 @@ fn seen(path: &Path) -> Seen {
         .map(|b| content_hash(&b));
     Seen { stamp, hash }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

@@ -13,8 +13,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::dispatch::{Access, Outcome};
-use crate::plugin::{CallError, PluginInfo};
+use crate::msr::{Access, Outcome, PluginInfo};
+use crate::plugin::CallError;
 use crate::policy::Policy;
 
 /// How one plugin call went.
@@ -41,9 +41,12 @@ pub enum CallResult<'a> {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cause {
+    /// The engine was built: its first policy.
+    Start,
     /// A watched file changed (or a refresh found it changed).
     File(std::path::PathBuf),
-    /// The VMM called [`crate::Engine::update`].
+    /// The VMM called [`crate::Engine::update`] or
+    /// [`crate::Engine::follow_manifest`].
     Update,
     /// The control API (`PUT /v1/policy`).
     Api,
@@ -54,6 +57,7 @@ pub enum Cause {
 impl std::fmt::Display for Cause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Cause::Start => f.write_str("start"),
             Cause::File(path) => write!(f, "{}", path.display()),
             Cause::Update => f.write_str("update()"),
             Cause::Api => f.write_str("the control API"),
@@ -91,7 +95,8 @@ pub trait Events: Send + Sync {
         None
     }
 
-    /// A policy change was applied or refused.
+    /// A policy change was applied or refused; the engine's first policy
+    /// is reported too (cause [`Cause::Start`]).
     fn reload(&self, reload: &Reload) {
         let _ = reload;
     }
@@ -106,7 +111,7 @@ pub trait Events: Send + Sync {
 /// does nothing.
 pub trait VcpuEvents: Send {
     /// The dispatcher moved to `policy` (also called once for the first).
-    fn policy(&mut self, policy: &Arc<Policy>) {
+    fn policy(&mut self, policy: &Policy) {
         let _ = policy;
     }
 
@@ -143,16 +148,6 @@ impl Fanout {
     /// Adds a sink.
     pub fn push(&mut self, sink: Arc<dyn Events>) {
         self.sinks.push(sink);
-    }
-
-    /// Number of sinks.
-    pub fn len(&self) -> usize {
-        self.sinks.len()
-    }
-
-    /// Whether there is no sink.
-    pub fn is_empty(&self) -> bool {
-        self.sinks.is_empty()
     }
 
     /// The per-vCPU sinks of every sink that has one.

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::dispatch::{Access, AnsweredBy, Op, Outcome, Reply};
+use crate::msr::{Access, AnsweredBy, Op, Outcome, Reply};
 use crate::events::{Events, VcpuEvents};
 
 /// Distinct (op, index) pairs recorded per vCPU.
@@ -163,6 +163,7 @@ impl VcpuEvents for FootprintSink {
             AnsweredBy::Plugin { plugin, .. } => &plugin.name,
             AnsweredBy::Kvm => "kvm",
             AnsweredBy::Unhandled(_) => "unhandled",
+            AnsweredBy::Firewall(_) => "firewall",
         };
         let is_plugin = matches!(outcome.by, AnsweredBy::Plugin { .. });
         let found = e.answered_by.iter_mut().find(|(w, _)| match is_plugin {
@@ -187,6 +188,7 @@ impl VcpuEvents for FootprintSink {
 /// `allow` list for a default-deny firewall (the MSRs KVM handled for the
 /// guest, or that a firewall denied), and the MSRs that went unhandled,
 /// with counts, as comments ready to be edited.
+#[cfg(any(test, feature = "tools"))]
 pub fn suggest(entries: &[FootprintEntry], source: &str) -> String {
     let index = |e: &FootprintEntry| crate::parse_number(&e.index).map(|v| v as u32);
     let kvm_side = |e: &FootprintEntry| {
@@ -251,13 +253,13 @@ pub fn suggest(entries: &[FootprintEntry], source: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ExitReason;
-    use crate::policy::Unhandled;
+    use crate::{ExitReason, Unhandled};
 
     fn outcome(reply: Reply, by: AnsweredBy<'_>) -> Outcome<'_> {
         Outcome {
             reply,
             by,
+            reason: ExitReason::Unknown,
             generation: 1,
         }
     }

@@ -2,14 +2,13 @@
 //! MSR exits, decoding them, KVM's own MSRs for the fallback, completing
 //! exits, and the MSR filter sink.
 
-use std::sync::Arc;
-
 use kvm_bindings::kvm_enable_cap;
 use kvm_bindings::{Msrs, kvm_msr_entry};
 use kvm_ioctls::{Cap, Kvm, MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuExit};
 use kvm_ioctls::{VcpuFd, VmFd};
 
-use crate::dispatch::{Access, Dispatcher, ExitReason, KvmMsrs, Outcome, Reply};
+use crate::dispatch::Dispatcher;
+use crate::msr::{Access, ExitReason, KvmMsrs, Outcome, Reply};
 use crate::policy::filter::{FilterDefault, FilterError, FilterPlan, FilterSink, VmmRange};
 
 /// A KVM operation failed.
@@ -30,6 +29,9 @@ pub enum KvmError {
     /// `complete` was called without a pending MSR exit.
     #[error("no MSR exit is pending on this vCPU")]
     NoPendingExit,
+    /// The VM's descriptor could not be duplicated for the filter sink.
+    #[error("cannot duplicate the VM file descriptor")]
+    Dup(#[source] std::io::Error),
 }
 
 /// Checks that `kvm` has what msrwasm needs: user-space MSR exits and MSR
@@ -135,17 +137,29 @@ impl Dispatcher {
 
 /// The filter sink of a VMM on kvm-ioctls: merges msrwasm's plan with the
 /// VMM's own ranges and programs `KVM_X86_SET_MSR_FILTER` (also on a
-/// running VM).
+/// running VM, from whichever thread applies a policy change).
+///
+/// It holds its own duplicate of the VM's descriptor, so the VMM keeps its
+/// `VmFd` by value (as Firecracker does) and writes no `unsafe`.
 pub struct KvmFilter {
-    vm: Arc<VmFd>,
+    vm: VmFd,
     vmm: Vec<VmmRange>,
 }
 
+impl std::fmt::Debug for KvmFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmFilter").field("vmm", &self.vmm).finish_non_exhaustive()
+    }
+}
+
 impl KvmFilter {
-    /// A sink for `vm`; `vmm` are the MSRs the VMM wants deflected to its
-    /// own loop (counted against KVM's 16 ranges together with the plan).
-    pub fn new(vm: Arc<VmFd>, vmm: Vec<VmmRange>) -> Self {
-        Self { vm, vmm }
+    /// A sink for `vm` (of `kvm`); `vmm` are the MSRs the VMM wants
+    /// deflected to its own loop (counted against KVM's 16 ranges together
+    /// with the plan). Duplicates the VM's descriptor: call it before the
+    /// VMM's seccomp filter forbids `fcntl(F_DUPFD_CLOEXEC)`.
+    pub fn new(kvm: &Kvm, vm: &VmFd, vmm: Vec<VmmRange>) -> Result<Self, KvmError> {
+        let vm = crate::sys::dup_vm(kvm, vm).map_err(KvmError::Dup)?;
+        Ok(Self { vm, vmm })
     }
 }
 

@@ -44,94 +44,117 @@
 //!
 //! `examples/vmm_loop.rs` is a complete VMM; `docs/embedding.md` the guide.
 //!
-//! # Modules
+//! # The API
 //!
-//! - [`plugin`]: loading, validating and calling plugins (ABI v1), the
-//!   runtime (CPU budget, clock), the state store.
-//! - [`policy`]: manifests, the chain, claims, the filter plan and the
-//!   KVM fallback rules.
-//! - [`dispatch`]: the per-vCPU dispatcher and its typed outcomes.
-//! - [`engine`]: the one owner of every policy change.
-//! - [`events`], [`stats`], [`trace`]: what happens, counted and recorded.
-//! - [`kvm`] (feature `kvm`): enabling exits, decoding, completing them,
-//!   KVM's own MSRs, the filter sink.
-//! - [`watch`] (feature `watch`): a file watcher driving hot reload.
+//! Everything an embedder needs is re-exported here; the modules behind it
+//! are private. This is the stable API (`docs/embedding.md` lists it):
+//!
+//! - the engine: [`Engine`], [`EngineBuilder`], [`Dispatcher`], [`Policy`],
+//!   [`Status`], [`PluginStatus`], [`StatsSnapshot`], [`VcpuStats`],
+//!   [`PluginStats`], [`StateSnapshot`], [`Clock`], [`GuestClock`];
+//! - the MSR vocabulary: [`Access`], [`Op`], [`ExitReason`], [`Reply`],
+//!   [`Outcome`], [`AnsweredBy`], [`PluginInfo`], [`Flavour`],
+//!   [`KvmMsrs`], [`NoKvm`];
+//! - the policy as written: [`PolicySpec`], [`PluginSettings`],
+//!   [`OnError`], [`Unhandled`], [`FilterDefault`];
+//! - events: [`Events`], [`VcpuEvents`], [`Reload`], [`Cause`],
+//!   [`CallResult`]; two ready-made sinks, [`Trace`] and [`Footprint`];
+//! - errors: [`EngineError`], [`UpdateError`], [`PolicyError`],
+//!   [`ManifestError`], [`LoadError`], [`CallError`], [`RuntimeError`],
+//!   [`StoreFull`], [`TraceError`];
+//! - [`filter`]: the VMM's side of the MSR filter ([`filter::FilterSink`]);
+//! - [`kvm`] (feature `kvm`, default): enabling exits, decoding and
+//!   completing them, KVM's own MSRs, a ready-made filter sink;
+//! - [`watch`] (feature `watch`, default): a file watcher driving hot
+//!   reload, as a pollable fd plus `process()`;
 //! - [`api`] (feature `api`): the control API of a running VM (HTTP on a
-//!   Unix socket) with Prometheus metrics.
-//! - [`footprint`]: which MSRs a guest touches, and a manifest from that.
-//! - [`oci`]: `oci://` plugins, following tags; the registry client
+//!   Unix socket) with Prometheus metrics;
+//! - [`oci`]: `oci://` plugins and following tags; the registry client
 //!   (push, pull, cache) with feature `oci`.
+//!
+//! Feature `tools` adds [`tools`](crate#tools): the building blocks of the
+//! `msrwasm` command (`check`, `test`, `meta`, `bench`) and of the test
+//! suite. It is not part of the stable API.
+//!
+//! Logs go through `tracing`; a VMM that uses the `log` crate instead gets
+//! them as `log` records when no `tracing` subscriber is installed.
 
 #![warn(missing_docs)]
 
 #[cfg(feature = "api")]
 pub mod api;
-pub mod check;
-pub mod dispatch;
-pub mod engine;
-pub mod events;
-pub mod files;
-pub mod footprint;
+#[cfg(feature = "tools")]
+mod check;
+mod dispatch;
+mod engine;
+mod events;
+mod files;
+mod footprint;
 #[cfg(feature = "kvm")]
 pub mod kvm;
+mod msr;
 pub mod oci;
-pub mod plugin;
-pub mod policy;
-pub mod script;
-pub mod stats;
+mod plugin;
+mod policy;
+#[cfg(feature = "tools")]
+mod script;
+mod stats;
 mod sys;
-pub mod trace;
+mod trace;
+mod util;
 #[cfg(feature = "watch")]
 pub mod watch;
 
-pub use dispatch::{Access, AnsweredBy, Dispatcher, ExitReason, KvmMsrs, NoKvm, Op, Outcome, Reply};
-pub use engine::{Engine, EngineBuilder, EngineError};
-pub use events::{Events, Reload, VcpuEvents};
-pub use policy::{PolicyError, PolicySpec, Unhandled};
+pub use dispatch::Dispatcher;
+pub use engine::{Engine, EngineBuilder, EngineError, PluginStatus, Status, UpdateError};
+pub use events::{CallResult, Cause, Events, Reload, VcpuEvents};
+pub use footprint::{Footprint, FootprintEntry};
+pub use msr::{Access, AnsweredBy, ExitReason, Flavour, KvmMsrs, NoKvm, Op, Outcome, PluginInfo, Reply, Unhandled};
+pub use plugin::clock::{Clock, GuestClock};
+pub use plugin::state::{StateSnapshot, StoreFull};
+pub use plugin::{CallError, LoadError, OnError, PluginSettings, RuntimeError};
+pub use policy::{FilterDefault, ManifestError, Policy, PolicyError, PolicySpec};
+pub use stats::{PluginStats, StatsSnapshot, VcpuStats};
+pub use trace::{Trace, TraceError, TraceReport};
 
-/// Waits at most `grace` for `thread` to end and joins it if it did; else
-/// leaves it to end by itself and returns `None` (the helper threads' stop
-/// rule: a stalled peer never holds up a shutdown).
-pub fn join_within<T>(
-    thread: std::thread::JoinHandle<T>,
-    grace: std::time::Duration,
-) -> Option<std::thread::Result<T>> {
-    let deadline = std::time::Instant::now() + grace;
-    while !thread.is_finished() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    thread.is_finished().then(|| thread.join())
+/// The VMM's side of the KVM MSR filter: msrwasm hands a [`FilterPlan`]
+/// (what plugins claim, the firewall) to a [`FilterSink`] whenever it
+/// changes; the sink merges it with the VMM's own [`VmmRange`]s
+/// ([`FilterPlan::ranges`]) and programs KVM (`kvm::KvmFilter` does).
+pub mod filter {
+    pub use crate::policy::filter::{
+        FilterError, FilterPlan, FilterRanges, FilterSink, FilterWindow, RecordingFilter, VmmRange,
+    };
 }
 
-/// Reads a number as manifests and scripts write them: `0x606` or `1542`.
-pub fn parse_number(word: &str) -> Option<u64> {
-    let word = word.trim();
-    match word.strip_prefix("0x").or_else(|| word.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => word.parse().ok(),
+/// The building blocks of the `msrwasm` command and of msrwasm's tests
+/// (feature `tools`): loading and calling one plugin outside an engine,
+/// `msrwasm check` and `msrwasm test`, plugin metadata, the manifest
+/// suggestion from a footprint, the control API's client, file helpers.
+/// Not part of the stable API: it changes with the command.
+#[cfg(feature = "tools")]
+pub mod tools {
+    #[cfg(feature = "api")]
+    pub use crate::api::request;
+    pub use crate::check::{CheckReport, check, check_cached};
+    pub use crate::files::{ReadError, open_regular, read_regular, write_atomic};
+    pub use crate::footprint::suggest;
+    pub use crate::oci::local::{annotations, is_reference, localize};
+    pub use crate::plugin::cache::default_dir as default_cache_dir;
+    pub use crate::plugin::clock::{HostClock, ManualClock};
+    pub use crate::plugin::state::{StateScope, StateStore};
+    pub use crate::plugin::{
+        Answer, MAX_PLUGIN_BYTES, ModuleCache, Plugin, PluginInstance, Runtime, RuntimeOptions, content_hash,
+        meta, read_plugin_file, sanitize, to_binary,
+    };
+    pub use crate::script::{ScriptError, ScriptReport, run as run_script, run_cached as run_script_cached};
+    pub use crate::trace::TraceRecord;
+    pub use crate::util::{error_chain, format_range, join_within, parse_number};
+
+    /// The loaded plugins of `policy`, in chain order.
+    pub fn loaded(policy: &crate::Policy) -> &[std::sync::Arc<Plugin>] {
+        policy.chain()
     }
 }
 
-/// `0x35`, or `0x610-0x61f` for a range.
-pub fn format_range((first, last): (u32, u32)) -> String {
-    if first == last {
-        format!("{first:#x}")
-    } else {
-        format!("{first:#x}-{last:#x}")
-    }
-}
-
-/// An error and its sources on one line, `outer: inner: innermost`.
-pub fn error_chain<E: std::error::Error + ?Sized>(e: &E) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out += ": ";
-            out += &text;
-        }
-        source = s.source();
-    }
-    out
-}
+pub(crate) use util::{error_chain, format_range, join_within, parse_number};

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::dispatch::ExitReason;
+use crate::msr::ExitReason;
 use crate::parse_number;
 use crate::plugin::clock::ManualClock;
 use crate::plugin::state::StateStore;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::dispatch::{Access, AnsweredBy, Outcome, Reply};
+use crate::msr::{Access, AnsweredBy, Outcome, Reply};
 use crate::events::{CallResult, Events, Reload, VcpuEvents};
 use crate::policy::Policy;
 
@@ -98,7 +98,7 @@ pub struct PluginStats {
     /// Accesses the plugin was skipped for (as PASS) while quarantined.
     pub skipped: u64,
     /// Timed calls (when the engine times calls: a sample, one call in
-    /// [`crate::dispatch::TIMING_SAMPLE`]).
+    /// one in 16).
     pub timed_calls: u64,
     /// Their total duration, nanoseconds.
     pub timed_ns: u64,
@@ -264,19 +264,18 @@ pub struct StatsSink {
 }
 
 impl VcpuEvents for StatsSink {
-    fn policy(&mut self, policy: &Arc<Policy>) {
+    fn policy(&mut self, policy: &Policy) {
         let mut named = self.cells.plugins.lock().unwrap_or_else(|e| e.into_inner());
         if named.len() > MAX_NAMES {
-            named.retain(|(n, _)| policy.plugins().iter().any(|p| p.name() == &**n));
+            named.retain(|(n, _)| policy.plugins().any(|p| *p.name == **n));
         }
         self.positions = policy
             .plugins()
-            .iter()
-            .map(|p| match named.iter().find(|(n, _)| &**n == p.name()) {
+            .map(|p| match named.iter().find(|(n, _)| **n == *p.name) {
                 Some((_, cells)) => cells.clone(),
                 None => {
                     let cells = Arc::new(PluginCells::default());
-                    named.push((p.name().into(), cells.clone()));
+                    named.push((p.name.as_str().into(), cells.clone()));
                     cells
                 }
             })
@@ -316,7 +315,7 @@ impl VcpuEvents for StatsSink {
         let by = match outcome.by {
             AnsweredBy::Plugin { .. } => 0,
             AnsweredBy::Kvm => 1,
-            AnsweredBy::Unhandled(_) => 2,
+            AnsweredBy::Unhandled(_) | AnsweredBy::Firewall(_) => 2,
         };
         bump(&c.by[by][dir]);
         if outcome.reply == Reply::Gp {

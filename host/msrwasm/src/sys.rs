@@ -77,3 +77,25 @@ pub fn deserialize_component(
     // keyed by engine compatibility, checksummed, in a private directory.
     unsafe { wasmtime::component::Component::deserialize(engine, bytes) }
 }
+
+/// A second handle on the VM behind `vm` (a `dup` of its fd), so that the
+/// engine can program the MSR filter while the VMM keeps owning its
+/// `VmFd` by value.
+#[cfg(feature = "kvm")]
+pub fn dup_vm(kvm: &kvm_ioctls::Kvm, vm: &kvm_ioctls::VmFd) -> std::io::Result<kvm_ioctls::VmFd> {
+    use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd};
+    // SAFETY: the descriptor belongs to `vm`, which the caller borrows for
+    // the whole call, so it stays open while it is duplicated.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+    let owned = borrowed.try_clone_to_owned()?;
+    let raw = owned.into_raw_fd();
+    // SAFETY: `raw` is a fresh duplicate of a KVM VM descriptor that nothing
+    // else owns; the new `VmFd` takes ownership and closes it when dropped.
+    unsafe { kvm.create_vmfd_from_rawfd(raw) }.map_err(|e| {
+        // On error the descriptor was not taken over (the mmap-size query
+        // failed before it): close it here.
+        // SAFETY: `raw` is still ours and open.
+        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
+        std::io::Error::from_raw_os_error(e.errno())
+    })
+}

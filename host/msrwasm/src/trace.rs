@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::dispatch::{Access, AnsweredBy, Op, Outcome, Reply};
+use crate::msr::{Access, AnsweredBy, Op, Outcome, Reply};
 use crate::events::{Events, VcpuEvents};
 
 /// Records the queue holds before new ones are dropped.
@@ -73,6 +73,7 @@ impl TraceRecord {
             }
             AnsweredBy::Kvm => ("kvm", None, None, "kvm".to_owned()),
             AnsweredBy::Unhandled(policy) => ("unhandled", None, None, policy.name().to_owned()),
+            AnsweredBy::Firewall(policy) => ("firewall", None, None, policy.name().to_owned()),
         };
         let value = match (access.op, outcome.reply) {
             (Op::Write(v), _) => Some(v),

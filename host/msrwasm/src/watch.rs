@@ -38,12 +38,12 @@ use crate::events::Reload;
 
 /// Quiet time after the last event before files are re-checked: long
 /// enough to coalesce the steps of one save, short enough to feel instant.
-pub const DEBOUNCE: Duration = Duration::from_millis(20);
+pub(crate) const DEBOUNCE: Duration = Duration::from_millis(20);
 /// How long a file modified in place may stay open for writing before it
 /// is read anyway.
-pub const WRITE_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const WRITE_WAIT: Duration = Duration::from_secs(5);
 /// How often files are re-checked without any event.
-pub const RESCAN: Duration = Duration::from_secs(1);
+pub(crate) const RESCAN: Duration = Duration::from_secs(1);
 
 /// Why the watcher could not start.
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr};
 use linux_loader::loader::{Elf, KernelLoader};
-use msrwasm::files::ReadError;
+use msrwasm::tools::ReadError;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::boot::{ELF_MIN_ADDR, FLAT_LOAD_ADDR};
@@ -61,7 +61,7 @@ pub fn load(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result<LoadedI
     };
     // Opened without blocking and checked after opening: a FIFO, a device
     // or a directory is refused, never waited on or read without end.
-    let (mut file, size) = match msrwasm::files::open_regular(path, mem_size) {
+    let (mut file, size) = match msrwasm::tools::open_regular(path, mem_size) {
         Ok(opened) => opened,
         Err(ReadError::NotRegular("directory")) => return Err(ImageError::Directory { path: path.to_owned() }),
         Err(ReadError::NotRegular(kind)) => {

@@ -152,7 +152,7 @@ impl IoBus {
         lock.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
         cvar.notify_all();
         if let Some(writer) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            msrwasm::join_within(writer, grace);
+            msrwasm::tools::join_within(writer, grace);
         }
         let p = lock.lock().unwrap_or_else(|e| e.into_inner());
         p.dropped + p.bytes.len() as u64

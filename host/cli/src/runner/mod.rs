@@ -18,11 +18,13 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use msrwasm::events::Events;
+use msrwasm::Events;
 use msrwasm::kvm::{KvmError, KvmFilter};
-use msrwasm::policy::PolicySpec;
-use msrwasm::stats::StatsSnapshot;
-use msrwasm::trace::{Trace, TraceError, TraceReport};
+use msrwasm::PolicySpec;
+use msrwasm::StatsSnapshot;
+use msrwasm::Trace;
+use msrwasm::TraceError;
+use msrwasm::TraceReport;
 use msrwasm::{Engine, EngineError};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -30,7 +32,7 @@ use image::{ImageError, LoadedImage};
 use io::IoBus;
 pub use io::SerialOut;
 pub use signals::install_termination_handlers;
-pub use vcpu::ExitStats;
+pub use vcpu::{ExitStats, NativeMsr};
 use vcpu::{Event, VcpuThread};
 
 /// Default guest memory, MiB.
@@ -310,12 +312,12 @@ impl StopHandle {
 
 /// A VM set up and ready to run.
 pub struct Vm {
-    _vm: Arc<VmFd>,
+    _vm: VmFd,
     _mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     engine: Engine,
     trace: Option<Arc<Trace>>,
-    footprint: Option<(Arc<msrwasm::footprint::Footprint>, Option<PathBuf>)>,
+    footprint: Option<(Arc<msrwasm::Footprint>, Option<PathBuf>)>,
     api_sock: Option<PathBuf>,
     oci: Option<Arc<dyn msrwasm::oci::Fetch>>,
     io: Arc<IoBus>,
@@ -347,14 +349,14 @@ impl Vm {
 
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         msrwasm::kvm::check_support(&kvm)?;
-        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         msrwasm::kvm::enable_user_space_msrs(&vm)?;
 
         let trace = config.trace.as_deref().map(Trace::create).transpose()?.map(Arc::new);
         let footprint = (config.footprint.is_some() || config.api_sock.is_some())
-            .then(|| (Arc::new(msrwasm::footprint::Footprint::new()), config.footprint.clone()));
+            .then(|| (Arc::new(msrwasm::Footprint::new()), config.footprint.clone()));
         let mut builder = Engine::builder()
-            .filter(KvmFilter::new(vm.clone(), Vec::new()))
+            .filter(KvmFilter::new(&kvm, &vm, Vec::new())?)
             .time_calls(config.time_calls || config.api_sock.is_some());
         if let Some(dir) = &config.cache_dir {
             builder = builder.cache_dir(dir);
@@ -585,9 +587,9 @@ impl Vm {
 
 /// Writes the footprint as JSON, whole or not at all (a temporary file
 /// renamed into place).
-fn write_footprint(path: &std::path::Path, footprint: &msrwasm::footprint::Footprint) -> Result<(), String> {
+fn write_footprint(path: &std::path::Path, footprint: &msrwasm::Footprint) -> Result<(), String> {
     let json = serde_json::to_vec_pretty(&footprint.entries()).map_err(|e| e.to_string())?;
-    msrwasm::files::write_atomic(path, &json).map_err(|e| format!("{}: {e}", path.display()))
+    msrwasm::tools::write_atomic(path, &json).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Sets up and runs a VM in one call.

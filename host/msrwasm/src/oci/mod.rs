@@ -28,17 +28,15 @@ pub(crate) fn sha256_hex(digest: &str) -> Option<&str> {
 }
 
 /// The scheme prefix of a plugin path that names a registry artifact.
-pub const SCHEME: &str = "oci://";
+pub(crate) const SCHEME: &str = "oci://";
 
 /// Default seconds between re-resolving a followed tag.
-pub const DEFAULT_POLL_S: u64 = 30;
+pub(crate) const DEFAULT_POLL_S: u64 = 30;
 /// Longest `poll_s` a manifest may set (a day).
-pub const MAX_POLL_S: u64 = 86_400;
+pub(crate) const MAX_POLL_S: u64 = 86_400;
 
-/// Whether a plugin path names a registry artifact.
-pub fn is_reference(path: &str) -> bool {
-    path.starts_with(SCHEME)
-}
+pub(crate) use local::{is_reference, localize};
+
 
 /// A parsed `oci://` reference.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -223,25 +221,6 @@ impl OciSource {
     }
 }
 
-/// The OCI annotations for a plugin's `msrwasm.meta` fields: `name`,
-/// `version`, `description` and `author` (or `authors`) become
-/// `org.opencontainers.image.title`, `.version`, `.description` and
-/// `.authors`.
-pub fn annotations(meta: &std::collections::BTreeMap<String, String>) -> std::collections::BTreeMap<String, String> {
-    [
-        ("name", "title"),
-        ("version", "version"),
-        ("description", "description"),
-        ("authors", "authors"),
-        ("author", "authors"),
-    ]
-    .iter()
-    .filter_map(|(field, key)| {
-        let value = meta.get(*field)?.trim();
-        (!value.is_empty()).then(|| (format!("org.opencontainers.image.{key}"), value.to_owned()))
-    })
-    .collect()
-}
 
 /// A reference made local.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -340,35 +319,6 @@ pub trait Fetch: Send + Sync {
     fn poll(&self, source: &OciSource) -> Result<bool, OciError>;
 }
 
-/// Makes an `oci://` plugin local through `fetch`: its `path` becomes the
-/// fetched file, and fixed content is pinned by sha256 (a manifest
-/// `sha256` that disagrees with the registry's layer is refused here).
-/// Plugins that are files, or already fetched, are left alone.
-pub fn localize(fetch: Option<&dyn Fetch>, settings: &mut crate::plugin::PluginSettings) -> Result<(), OciError> {
-    if !settings.is_unfetched() {
-        return Ok(());
-    }
-    let Some(source) = settings.source.clone() else {
-        return Ok(());
-    };
-    let fetch = fetch.ok_or_else(|| OciError::NoStore(source.reference.to_string()))?;
-    let fetched = fetch.fetch(&source)?;
-    if let (Some(pin), Some(actual)) = (&settings.sha256, &fetched.sha256)
-        && !pin.eq_ignore_ascii_case(actual)
-    {
-        return Err(OciError::Digest {
-            reference: source.reference.to_string(),
-            what: "the wasm layer (against plugin.sha256)".into(),
-            expected: format!("sha256:{pin}"),
-            actual: format!("sha256:{actual}"),
-        });
-    }
-    settings.path = fetched.path;
-    if settings.sha256.is_none() {
-        settings.sha256 = fetched.sha256;
-    }
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests {
@@ -453,5 +403,67 @@ mod tests {
         assert!(s.follows());
         s.reference = s.reference.pinned(&format!("sha256:{}", "b".repeat(64)));
         assert!(!s.follows());
+    }
+}
+
+/// Helpers the engine and the `msrwasm` command share (re-exported by
+/// `tools`), not part of the embedding API.
+pub(crate) mod local {
+    use super::*;
+
+    /// Whether a plugin path names a registry artifact.
+    pub fn is_reference(path: &str) -> bool {
+        path.starts_with(SCHEME)
+    }
+
+    #[cfg(feature = "tools")]
+    /// The OCI annotations for a plugin's `msrwasm.meta` fields: `name`,
+    /// `version`, `description` and `author` (or `authors`) become
+    /// `org.opencontainers.image.title`, `.version`, `.description` and
+    /// `.authors`.
+    pub fn annotations(meta: &std::collections::BTreeMap<String, String>) -> std::collections::BTreeMap<String, String> {
+        [
+            ("name", "title"),
+            ("version", "version"),
+            ("description", "description"),
+            ("authors", "authors"),
+            ("author", "authors"),
+        ]
+        .iter()
+        .filter_map(|(field, key)| {
+            let value = meta.get(*field)?.trim();
+            (!value.is_empty()).then(|| (format!("org.opencontainers.image.{key}"), value.to_owned()))
+        })
+        .collect()
+    }
+
+    /// Makes an `oci://` plugin local through `fetch`: its `path` becomes the
+    /// fetched file, and fixed content is pinned by sha256 (a manifest
+    /// `sha256` that disagrees with the registry's layer is refused here).
+    /// Plugins that are files, or already fetched, are left alone.
+    pub fn localize(fetch: Option<&dyn Fetch>, settings: &mut crate::plugin::PluginSettings) -> Result<(), OciError> {
+        if !settings.is_unfetched() {
+            return Ok(());
+        }
+        let Some(source) = settings.source.clone() else {
+            return Ok(());
+        };
+        let fetch = fetch.ok_or_else(|| OciError::NoStore(source.reference.to_string()))?;
+        let fetched = fetch.fetch(&source)?;
+        if let (Some(pin), Some(actual)) = (&settings.sha256, &fetched.sha256)
+            && !pin.eq_ignore_ascii_case(actual)
+        {
+            return Err(OciError::Digest {
+                reference: source.reference.to_string(),
+                what: "the wasm layer (against plugin.sha256)".into(),
+                expected: format!("sha256:{pin}"),
+                actual: format!("sha256:{actual}"),
+            });
+        }
+        settings.path = fetched.path;
+        if settings.sha256.is_none() {
+            settings.sha256 = fetched.sha256;
+        }
+        Ok(())
     }
 }

@@ -43,12 +43,12 @@ use crate::plugin::MAX_PLUGIN_BYTES;
 use crate::plugin::content_hash;
 
 /// Media type of the config blob of a Wasm OCI artifact.
-pub const WASM_CONFIG_MEDIA_TYPE: &str = "application/vnd.wasm.config.v0+json";
+pub(crate) const WASM_CONFIG_MEDIA_TYPE: &str = "application/vnd.wasm.config.v0+json";
 /// Media type of the layer holding the wasm bytes.
-pub const WASM_LAYER_MEDIA_TYPE: &str = "application/wasm";
+pub(crate) const WASM_LAYER_MEDIA_TYPE: &str = "application/wasm";
 /// Older wasm layer media types other tools push (wasm-to-oci, Istio /
 /// Solo `wasme`): accepted when pulling.
-pub const LEGACY_WASM_LAYER_MEDIA_TYPES: [&str; 2] = [
+pub(crate) const LEGACY_WASM_LAYER_MEDIA_TYPES: [&str; 2] = [
     "application/vnd.wasm.content.layer.v1+wasm",
     "application/vnd.module.wasm.content.layer.v1+wasm",
 ];

@@ -104,6 +104,7 @@ impl ModuleCache {
         }
     }
 
+    #[cfg(any(test, feature = "tools"))]
     /// The disk directory in use, if any.
     pub fn disk_dir(&self) -> Option<&Path> {
         self.disk.as_ref().map(|d| d.dir.as_path())
@@ -150,11 +151,13 @@ impl ModuleCache {
         self.memory.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    #[cfg(any(test, feature = "tools"))]
     /// Whether memory holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    #[cfg(feature = "tools")]
     /// Compiled bytes held in memory.
     pub fn bytes(&self) -> usize {
         let memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
@@ -263,6 +266,7 @@ impl DiskCache {
     }
 }
 
+#[cfg(feature = "tools")]
 /// The user's cache directory for msrwasm: `$XDG_CACHE_HOME/msrwasm`, else
 /// `$HOME/.cache/msrwasm`.
 pub fn default_dir() -> Option<PathBuf> {

@@ -8,6 +8,7 @@
 
 use std::fmt::Debug;
 use std::sync::Mutex;
+#[cfg(any(test, feature = "tools"))]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -42,12 +43,14 @@ impl Clock for HostClock {
     }
 }
 
+#[cfg(any(test, feature = "tools"))]
 /// A clock that moves only when told to: scripted tests (`msrwasm test`).
 #[derive(Debug, Default)]
 pub struct ManualClock {
     ns: AtomicU64,
 }
 
+#[cfg(any(test, feature = "tools"))]
 impl ManualClock {
     /// A clock at `ns`.
     pub fn new(ns: u64) -> Self {
@@ -62,11 +65,13 @@ impl ManualClock {
     }
 
     /// Sets the clock; plugins expect it never to go backwards.
+    #[cfg_attr(not(feature = "tools"), allow(dead_code))]
     pub fn set(&self, ns: u64) {
         self.ns.store(ns, Ordering::Relaxed);
     }
 }
 
+#[cfg(any(test, feature = "tools"))]
 impl Clock for ManualClock {
     fn now_ns(&self) -> u64 {
         self.ns.load(Ordering::Relaxed)
@@ -77,7 +82,7 @@ impl Clock for ManualClock {
 /// paused, and settable for a restored snapshot or a migrated guest.
 ///
 /// ```
-/// use msrwasm::plugin::clock::{Clock, GuestClock};
+/// use msrwasm::{Clock, GuestClock};
 /// let clock = GuestClock::new();
 /// clock.pause();
 /// let at_pause = clock.now_ns();

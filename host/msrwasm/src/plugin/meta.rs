@@ -36,6 +36,7 @@ pub fn read(bytes: &[u8]) -> Result<Option<Meta>, String> {
     Ok(top.or(nested))
 }
 
+#[cfg(any(test, feature = "tools"))]
 /// Returns the wasm binary (core module or component) `binary` with its
 /// top-level metadata replaced by `meta` (an empty `meta` removes it).
 /// Every other section is kept byte for byte; the new section goes at the
@@ -76,12 +77,14 @@ pub fn write(binary: &[u8], meta: &Meta) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+#[cfg(any(test, feature = "tools"))]
 /// The name of a custom section from its contents.
 fn custom_name(contents: &[u8]) -> Option<&str> {
     let (len, n) = read_leb128(contents)?;
     std::str::from_utf8(contents.get(n..n.checked_add(len as usize)?)?).ok()
 }
 
+#[cfg(any(test, feature = "tools"))]
 /// An unsigned LEB128 value and the bytes it took.
 fn read_leb128(bytes: &[u8]) -> Option<(u64, usize)> {
     let mut value = 0u64;
@@ -94,6 +97,7 @@ fn read_leb128(bytes: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
+#[cfg(any(test, feature = "tools"))]
 fn leb128(out: &mut Vec<u8>, mut value: u64) {
     loop {
         let byte = (value & 0x7f) as u8;

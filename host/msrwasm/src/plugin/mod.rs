@@ -1,22 +1,5 @@
 //! Plugins: reading, validating and compiling a module once, then running
 //! it as one instance (and one `Store`) per vCPU.
-//!
-//! ```
-//! use std::sync::Arc;
-//! use msrwasm::plugin::{Answer, Plugin, PluginSettings, Runtime};
-//! use msrwasm::plugin::state::StateStore;
-//!
-//! let wat = r#"(module
-//!   (import "msr" "reply" (func $reply (param i64)))
-//!   (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
-//!   (func (export "rdmsr") (param i32) (result i32) (call $reply (i64.const 42)) (i32.const 0)))"#;
-//! let runtime = Runtime::shared();
-//! let plugin = Arc::new(Plugin::from_bytes(&runtime, PluginSettings::new("answer", "answer.wat"),
-//!                                          wat.as_bytes(), &StateStore::default())?);
-//! let mut vcpu0 = plugin.instantiate(0)?;
-//! assert_eq!(vcpu0.rdmsr(0x4d53_0000, msrwasm::ExitReason::Unknown.bits())?, Answer::Handled(42));
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
 
 pub mod abi;
 pub mod cache;
@@ -38,6 +21,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{InstancePre, Module, Store, Trap, TypedFunc, UpdateDeadline};
 
+pub use crate::msr::{Flavour, PluginInfo};
 pub use abi::Shape;
 pub use cache::ModuleCache;
 use cache::{Artifact, Source};
@@ -58,25 +42,6 @@ pub enum OnError {
     Fault,
     /// As if the plugin had returned PASS.
     Pass,
-}
-
-/// The two plugin flavours.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Flavour {
-    /// A core module implementing ABI v1.
-    Core,
-    /// A component implementing the WIT world `msrwasm:plugin/plugin@1.0.0`.
-    Component,
-}
-
-impl std::fmt::Display for Flavour {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Flavour::Core => "core",
-            Flavour::Component => "component",
-        })
-    }
 }
 
 /// Per-plugin settings from the manifest (or defaults for `--plugin`).
@@ -136,27 +101,6 @@ impl PluginSettings {
     /// The budget of `_initialize` and `init`.
     pub fn init_budget_us(&self) -> u64 {
         self.init_timeout_us.unwrap_or(self.timeout_us.saturating_mul(100))
-    }
-}
-
-/// Who a loaded plugin version is: what traces, logs, the control API and
-/// [`crate::Outcome`]s name.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct PluginInfo {
-    /// The plugin's name in the policy.
-    pub name: String,
-    /// The file it was loaded from.
-    pub path: PathBuf,
-    /// Hex SHA-256 of the content: the version's identity.
-    pub version: String,
-    /// Core module or component.
-    pub flavour: Flavour,
-}
-
-impl PluginInfo {
-    /// The first 16 hex digits of the version, as traces and logs show it.
-    pub fn short_version(&self) -> &str {
-        &self.version[..16.min(self.version.len())]
     }
 }
 
@@ -261,6 +205,7 @@ pub struct Plugin {
     state: Arc<StateScope>,
     config: Arc<BTreeMap<String, i64>>,
     health: health::Health,
+    #[cfg_attr(not(feature = "tools"), allow(dead_code))]
     meta: Option<meta::Meta>,
 }
 
@@ -278,7 +223,9 @@ enum Compiled {
     Core(InstancePre<PluginCtx>),
     Component {
         pre: component::bindings::PluginPre<PluginCtx>,
+        #[cfg_attr(not(feature = "tools"), allow(dead_code))]
         imports: Vec<String>,
+        #[cfg_attr(not(feature = "tools"), allow(dead_code))]
         exports: Vec<String>,
     },
 }
@@ -307,6 +254,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 impl Plugin {
+    #[cfg(feature = "tools")]
     /// Reads, compiles and validates the plugin `settings` names, running
     /// `init` and `claim` on a probe instance (vCPU 0).
     pub fn load(runtime: &Arc<Runtime>, settings: PluginSettings, state: &StateStore) -> Result<Self, LoadError> {
@@ -314,6 +262,7 @@ impl Plugin {
         Self::build(runtime, settings, &bytes, content_hash(&bytes), state, None)
     }
 
+    #[cfg(any(test, feature = "tools"))]
     /// As [`Plugin::load`], from bytes already read (`settings.path` names them).
     pub fn from_bytes(
         runtime: &Arc<Runtime>,
@@ -735,16 +684,19 @@ impl Plugin {
         self.info.flavour
     }
 
+    #[cfg(feature = "tools")]
     /// The ABI exports found.
     pub fn shape(&self) -> Shape {
         self.shape
     }
 
+    #[cfg(feature = "tools")]
     /// The `msrwasm.meta` section, if the plugin carries one.
     pub fn meta(&self) -> Option<&meta::Meta> {
         self.meta.as_ref()
     }
 
+    #[cfg(feature = "tools")]
     /// Names of the plugin's exports and imports (`module.name` for core
     /// modules, interface names for components).
     pub fn interface(&self) -> (Vec<String>, Vec<String>) {

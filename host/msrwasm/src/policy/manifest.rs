@@ -10,54 +10,7 @@ use toml::Spanned;
 
 use crate::plugin::{OnError, PluginSettings};
 
-/// What happens to a deflected access that no plugin answers.
-///
-/// `ignore` and `log` mirror `kvm.ignore_msrs`: they apply to MSRs KVM does
-/// not know (reason UNKNOWN) and to MSRs the filter deflected (reason
-/// FILTER). An access KVM itself found invalid (reason INVAL: a bad value
-/// for an MSR it knows) stays #GP whatever the policy, as with
-/// `kvm.ignore_msrs`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Unhandled {
-    /// Inject #GP, as KVM does by default.
-    #[default]
-    Gp,
-    /// Reads return 0, writes are dropped (a per-VM kvm.ignore_msrs).
-    Ignore,
-    /// Like ignore, and log each distinct MSR once per VM.
-    Log,
-}
-
-impl Unhandled {
-    /// The name manifests and the command line use.
-    pub fn name(self) -> &'static str {
-        match self {
-            Unhandled::Gp => "gp",
-            Unhandled::Ignore => "ignore",
-            Unhandled::Log => "log",
-        }
-    }
-}
-
-impl std::fmt::Display for Unhandled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Unhandled {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "gp" => Ok(Unhandled::Gp),
-            "ignore" => Ok(Unhandled::Ignore),
-            "log" => Ok(Unhandled::Log),
-            other => Err(format!("`{other}` is not one of gp, ignore, log")),
-        }
-    }
-}
+pub use crate::msr::Unhandled;
 
 /// The default action of the VM's MSR filter (`filter_default`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -84,8 +37,10 @@ pub struct PolicySpec {
     pub allow: Vec<(u32, u32)>,
     /// The plugins, in chain order.
     pub plugins: Vec<PluginSettings>,
-    /// The manifest this came from, if any (watched for hot reload).
-    pub manifest: Option<PathBuf>,
+    /// The manifest file this came from: only [`PolicySpec::from_manifest`]
+    /// sets it, and the engine follows that file (see
+    /// [`crate::Engine::update`]).
+    pub(crate) manifest: Option<PathBuf>,
 }
 
 /// A manifest refused: where, which key, and why.
@@ -397,6 +352,12 @@ impl PolicySpec {
             plugins,
             ..Self::default()
         }
+    }
+
+    /// The manifest file this came from, which the engine follows for hot
+    /// reload; `None` for a spec built in code or given as text.
+    pub fn manifest(&self) -> Option<&Path> {
+        self.manifest.as_deref()
     }
 
     /// Every file this policy reads: the manifest and each plugin.

@@ -1,14 +1,15 @@
 //! A VM's MSR policy: the loaded plugins in order, the claim table, the
 //! filter plan they need, and what happens to accesses nobody answers.
 
-pub mod claims;
-pub mod fallback;
-pub mod filter;
-pub mod manifest;
+pub(crate) mod claims;
+pub(crate) mod fallback;
+pub(crate) mod filter;
+pub(crate) mod manifest;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use crate::msr::PluginInfo;
 use crate::plugin::{LoadError, Plugin, PluginInstance};
 use claims::ClaimTable;
 use filter::{FilterError, FilterPlan};
@@ -80,8 +81,10 @@ pub enum PolicyError {
     Closed,
 }
 
-/// Loaded plugins plus everything derived from their claims: what vCPUs
-/// answer with. Immutable once in force (a change makes a new `Policy`).
+/// A policy in force: the loaded plugin versions in chain order plus
+/// everything derived from their claims, under one generation number.
+/// Immutable (a change makes a new `Policy`); what [`crate::VcpuEvents`]
+/// sinks are told a dispatcher moved to.
 pub struct Policy {
     generation: u64,
     plugins: Vec<Arc<Plugin>>,
@@ -107,7 +110,7 @@ impl std::fmt::Debug for Policy {
 impl Policy {
     /// Composes loaded plugins (in chain order) under `spec`'s unhandled
     /// policy and firewall.
-    pub fn compose(plugins: Vec<Arc<Plugin>>, spec: &PolicySpec, generation: u64) -> Result<Self, PolicyError> {
+    pub(crate) fn compose(plugins: Vec<Arc<Plugin>>, spec: &PolicySpec, generation: u64) -> Result<Self, PolicyError> {
         if plugins.len() > manifest::MAX_PLUGINS {
             return Err(PolicyError::TooManyPlugins { count: plugins.len() });
         }
@@ -151,8 +154,14 @@ impl Policy {
         self.generation
     }
 
-    /// The plugins, in chain order.
-    pub fn plugins(&self) -> &[Arc<Plugin>] {
+    /// The plugin versions, in chain order (a position in
+    /// [`crate::VcpuEvents::plugin_call`] indexes this).
+    pub fn plugins(&self) -> impl ExactSizeIterator<Item = &PluginInfo> + '_ {
+        self.plugins.iter().map(|p| p.info())
+    }
+
+    /// The loaded plugins, in chain order.
+    pub(crate) fn chain(&self) -> &[Arc<Plugin>] {
         &self.plugins
     }
 
@@ -167,7 +176,7 @@ impl Policy {
     }
 
     /// Chain positions of the plugins to ask about `index`, in order.
-    pub fn askers(&self, index: u32) -> &[usize] {
+    pub(crate) fn askers(&self, index: u32) -> &[usize] {
         self.table.lookup(index)
     }
 
