@@ -140,7 +140,7 @@ impl Drop for ApiServer {
         }
         if let Some(thread) = self.thread.take() {
             // A request compiling a policy may still run; do not wait long.
-            crate::join_within(thread, Duration::from_millis(500));
+            crate::util::join_within(thread, Duration::from_millis(500));
         }
         let _ = std::fs::remove_file(&self.path);
     }
@@ -301,7 +301,7 @@ async fn route(req: Request<Incoming>, state: &Arc<ApiState>) -> Reply {
                 Ok(Err(errors)) => error(
                     StatusCode::BAD_REQUEST,
                     "policy refused; the running policy stays",
-                    errors.errors().iter().map(crate::error_chain).collect(),
+                    errors.errors().iter().map(crate::util::error_chain).collect(),
                 ),
                 Err(e) => error(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -317,8 +317,8 @@ async fn route(req: Request<Incoming>, state: &Arc<ApiState>) -> Reply {
                     let errors: Vec<String> = reloads
                         .iter()
                         .filter_map(|r| match r {
-                            crate::Reload::Refused { errors, .. } => Some(errors.clone()),
-                            crate::Reload::Applied { .. } => None,
+                            crate::events::Reload::Refused { errors, .. } => Some(errors.clone()),
+                            crate::events::Reload::Applied { .. } => None,
                         })
                         .flatten()
                         .collect();

@@ -71,7 +71,7 @@ pub fn check_cached(settings: PluginSettings, cache: &ModuleCache) -> CheckRepor
     let bytes = match read_plugin_file(&path) {
         Ok(bytes) => bytes,
         Err(e) => {
-            report.error = Some(crate::error_chain(&e));
+            report.error = Some(crate::util::error_chain(&e));
             return report;
         }
     };
@@ -82,7 +82,7 @@ pub fn check_cached(settings: PluginSettings, cache: &ModuleCache) -> CheckRepor
     let plugin = match Plugin::build(&runtime, settings, &bytes, sha256, &StateStore::default(), Some(cache)) {
         Ok(plugin) => Arc::new(plugin),
         Err(e) => {
-            report.error = Some(crate::error_chain(&e));
+            report.error = Some(crate::util::error_chain(&e));
             return report;
         }
     };
@@ -91,11 +91,11 @@ pub fn check_cached(settings: PluginSettings, cache: &ModuleCache) -> CheckRepor
     report.abi_version = Some(abi::ABI_VERSION);
     report.claims = plugin
         .claims()
-        .map(|c| c.iter().map(|&r| crate::format_range(r)).collect());
+        .map(|c| c.iter().map(|&r| crate::util::format_range(r)).collect());
     report.init = Some(if plugin.shape().init { "ok" } else { "none" }.into());
     report.meta = plugin.meta().cloned();
     if let Err(e) = Policy::compose(vec![plugin.clone()], &PolicySpec::default(), 1) {
-        report.error = Some(crate::error_chain(&e));
+        report.error = Some(crate::util::error_chain(&e));
         return report;
     }
     if plugin.claims().is_none() {

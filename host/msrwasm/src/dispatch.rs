@@ -423,7 +423,7 @@ fn ask(
         None => slot.insert(
             plugin
                 .instantiate(vcpu)
-                .map_err(|e| CallError::Instantiate(crate::error_chain(&e)))?,
+                .map_err(|e| CallError::Instantiate(crate::util::error_chain(&e)))?,
         ),
     };
     match access.op {

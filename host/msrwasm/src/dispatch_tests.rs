@@ -339,7 +339,7 @@ fn a_change_is_validated_on_every_vcpu_before_it_goes_live() {
     std::fs::write(&s.spec.plugins[0].path, picky).unwrap();
     let reloads = engine.refresh(&Default::default());
     assert!(
-        matches!(&reloads[..], [crate::Reload::Refused { errors, .. }] if errors[0].contains("on vCPU 1")),
+        matches!(&reloads[..], [crate::events::Reload::Refused { errors, .. }] if errors[0].contains("on vCPU 1")),
         "{reloads:?}"
     );
     assert_eq!(engine.generation(), 1);

@@ -17,7 +17,7 @@ use std::time::Instant;
 use crate::dispatch::{Dispatcher, Live};
 use crate::events::{Cause, Events, Fanout, Reload};
 use crate::files::FileStamp;
-use crate::oci::Fetch;
+use crate::oci::{Fetch, OciError};
 use crate::plugin::state::{StateSnapshot, StateStore, StoreFull};
 use crate::plugin::{
     ModuleCache, Plugin, PluginSettings, Runtime, RuntimeError, RuntimeOptions, content_hash, read_plugin_file,
@@ -66,7 +66,7 @@ impl std::fmt::Display for UpdateError {
         match self.errors.len() {
             1 => f.write_str("policy change refused"),
             n => write!(f, "policy change refused ({n} reasons: {})", {
-                let all: Vec<String> = self.errors.iter().map(crate::error_chain).collect();
+                let all: Vec<String> = self.errors.iter().map(crate::util::error_chain).collect();
                 all.join("; ")
             }),
         }
@@ -432,7 +432,7 @@ impl Engine {
                     version: p.sha256().to_owned(),
                     flavour: p.flavour(),
                     path: p.path().to_owned(),
-                    claims: p.claims().map(|c| c.iter().map(|&r| crate::format_range(r)).collect()),
+                    claims: p.claims().map(|c| c.iter().map(|&r| crate::util::format_range(r)).collect()),
                     stats: stats.plugins.get(p.name()).cloned().unwrap_or_default(),
                     quarantined: p.health().quarantined(),
                 })
@@ -512,7 +512,7 @@ impl Shared {
             .plugins
             .iter_mut()
             .filter_map(|settings| {
-                crate::oci::localize(self.oci.as_deref(), settings)
+                localize(self.oci.as_deref(), settings)
                     .err()
                     .map(|source| PolicyError::Oci {
                         plugin: settings.name.clone(),
@@ -587,7 +587,7 @@ impl Shared {
             ),
             Err(e) => tracing::warn!(
                 file = %settings.path.display(), old, new = &sha256[..16], compile_ms = took_ms,
-                "plugin version refused: {}", crate::error_chain(e)
+                "plugin version refused: {}", crate::util::error_chain(e)
             ),
         }
         result.map(|p| (Arc::new(p), seen))
@@ -688,7 +688,7 @@ impl Shared {
             },
             Err(errors) => Reload::Refused {
                 cause,
-                errors: errors.iter().map(crate::error_chain).collect(),
+                errors: errors.iter().map(crate::util::error_chain).collect(),
             },
         })
     }
@@ -745,7 +745,7 @@ impl Shared {
                     owner.pending = Some(std::iter::once(manifest.clone()).chain(e.names.clone()).collect());
                     reports.push(self.report(Reload::Refused {
                         cause,
-                        errors: vec![crate::error_chain(&e)],
+                        errors: vec![crate::util::error_chain(&e)],
                     }));
                 }
                 Ok(mut spec) => {
@@ -782,7 +782,7 @@ impl Shared {
                 Ok(_) => {}
                 Err(e) => reports.push(self.report(Reload::Refused {
                     cause: Cause::File(settings.path.clone()),
-                    errors: vec![crate::error_chain(&e)],
+                    errors: vec![crate::util::error_chain(&e)],
                 })),
             }
         }
@@ -792,7 +792,7 @@ impl Shared {
                 Ok(generation) => Reload::Applied { cause, generation },
                 Err(e) => Reload::Refused {
                     cause,
-                    errors: vec![crate::error_chain(&e)],
+                    errors: vec![crate::util::error_chain(&e)],
                 },
             };
             reports.push(self.report(reload));
@@ -806,6 +806,36 @@ impl Owner {
     fn pending_manifest(&self) -> Option<PathBuf> {
         self.pending.as_ref().and_then(|p| p.first().cloned())
     }
+}
+
+/// Makes an `oci://` plugin local through `fetch`: its `path` becomes the
+/// fetched file, and fixed content is pinned by sha256 (a manifest
+/// `sha256` that disagrees with the registry's layer is refused here).
+/// Plugins that are files, or already fetched, are left alone.
+pub fn localize(fetch: Option<&dyn Fetch>, settings: &mut PluginSettings) -> Result<(), OciError> {
+    if !settings.is_unfetched() {
+        return Ok(());
+    }
+    let Some(source) = settings.source.clone() else {
+        return Ok(());
+    };
+    let fetch = fetch.ok_or_else(|| OciError::NoStore(source.reference.to_string()))?;
+    let fetched = fetch.fetch(&source)?;
+    if let (Some(pin), Some(actual)) = (&settings.sha256, &fetched.sha256)
+        && !pin.eq_ignore_ascii_case(actual)
+    {
+        return Err(OciError::Digest {
+            reference: source.reference.to_string(),
+            what: "the wasm layer (against plugin.sha256)".into(),
+            expected: format!("sha256:{pin}"),
+            actual: format!("sha256:{actual}"),
+        });
+    }
+    settings.path = fetched.path;
+    if settings.sha256.is_none() {
+        settings.sha256 = fetched.sha256;
+    }
+    Ok(())
 }
 
 /// Loaded plugin versions, with the records of the files they came from.

@@ -12,6 +12,10 @@ use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
+/// Largest plugin file the host reads (a guard against mistakes such as
+/// pointing `path` at a disk image).
+pub const MAX_PLUGIN_BYTES: u64 = 64 << 20;
+
 /// Why a file was not read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {

@@ -190,7 +190,7 @@ impl VcpuEvents for FootprintSink {
 /// with counts, as comments ready to be edited.
 #[cfg(any(test, feature = "tools"))]
 pub fn suggest(entries: &[FootprintEntry], source: &str) -> String {
-    let index = |e: &FootprintEntry| crate::parse_number(&e.index).map(|v| v as u32);
+    let index = |e: &FootprintEntry| crate::util::parse_number(&e.index).map(|v| v as u32);
     let kvm_side = |e: &FootprintEntry| {
         e.answered_by.contains_key("kvm")
             || (e.reasons.iter().any(|r| r == "filter") && !e.answered_by.keys().any(|k| k.starts_with("plugin:")))

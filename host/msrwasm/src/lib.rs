@@ -14,19 +14,19 @@
 //!
 //! ```no_run
 //! # #[cfg(feature = "kvm")] fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use std::sync::Arc;
 //! use kvm_ioctls::{Kvm, VcpuExit};
 //! use msrwasm::{Engine, PolicySpec, kvm};
 //!
-//! let vm = Arc::new(Kvm::new()?.create_vm()?);
+//! let kvm_fd = Kvm::new()?;
+//! let vm = kvm_fd.create_vm()?;                            // the VMM keeps its VmFd by value
 //! kvm::enable_user_space_msrs(&vm)?;                       // INVAL | UNKNOWN | FILTER exits
 //! let spec = PolicySpec::from_manifest("vm.toml".as_ref())?;
 //! let engine = Engine::builder()
-//!     .filter(kvm::KvmFilter::new(vm.clone(), vec![]))    // merged with the VMM's own ranges
+//!     .filter(kvm::KvmFilter::new(&kvm_fd, &vm, vec![])?) // merged with the VMM's own ranges
 //!     .build(spec)?;
 //! let _watcher = msrwasm::watch::Watcher::spawn(&engine)?; // hot reload (feature `watch`)
 //! let mut vcpu = vm.create_vcpu(0)?;
-//! let mut msrs = engine.dispatcher(0);
+//! let mut msrs = engine.dispatcher(0);                     // Send + Sync: keep it in your vCPU struct
 //! loop {
 //!     let access = match vcpu.run()? {
 //!         exit @ (VcpuExit::X86Rdmsr(_) | VcpuExit::X86Wrmsr(_)) => kvm::msr_access(&exit),
@@ -139,7 +139,8 @@ pub mod tools {
     pub use crate::check::{CheckReport, check, check_cached};
     pub use crate::files::{ReadError, open_regular, read_regular, write_atomic};
     pub use crate::footprint::suggest;
-    pub use crate::oci::local::{annotations, is_reference, localize};
+    pub use crate::engine::localize;
+    pub use crate::oci::local::{annotations, is_reference};
     pub use crate::plugin::cache::default_dir as default_cache_dir;
     pub use crate::plugin::clock::{HostClock, ManualClock};
     pub use crate::plugin::state::{StateScope, StateStore};
@@ -157,4 +158,4 @@ pub mod tools {
     }
 }
 
-pub(crate) use util::{error_chain, format_range, join_within, parse_number};
+

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::msr::ExitReason;
-use crate::parse_number;
+use crate::util::parse_number;
 use crate::plugin::clock::ManualClock;
 use crate::plugin::state::StateStore;
 use crate::plugin::{Answer, LoadError, Plugin, PluginInstance, PluginSettings, Runtime, RuntimeOptions};

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::msr::{Access, AnsweredBy, Outcome, Reply};
-use crate::events::{CallResult, Events, Reload, VcpuEvents};
+use crate::events::{CallResult, Cause, Events, Reload, VcpuEvents};
 use crate::policy::Policy;
 
 /// Upper bounds (seconds) of the plugin call-time histogram buckets.
@@ -189,7 +189,7 @@ pub struct StatsSnapshot {
     pub vcpus: BTreeMap<u32, VcpuStats>,
     /// Per plugin name.
     pub plugins: BTreeMap<String, PluginStats>,
-    /// Policy changes applied.
+    /// Policy changes applied (the first policy is not counted).
     pub reloads_applied: u64,
     /// Policy changes refused.
     pub reloads_refused: u64,
@@ -247,7 +247,14 @@ impl Stats {
 
 impl Events for Stats {
     fn reload(&self, reload: &Reload) {
+        // Changes only: the engine's first policy is not a reload.
         let counter = match reload {
+            Reload::Applied {
+                cause: Cause::Start, ..
+            }
+            | Reload::Refused {
+                cause: Cause::Start, ..
+            } => return,
             Reload::Applied { .. } => &self.reloads_applied,
             Reload::Refused { .. } => &self.reloads_refused,
         };

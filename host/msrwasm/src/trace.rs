@@ -38,7 +38,8 @@ pub struct TraceRecord {
     pub value: Option<String>,
     /// Why KVM exited: `inval`, `unknown` or `filter`.
     pub reason: String,
-    /// `plugin`, `kvm` (KVM's own handling of a claimed MSR), or `unhandled`.
+    /// `plugin`, `kvm` (KVM's own handling of a claimed MSR), `unhandled`, or
+    /// `firewall` (nobody answered an access the default-deny firewall denied).
     pub by: String,
     /// The answering plugin's name, when `by` is `plugin`.
     pub plugin: Option<String>,
@@ -184,7 +185,7 @@ impl Trace {
     pub fn finish(&self, grace: std::time::Duration) -> TraceReport {
         drop(self.tx.lock().unwrap_or_else(|e| e.into_inner()).take());
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let joined = thread.and_then(|t| crate::join_within(t, grace));
+        let joined = thread.and_then(|t| crate::util::join_within(t, grace));
         let sent = self.shared.sent.load(Ordering::Relaxed);
         let (written, error, file) = match joined {
             Some(Ok(r)) => r,

@@ -1,5 +1,7 @@
 //! Small helpers every part uses.
 
+use sha2::Digest;
+
 /// Waits at most `grace` for `thread` to end and joins it if it did; else
 /// leaves it to end by itself and returns `None` (the helper threads' stop
 /// rule: a stalled peer never holds up a shutdown).
@@ -46,3 +48,14 @@ pub fn error_chain<E: std::error::Error + ?Sized>(e: &E) -> String {
     }
     out
 }
+
+/// Hex SHA-256 of a plugin file's content: its version identity.
+pub fn content_hash(bytes: &[u8]) -> String {
+    hex(&sha2::Sha256::digest(bytes))
+}
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+

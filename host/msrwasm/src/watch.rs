@@ -333,7 +333,7 @@ impl WatcherThread {
     fn stop_within(&mut self, grace: Duration) {
         let _ = self.stop.write(1);
         if let Some(thread) = self.thread.take() {
-            crate::join_within(thread, grace);
+            crate::util::join_within(thread, grace);
         }
     }
 }

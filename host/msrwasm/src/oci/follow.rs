@@ -80,7 +80,7 @@ impl Follower {
                     }
                 }
                 Err(e) => {
-                    let e = crate::error_chain(&e);
+                    let e = crate::util::error_chain(&e);
                     if self.failing.insert(source.reference.clone()) {
                         tracing::warn!("following {}: {e}; the running version keeps serving", source.reference);
                     } else {
@@ -142,7 +142,7 @@ impl FollowerThread {
     fn stop_within(&mut self, grace: Duration) {
         drop(self.stop.take());
         if let Some(thread) = self.thread.take() {
-            crate::join_within(thread, grace);
+            crate::util::join_within(thread, grace);
         }
     }
 }

@@ -35,7 +35,7 @@ pub(crate) const DEFAULT_POLL_S: u64 = 30;
 /// Longest `poll_s` a manifest may set (a day).
 pub(crate) const MAX_POLL_S: u64 = 86_400;
 
-pub(crate) use local::{is_reference, localize};
+pub(crate) use local::is_reference;
 
 
 /// A parsed `oci://` reference.
@@ -435,35 +435,5 @@ pub(crate) mod local {
             (!value.is_empty()).then(|| (format!("org.opencontainers.image.{key}"), value.to_owned()))
         })
         .collect()
-    }
-
-    /// Makes an `oci://` plugin local through `fetch`: its `path` becomes the
-    /// fetched file, and fixed content is pinned by sha256 (a manifest
-    /// `sha256` that disagrees with the registry's layer is refused here).
-    /// Plugins that are files, or already fetched, are left alone.
-    pub fn localize(fetch: Option<&dyn Fetch>, settings: &mut crate::plugin::PluginSettings) -> Result<(), OciError> {
-        if !settings.is_unfetched() {
-            return Ok(());
-        }
-        let Some(source) = settings.source.clone() else {
-            return Ok(());
-        };
-        let fetch = fetch.ok_or_else(|| OciError::NoStore(source.reference.to_string()))?;
-        let fetched = fetch.fetch(&source)?;
-        if let (Some(pin), Some(actual)) = (&settings.sha256, &fetched.sha256)
-            && !pin.eq_ignore_ascii_case(actual)
-        {
-            return Err(OciError::Digest {
-                reference: source.reference.to_string(),
-                what: "the wasm layer (against plugin.sha256)".into(),
-                expected: format!("sha256:{pin}"),
-                actual: format!("sha256:{actual}"),
-            });
-        }
-        settings.path = fetched.path;
-        if settings.sha256.is_none() {
-            settings.sha256 = fetched.sha256;
-        }
-        Ok(())
     }
 }

@@ -39,8 +39,8 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 
 use super::{Fetch, Fetched, OciError, OciRef, OciSource, sha256_hex};
-use crate::plugin::MAX_PLUGIN_BYTES;
-use crate::plugin::content_hash;
+use crate::files::MAX_PLUGIN_BYTES;
+use crate::util::content_hash;
 
 /// Media type of the config blob of a Wasm OCI artifact.
 pub(crate) const WASM_CONFIG_MEDIA_TYPE: &str = "application/vnd.wasm.config.v0+json";
@@ -683,7 +683,7 @@ impl OciStore {
     /// one is removed (and so fetched again).
     fn blob_ok(&self, blob: &Path, hex: &str) -> bool {
         match crate::files::read_regular(blob, MAX_PLUGIN_BYTES) {
-            Ok(bytes) if crate::plugin::content_hash(&bytes) == hex => true,
+            Ok(bytes) if crate::util::content_hash(&bytes) == hex => true,
             Err(crate::files::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => false,
             Ok(_) | Err(_) => {
                 tracing::warn!(file = %blob.display(), "corrupt OCI cache entry (digest mismatch) removed; fetching it again");
@@ -727,7 +727,7 @@ impl OciStore {
     fn follow(&self, r: &OciRef, pulled: &Pulled) -> Result<bool, OciError> {
         let path = self.follow_path(r);
         let current = crate::files::read_regular(&path, MAX_PLUGIN_BYTES).ok();
-        if current.is_some_and(|b| crate::plugin::content_hash(&b) == pulled.sha256()) {
+        if current.is_some_and(|b| crate::util::content_hash(&b) == pulled.sha256()) {
             return Ok(false);
         }
         let io = |source| OciError::Io {
@@ -738,7 +738,7 @@ impl OciStore {
             crate::files::ReadError::Io(source) => io(source),
             other => io(std::io::Error::other(other)),
         })?;
-        if crate::plugin::content_hash(&bytes) != pulled.sha256() {
+        if crate::util::content_hash(&bytes) != pulled.sha256() {
             let _ = std::fs::remove_file(&pulled.blob);
             return Err(OciError::Digest {
                 reference: r.to_string(),
@@ -862,7 +862,7 @@ impl Fetch for OciStore {
                 Some(p) => {
                     tracing::warn!(
                         "{}; starting from the cached {} (following the tag resumes when the registry answers)",
-                        crate::error_chain(&e),
+                        crate::util::error_chain(&e),
                         p.manifest_digest
                     );
                     p

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{InstancePre, Module, Store, Trap, TypedFunc, UpdateDeadline};
 
@@ -230,9 +229,9 @@ enum Compiled {
     },
 }
 
-/// Largest plugin file the host reads (a guard against mistakes such as
-/// pointing `path` at a disk image).
-pub const MAX_PLUGIN_BYTES: u64 = 64 << 20;
+pub use crate::files::MAX_PLUGIN_BYTES;
+pub use crate::util::content_hash;
+pub(crate) use crate::util::hex;
 
 /// Reads a plugin file: a regular file of at most [`MAX_PLUGIN_BYTES`],
 /// opened without blocking (a FIFO or device is refused, not waited on).
@@ -241,16 +240,6 @@ pub fn read_plugin_file(path: &Path) -> Result<Vec<u8>, LoadError> {
         path: path.to_owned(),
         source,
     })
-}
-
-/// Hex SHA-256 of a plugin file's content: its version identity.
-pub fn content_hash(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-/// Lowercase hex of `bytes`.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Plugin {

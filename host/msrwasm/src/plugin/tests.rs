@@ -100,7 +100,7 @@ fn bad_pointers_to_log_trap() {
 #[test]
 fn load_errors_name_the_file_and_the_problem() {
     let state = StateStore::default();
-    let err = |wat: &str| crate::error_chain(&wat_plugin("bad", wat, &state).unwrap_err());
+    let err = |wat: &str| crate::util::error_chain(&wat_plugin("bad", wat, &state).unwrap_err());
     assert!(err("").contains("bad.wat: not WebAssembly: the file is empty"));
     assert!(
         err("(module (func (export \"rdmsr\") (param i32) (result i32) i32.const 2))")

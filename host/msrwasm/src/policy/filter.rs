@@ -234,7 +234,7 @@ impl FilterPlan {
     fn describe(&self, vmm: &[VmmRange]) -> String {
         let mut parts: Vec<String> = Vec::new();
         for (plugin, f, l) in &self.claimants {
-            let range = crate::format_range((*f, *l));
+            let range = crate::util::format_range((*f, *l));
             match parts
                 .iter_mut()
                 .find(|p| p.starts_with(&format!("plugin `{plugin}` claims ")))
@@ -389,10 +389,11 @@ impl FilterSink for NoFilter {
     }
 }
 
-/// A sink that only records what it was given (tests, dry runs).
-#[derive(Debug, Default)]
+/// A sink that only records what it was given (tests, dry runs, a VMM's
+/// tests without KVM). Clones share one record, so keep a clone to read it.
+#[derive(Clone, Debug, Default)]
 pub struct RecordingFilter {
-    plans: std::sync::Mutex<Vec<FilterPlan>>,
+    plans: std::sync::Arc<std::sync::Mutex<Vec<FilterPlan>>>,
 }
 
 impl RecordingFilter {

@@ -23,7 +23,7 @@ fn x2apic_claims_are_refused_when_composing() {
     )
     .unwrap_err();
     assert!(
-        crate::error_chain(&e).contains("plugin `apic` claims 0x800-0x80f"),
+        crate::util::error_chain(&e).contains("plugin `apic` claims 0x800-0x80f"),
         "{e}"
     );
 }
@@ -82,7 +82,7 @@ fn filter_errors_name_the_manifest_and_the_claiming_plugin() {
         .filter(crate::policy::filter::RecordingFilter::default())
         .build(spec)
         .unwrap_err();
-    let e = crate::error_chain(&e);
+    let e = crate::util::error_chain(&e);
     assert!(e.contains(&format!("manifest {}", manifest.display())), "{e}");
     assert!(e.contains("plugin `q` claims 0x60000000"), "{e}");
 }
