@@ -14,7 +14,7 @@ use msrwasm_cli::runner::{self as vm, VmConfig, VmReport};
 mod common;
 #[path = "support/registry.rs"]
 pub mod registry;
-pub use common::{kvm_available, mkfifo, record_skip};
+pub use common::{kvm_available, mkfifo, record_skip, tool_available};
 
 /// Path of an assembled test guest: `name.elf`, or `name.bin` for flat ones.
 pub fn guest(file: &str) -> PathBuf {

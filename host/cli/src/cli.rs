@@ -32,6 +32,13 @@ struct Cli {
     #[arg(long, global = true, default_value = "warn", env = "MSRWASM_LOG")]
     log: String,
 
+    /// How log lines are written: `text` for a person, or `json` for a
+    /// log collector (journald, Vector, Loki): one object per line with
+    /// `time`, `level`, `vm` (the VM's --name), `event`, `plugin` and
+    /// `version` where a plugin is involved, and `message`.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "MSRWASM_LOG_FORMAT")]
+    log_format: crate::logs::LogFormat,
+
     /// Where compiled plugins (keyed by content hash and engine version; a
     /// corrupt entry is compiled again) and plugins pulled from OCI
     /// registries (`oci/`, by digest) are cached. Default:
@@ -161,6 +168,26 @@ enum CtlCommand {
     Footprint,
     /// The Prometheus metrics.
     Metrics,
+    /// A live view of the VM's MSR traffic, refreshed in place like
+    /// kvm_stat or top: per-MSR access rates and who answers them, plugin
+    /// counters, call times and quarantines, policy changes as they
+    /// happen. Keys: r sort by rate, c by total, i by MSR index, q quit.
+    /// Without a terminal (or with --once) it prints one frame and exits.
+    Top {
+        /// Seconds between refreshes (0.1 to 60).
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
+        /// Print one frame (two samples an interval apart) and exit.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=60.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}`: give seconds between 0.1 and 60")),
+    }
 }
 
 #[derive(Args)]
@@ -365,6 +392,23 @@ struct RunArgs {
     /// at exit; `msrwasm policy suggest FILE` turns it into a manifest.
     #[arg(long)]
     footprint: Option<PathBuf>,
+    /// The VM's name: the `vm` label of its metrics in Prometheus and the
+    /// `vm` field of JSON log lines. 1 to 64 of A-Z a-z 0-9 . _ -.
+    /// Default: the guest's file name and this process id.
+    #[arg(long, value_parser = parse_name)]
+    name: Option<String>,
+    /// Serve the VM's metrics (`GET /metrics` only, read-only, OpenMetrics
+    /// text) on this TCP address for a Prometheus server: PORT (on
+    /// 127.0.0.1) or ADDRESS:PORT; port 0 picks a free one (printed at
+    /// start). Bind a non-loopback address only on a network you trust.
+    #[arg(long, value_parser = parse_metrics_addr)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Announce the metrics endpoint in this directory for Prometheus'
+    /// file-based service discovery (`file_sd_configs`): one file per VM,
+    /// `msrwasm-NAME.json`, labelled with the VM's name, removed when the
+    /// VM ends. Needs --metrics-addr.
+    #[arg(long, requires = "metrics_addr")]
+    metrics_sd_dir: Option<PathBuf>,
     /// Do not watch the manifest and plugin files. By default a changed
     /// file is validated and, if good, takes over on the running VM at each
     /// vCPU's next MSR exit; a bad one is refused and the running version
@@ -377,6 +421,19 @@ struct RunArgs {
 
 fn parse_unhandled(s: &str) -> Result<Unhandled, String> {
     s.parse()
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    runner::metrics::check_name(s).map(|()| s.to_owned())
+}
+
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    match s.parse::<u16>() {
+        Ok(port) => Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+        Err(_) => s
+            .parse()
+            .map_err(|_| format!("`{s}` is neither a port nor ADDRESS:PORT (127.0.0.1:9464, [::1]:9464)")),
+    }
 }
 
 #[derive(Args)]
@@ -401,14 +458,12 @@ pub fn main() -> i32 {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        // A closed standard error must not become a panic.
-        .log_internal_errors(false)
-        .init();
+    let vm_name = match &cli.command {
+        Command::Run(args) => args.name.clone().unwrap_or_else(|| runner::metrics::default_name(&args.guest)),
+        Command::Demo(_) => "demo".into(),
+        _ => String::new(),
+    };
+    crate::logs::init(filter, cli.log_format, &vm_name);
     let cache = match cli.no_cache {
         true => None,
         false => cli.cache_dir.clone().or_else(msrwasm::tools::default_cache_dir),
@@ -485,6 +540,7 @@ fn reference(text: &str) -> Result<OciRef> {
 }
 
 fn run(args: RunArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
+    let name = args.name.clone().unwrap_or_else(|| runner::metrics::default_name(&args.guest));
     for plugin in &args.plugin {
         if let Some(text) = plugin.to_str().filter(|t| msrwasm::tools::is_reference(t)) {
             reference(text).context("--plugin")?;
@@ -511,6 +567,9 @@ fn run(args: RunArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
     config.api_sock = args.api_sock;
     config.footprint = args.footprint;
     config.oci = oci_store;
+    config.name = name;
+    config.metrics_addr = args.metrics_addr;
+    config.metrics_sd_dir = args.metrics_sd_dir;
     run_vm(runner::Vm::new(config)?, None)
 }
 
@@ -786,6 +845,10 @@ fn ctl(args: CtlArgs) -> Result<i32> {
             .with_context(|| format!("reading {}", path.display()))
     };
     let (method, path, body) = match &args.command {
+        CtlCommand::Top { interval, once } => {
+            crate::top::run(&args.api_sock, std::time::Duration::from_secs_f64(*interval), *once)?;
+            return Ok(0);
+        }
         CtlCommand::Status => ("GET", "/v1/status", None),
         CtlCommand::Policy { manifest } => ("PUT", "/v1/policy", Some(read(manifest)?)),
         CtlCommand::Reload => ("POST", "/v1/reload", None),

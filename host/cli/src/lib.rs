@@ -5,7 +5,9 @@
 pub mod bench;
 pub mod cli;
 pub mod demo;
+pub mod logs;
 pub mod runner;
+pub mod top;
 
 /// Writes to standard output, ignoring errors (a closed pipe must not stop
 /// the VM or panic).

@@ -11,6 +11,10 @@
 //! | `GET /v1/footprint` | the MSRs the guest touched (when the VM records a footprint) |
 //! | `GET /metrics` | Prometheus text exposition |
 //!
+//! [`MetricsServer`] serves `GET /metrics` alone on TCP (loopback by
+//! default) for a stock Prometheus server, which cannot scrape a Unix
+//! socket: no other path, no authority over the VM, the same bounds.
+//!
 //! hyper serves HTTP/1.1 with a header read timeout; every request is also
 //! bounded in body size and in time, and connections are bounded in number,
 //! so a client that is slow, sends too much or never finishes gets an error
@@ -69,6 +73,15 @@ pub enum ApiError {
         #[source]
         source: std::io::Error,
     },
+    /// The metrics endpoint could not bind or start.
+    #[error("metrics endpoint {addr}")]
+    Tcp {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What the API serves.
@@ -83,8 +96,125 @@ pub struct ApiState {
 /// The API on its own thread; stops (and removes the socket) when dropped.
 pub struct ApiServer {
     path: PathBuf,
+    server: Server,
+}
+
+/// A server thread and the way to stop it.
+struct Server {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Serves `routes` of `state` on `listener` (made non-blocking here)
+    /// on a thread called `name`, with a runtime of its own.
+    fn start<L: Listen>(name: &str, listener: L::Std, state: ApiState, routes: Routes) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .max_blocking_threads(2)
+            .thread_name(format!("{name}-blocking"))
+            .build()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let state = Arc::new(state);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || runtime.block_on(serve::<L>(listener, state, routes, rx)))?;
+        Ok(Self {
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            // A request compiling a policy may still run; do not wait long.
+            crate::util::join_within(thread, Duration::from_millis(500));
+        }
+    }
+}
+
+/// What a server answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Routes {
+    /// Everything in the table above.
+    Control,
+    /// `GET /metrics` only.
+    MetricsOnly,
+}
+
+/// A listener the servers accept connections from.
+trait Listen: Sized + 'static {
+    /// The standard library's listener, bound before the runtime starts.
+    type Std: Send + 'static;
+    /// An accepted connection.
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn from_std(std: Self::Std) -> std::io::Result<Self>;
+    async fn next(&self) -> std::io::Result<Self::Io>;
+}
+
+impl Listen for tokio::net::UnixListener {
+    type Std = std::os::unix::net::UnixListener;
+    type Io = tokio::net::UnixStream;
+    fn from_std(std: Self::Std) -> std::io::Result<Self> {
+        std.set_nonblocking(true)?;
+        tokio::net::UnixListener::from_std(std)
+    }
+    async fn next(&self) -> std::io::Result<Self::Io> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Listen for tokio::net::TcpListener {
+    type Std = std::net::TcpListener;
+    type Io = tokio::net::TcpStream;
+    fn from_std(std: Self::Std) -> std::io::Result<Self> {
+        std.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(std)
+    }
+    async fn next(&self) -> std::io::Result<Self::Io> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// The read-only metrics endpoint on TCP (`msrwasm run --metrics-addr`):
+/// `GET /metrics` and nothing else, bounded like the control API (header
+/// and idle timeouts, [`MAX_CONNECTIONS`], a 64 KiB header buffer). It
+/// can change nothing, so it needs no authority; it binds where it is told
+/// (loopback unless the operator says otherwise). Stops when dropped.
+pub struct MetricsServer {
+    addr: std::net::SocketAddr,
+    _server: Server,
+}
+
+impl MetricsServer {
+    /// Binds `addr` (port 0: any free port, see [`MetricsServer::local_addr`])
+    /// and serves `engine`'s metrics on a thread of its own.
+    pub fn start(addr: std::net::SocketAddr, engine: Engine) -> Result<Self, ApiError> {
+        let io = |source| ApiError::Tcp { addr, source };
+        let listener = std::net::TcpListener::bind(addr).map_err(io)?;
+        let bound = listener.local_addr().map_err(io)?;
+        let state = ApiState {
+            engine,
+            footprint: None,
+        };
+        let server = Server::start::<tokio::net::TcpListener>("msrwasm-metrics", listener, state, Routes::MetricsOnly)
+            .map_err(io)?;
+        Ok(Self {
+            addr: bound,
+            _server: server,
+        })
+    }
+
+    /// The address it serves on.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
 }
 
 impl ApiServer {
@@ -106,24 +236,11 @@ impl ApiServer {
         let listener = std::os::unix::net::UnixListener::bind(&temp).map_err(io)?;
         std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
         std::fs::rename(&temp, path).map_err(io)?;
-        listener.set_nonblocking(true).map_err(io)?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .max_blocking_threads(2)
-            .thread_name("msrwasm-api-blocking")
-            .build()
-            .map_err(io)?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let state = Arc::new(state);
-        let thread = std::thread::Builder::new()
-            .name("msrwasm-api".into())
-            .spawn(move || runtime.block_on(serve(listener, state, rx)))
-            .map_err(io)?;
+        let server =
+            Server::start::<tokio::net::UnixListener>("msrwasm-api", listener, state, Routes::Control).map_err(io)?;
         Ok(Self {
             path: path.to_owned(),
-            shutdown: Some(tx),
-            thread: Some(thread),
+            server,
         })
     }
 
@@ -135,13 +252,11 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            // A request compiling a policy may still run; do not wait long.
-            crate::util::join_within(thread, Duration::from_millis(500));
-        }
+        // Stop serving first, then remove the socket.
+        drop(Server {
+            shutdown: self.server.shutdown.take(),
+            thread: self.server.thread.take(),
+        });
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -165,21 +280,25 @@ fn clear_stale(path: &Path) -> Result<(), ApiError> {
     }
 }
 
-async fn serve(
-    listener: std::os::unix::net::UnixListener,
+async fn serve<L: Listen>(
+    listener: L::Std,
     state: Arc<ApiState>,
+    routes: Routes,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let Ok(listener) = tokio::net::UnixListener::from_std(listener) else {
-        tracing::error!("the API socket could not be registered with its runtime");
-        return;
+    let listener = match L::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("the {routes:?} listener could not be registered with its runtime: {e}");
+            return;
+        }
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             _ = &mut stop => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+            accepted = listener.next() => match accepted {
+                Ok(stream) => stream,
                 Err(e) => {
                     tracing::warn!("API socket accept: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -206,7 +325,12 @@ async fn serve(
             };
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(req, &state).await) }
+                async move {
+                    Ok::<_, Infallible>(match routes {
+                        Routes::Control => route(req, &state).await,
+                        Routes::MetricsOnly => metrics_only(&req, &state.engine),
+                    })
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -363,6 +487,23 @@ async fn route(req: Request<Incoming>, state: &Arc<ApiState>) -> Reply {
     }
 }
 
+/// The metrics endpoint's one route.
+fn metrics_only(req: &Request<Incoming>, engine: &Engine) -> Reply {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => metrics(engine),
+        (method, "/metrics") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{method} is not allowed on /metrics"),
+            Vec::new(),
+        ),
+        (_, p) => error(
+            StatusCode::NOT_FOUND,
+            &format!("no such endpoint: {p} (this endpoint serves GET /metrics only)"),
+            Vec::new(),
+        ),
+    }
+}
+
 /// `GET /v1/status`.
 pub(crate) fn status(engine: &Engine) -> serde_json::Value {
     let s = engine.status();
@@ -380,10 +521,16 @@ pub(crate) fn status(engine: &Engine) -> serde_json::Value {
                 "pass": p.stats.pass,
                 "errors": p.stats.errors,
                 "quarantined": p.quarantined,
+                "quarantines": p.stats.quarantines,
+                "skipped": p.stats.skipped,
+                "timed_calls": p.stats.timed_calls,
+                "timed_ns": p.stats.timed_ns,
             })
         })
         .collect();
+    let stats = engine.stats();
     serde_json::json!({
+        "reloads": { "applied": stats.reloads_applied, "refused": stats.reloads_refused },
         "generation": s.generation,
         "vcpus": s.vcpus,
         "uptime_s": s.uptime_s,

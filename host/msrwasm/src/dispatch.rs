@@ -111,12 +111,14 @@ impl Live {
         };
         match access.op {
             Op::Read => tracing::warn!(
+                event = if firewall { "firewall_denied" } else { "unhandled_msr" },
                 vcpu,
                 reason = access.reason.name(),
                 "rdmsr {:#x} {what}: {outcome} (unhandled = {policy}); logged once per VM",
                 access.index
             ),
             Op::Write(v) => tracing::warn!(
+                event = if firewall { "firewall_denied" } else { "unhandled_msr" },
                 vcpu,
                 reason = access.reason.name(),
                 "wrmsr {:#x} <- {v:#x} {what}: {outcome} (unhandled = {policy}); logged once per VM",
@@ -398,13 +400,13 @@ fn plugin_failed(
     quarantined: Option<Duration>,
 ) {
     tracing::warn!(
-        plugin = plugin.name(), version = plugin.info().short_version(), vcpu,
+        event = "plugin_error", plugin = plugin.name(), version = plugin.info().short_version(), vcpu,
         index = format_args!("{:#x}", access.index), on_error = ?plugin.settings().on_error,
         "plugin error: {error}"
     );
     if let Some(backoff) = quarantined {
         tracing::warn!(
-            plugin = plugin.name(), version = plugin.info().short_version(), file = %plugin.path().display(),
+            event = "plugin_quarantined", plugin = plugin.name(), version = plugin.info().short_version(), file = %plugin.path().display(),
             "plugin quarantined for {backoff:?} after repeated errors: skipped (as PASS) until its file changes or the backoff expires"
         );
         live.events.quarantine(plugin.info(), backoff);

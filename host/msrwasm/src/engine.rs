@@ -143,8 +143,8 @@ impl EngineBuilder {
     }
 
     /// Times plugin calls (for the call-time histogram of `/metrics`): one
-    /// call in one in 16, since reading the clock
-    /// costs more than a plugin call on some hosts.
+    /// call in 16, since reading the clock costs more than a plugin call on
+    /// some hosts.
     pub fn time_calls(mut self, on: bool) -> Self {
         self.time_calls = on;
         self
@@ -582,10 +582,12 @@ impl Shared {
         let took_ms = started.elapsed().as_secs_f64() * 1e3;
         match &result {
             Ok(_) => tracing::info!(
+                event = "plugin_version", plugin = settings.name.as_str(), version = &sha256[..16],
                 file = %settings.path.display(), old, new = &sha256[..16], compile_ms = took_ms, cached,
                 "plugin version validated"
             ),
             Err(e) => tracing::warn!(
+                event = "plugin_version_refused", plugin = settings.name.as_str(), version = &sha256[..16],
                 file = %settings.path.display(), old, new = &sha256[..16], compile_ms = took_ms,
                 "plugin version refused: {}", crate::util::error_chain(e)
             ),
@@ -656,10 +658,12 @@ impl Shared {
             Reload::Applied {
                 cause: Cause::Start,
                 generation,
-            } => tracing::debug!(generation, "policy loaded"),
-            Reload::Applied { cause, generation } => tracing::info!(%cause, generation, "reload applied"),
+            } => tracing::debug!(event = "policy_loaded", generation, "policy loaded"),
+            Reload::Applied { cause, generation } => {
+                tracing::info!(event = "reload", %cause, generation, "reload applied")
+            }
             Reload::Refused { cause, errors } => {
-                tracing::warn!(%cause, "change refused, the running policy stays: {}", errors.join("; "))
+                tracing::warn!(event = "reload_refused", %cause, "change refused, the running policy stays: {}", errors.join("; "))
             }
         }
         self.live.events.reload(&reload);

@@ -115,6 +115,12 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
 /// synced, then renamed over it), mode 0600: readers see the old content or
 /// the new, never a half-written file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, bytes, 0o600)
+}
+
+/// [`write_atomic`] with file mode `mode` (before the umask), for files
+/// other users' processes read (a Prometheus service-discovery entry).
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
@@ -125,7 +131,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(mode)
             .open(&temp)?;
         f.write_all(bytes)?;
         f.sync_all()?;

@@ -30,7 +30,8 @@ pub struct FootprintEntry {
     pub vcpus: Vec<u32>,
     /// Exit reasons seen: `inval`, `unknown`, `filter`.
     pub reasons: Vec<String>,
-    /// Who answered, and how often: `plugin:NAME`, `kvm`, `unhandled`.
+    /// Who answered, and how often: `plugin:NAME`, `kvm`, `unhandled`,
+    /// `firewall`.
     pub answered_by: BTreeMap<String, u64>,
     /// Accesses answered with #GP.
     pub gp: u64,
@@ -38,11 +39,12 @@ pub struct FootprintEntry {
     pub last_value: Option<String>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Entry {
     count: u64,
     reasons: u8,
-    answered_by: Vec<(String, u64)>,
+    /// Labels are shared, so that a reader copies an entry cheaply.
+    answered_by: Vec<(Arc<str>, u64)>,
     gp: u64,
     last_value: Option<u64>,
 }
@@ -83,8 +85,14 @@ impl Footprint {
         type Merged = (Entry, BTreeSet<u32>);
         let mut merged: BTreeMap<(bool, u32), Merged> = BTreeMap::new();
         for shard in shards {
-            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            for (key, e) in &shard.entries {
+            // A copy under the vCPU's lock, merged after it is released: a
+            // reader holds up that vCPU's next exit for the copy only.
+            let (vcpu, copy) = {
+                let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                let copy: Vec<_> = shard.entries.iter().map(|(k, e)| (*k, e.clone())).collect();
+                (shard.vcpu, copy)
+            };
+            for (key, e) in &copy {
                 let (m, vcpus) = merged.entry(*key).or_default();
                 m.count += e.count;
                 m.reasons |= e.reasons;
@@ -96,7 +104,7 @@ impl Footprint {
                         None => m.answered_by.push((who.clone(), *n)),
                     }
                 }
-                vcpus.insert(shard.vcpu);
+                vcpus.insert(vcpu);
             }
         }
         merged
@@ -111,7 +119,7 @@ impl Footprint {
                     .filter(|(bit, _)| e.reasons & bit != 0)
                     .map(|(_, n)| (*n).to_owned())
                     .collect(),
-                answered_by: e.answered_by.into_iter().collect(),
+                answered_by: e.answered_by.into_iter().map(|(w, n)| (w.to_string(), n)).collect(),
                 gp: e.gp,
                 last_value: e.last_value.map(|v| format!("{v:#x}")),
             })
@@ -168,15 +176,15 @@ impl VcpuEvents for FootprintSink {
         let is_plugin = matches!(outcome.by, AnsweredBy::Plugin { .. });
         let found = e.answered_by.iter_mut().find(|(w, _)| match is_plugin {
             true => w.strip_prefix("plugin:") == Some(who),
-            false => w == who,
+            false => **w == *who,
         });
         match found {
             Some((_, n)) => *n += 1,
             None => {
-                let label = if is_plugin {
-                    format!("plugin:{who}")
+                let label: Arc<str> = if is_plugin {
+                    format!("plugin:{who}").into()
                 } else {
-                    who.to_owned()
+                    who.into()
                 };
                 e.answered_by.push((label, 1));
             }

@@ -137,7 +137,7 @@ pub mod tools {
     #[cfg(feature = "api")]
     pub use crate::api::request;
     pub use crate::check::{CheckReport, check, check_cached};
-    pub use crate::files::{ReadError, open_regular, read_regular, write_atomic};
+    pub use crate::files::{ReadError, open_regular, read_regular, write_atomic, write_atomic_mode};
     pub use crate::footprint::suggest;
     pub use crate::engine::localize;
     pub use crate::oci::local::{annotations, is_reference};

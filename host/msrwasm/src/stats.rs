@@ -97,8 +97,7 @@ pub struct PluginStats {
     pub quarantines: u64,
     /// Accesses the plugin was skipped for (as PASS) while quarantined.
     pub skipped: u64,
-    /// Timed calls (when the engine times calls: a sample, one call in
-    /// one in 16).
+    /// Timed calls (when the engine times calls: a sample, one call in 16).
     pub timed_calls: u64,
     /// Their total duration, nanoseconds.
     pub timed_ns: u64,

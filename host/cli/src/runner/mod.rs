@@ -5,6 +5,7 @@
 pub mod boot;
 pub mod image;
 pub mod io;
+pub mod metrics;
 mod memory;
 pub mod signals;
 mod vcpu;
@@ -73,6 +74,14 @@ pub struct VmConfig {
     pub footprint: Option<PathBuf>,
     /// Fetches `oci://` plugins; also follows `pull_policy = "always"` tags.
     pub oci: Option<Arc<dyn msrwasm::oci::Fetch>>,
+    /// The VM's name (`--name`): the `vm` label of its metrics and of its
+    /// JSON log lines.
+    pub name: String,
+    /// Serve `GET /metrics` on this TCP address (`--metrics-addr`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Announce the metrics endpoint in this Prometheus file-discovery
+    /// directory (`--metrics-sd-dir`).
+    pub metrics_sd_dir: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -92,6 +101,9 @@ impl VmConfig {
             api_sock: None,
             footprint: None,
             oci: None,
+            name: "vm".into(),
+            metrics_addr: None,
+            metrics_sd_dir: None,
         }
     }
 }
@@ -129,6 +141,8 @@ pub enum VmError {
     Watch(#[from] msrwasm::watch::WatchError),
     #[error(transparent)]
     Api(#[from] msrwasm::api::ApiError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
     #[error(
         "--mem {mem_mib} MiB is too small for {vcpus} vCPUs: their {stack_kib} KiB stacks and the image need at least {needed_mib} MiB; raise --mem"
     )]
@@ -320,6 +334,9 @@ pub struct Vm {
     footprint: Option<(Arc<msrwasm::Footprint>, Option<PathBuf>)>,
     api_sock: Option<PathBuf>,
     oci: Option<Arc<dyn msrwasm::oci::Fetch>>,
+    name: String,
+    metrics_addr: Option<std::net::SocketAddr>,
+    metrics_sd_dir: Option<PathBuf>,
     io: Arc<IoBus>,
     watch: bool,
     native: Option<vcpu::NativeMsr>,
@@ -425,6 +442,9 @@ impl Vm {
             footprint,
             api_sock: config.api_sock,
             oci: config.oci,
+            name: config.name,
+            metrics_addr: config.metrics_addr,
+            metrics_sd_dir: config.metrics_sd_dir,
             io: Arc::new(IoBus::new(config.serial)),
             watch: config.watch,
             native: None,
@@ -483,6 +503,17 @@ impl Vm {
                     footprint: self.footprint.as_ref().map(|(f, _)| f.clone()),
                 },
             )?),
+            None => None,
+        };
+        let metrics = match self.metrics_addr {
+            Some(addr) => {
+                let m = metrics::Metrics::start(addr, self.engine.clone(), self.metrics_sd_dir.as_deref(), &self.name)?;
+                crate::err!("msrwasm: metrics of VM {} at http://{}/metrics", self.name, m.local_addr());
+                if let Some(entry) = m.entry() {
+                    tracing::info!(entry = %entry.display(), "announced to Prometheus file discovery");
+                }
+                Some(m)
+            }
             None => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
@@ -549,6 +580,9 @@ impl Vm {
         // No more changes: a compile in flight is discarded, not waited for.
         self.engine.close();
         drop(api);
+        // The discovery entry goes first: Prometheus stops scraping a VM
+        // that is ending.
+        drop(metrics);
         if let Some(w) = watcher {
             w.stop(Duration::from_millis(100));
         }

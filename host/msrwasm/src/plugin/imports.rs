@@ -61,6 +61,8 @@ impl LogLimiter {
 /// and the partial lines of its WASI stdout/stderr.
 pub(crate) struct InstanceLog {
     name: Arc<str>,
+    /// The plugin version's short content hash.
+    version: Arc<str>,
     vcpu: u32,
     window: Instant,
     count: u32,
@@ -70,9 +72,10 @@ pub(crate) struct InstanceLog {
 }
 
 impl InstanceLog {
-    pub(super) fn new(name: Arc<str>, vcpu: u32, limiter: Arc<LogLimiter>) -> Self {
+    pub(super) fn new(name: Arc<str>, version: Arc<str>, vcpu: u32, limiter: Arc<LogLimiter>) -> Self {
         Self {
             name,
+            version,
             vcpu,
             window: Instant::now(),
             count: 0,
@@ -88,7 +91,7 @@ impl InstanceLog {
         if now.duration_since(self.window) >= LOG_WINDOW {
             if self.count > LOG_BURST {
                 tracing::warn!(
-                    plugin = %self.name, vcpu = self.vcpu, dropped = self.count - LOG_BURST,
+                    event = "plugin_log_dropped", plugin = %self.name, version = %self.version, vcpu = self.vcpu, dropped = self.count - LOG_BURST,
                     "plugin log messages dropped by the per-instance rate limit ({LOG_BURST} per second)"
                 );
             }
@@ -100,12 +103,13 @@ impl InstanceLog {
             return;
         }
         let msg = sanitize(message);
-        let (plugin, vcpu) = (&*self.name, self.vcpu);
+        let (plugin, version, vcpu) = (&*self.name, &*self.version, self.vcpu);
+        let event = "plugin_log";
         match level {
-            0 => tracing::error!(plugin, vcpu, "plugin says: {msg}"),
-            1 => tracing::warn!(plugin, vcpu, "plugin says: {msg}"),
-            2 => tracing::info!(plugin, vcpu, "plugin says: {msg}"),
-            _ => tracing::debug!(plugin, vcpu, "plugin says: {msg}"),
+            0 => tracing::error!(event, plugin, version, vcpu, "plugin says: {msg}"),
+            1 => tracing::warn!(event, plugin, version, vcpu, "plugin says: {msg}"),
+            2 => tracing::info!(event, plugin, version, vcpu, "plugin says: {msg}"),
+            _ => tracing::debug!(event, plugin, version, vcpu, "plugin says: {msg}"),
         }
     }
 
@@ -153,6 +157,7 @@ impl PluginCtx {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         name: Arc<str>,
+        version: Arc<str>,
         vcpu: u32,
         state: Arc<StateScope>,
         config: Arc<BTreeMap<String, i64>>,
@@ -169,7 +174,7 @@ impl PluginCtx {
             state,
             config,
             clock,
-            log: Arc::new(Mutex::new(InstanceLog::new(name, vcpu, limiter))),
+            log: Arc::new(Mutex::new(InstanceLog::new(name, version, vcpu, limiter))),
             budget,
             cpu_mark: None,
             host_budget_ns: 0,
@@ -394,7 +399,7 @@ mod tests {
         let mut admitted = 0;
         for vcpu in 0..64 {
             for plugin in 0..4 {
-                let mut log = InstanceLog::new(format!("p{plugin}").into(), vcpu, limiter.clone());
+                let mut log = InstanceLog::new(format!("p{plugin}").into(), "0".into(), vcpu, limiter.clone());
                 for _ in 0..LOG_BURST {
                     log.count += 1;
                     if log.count <= LOG_BURST && log.limiter.admit() {

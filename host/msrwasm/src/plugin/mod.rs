@@ -493,6 +493,7 @@ impl Plugin {
         let init_budget = self.runtime.budget(self.settings.init_budget_us());
         let mut ctx = PluginCtx::new(
             self.name.clone(),
+            self.info.short_version().into(),
             vcpu,
             self.state.clone(),
             self.config.clone(),
