@@ -102,6 +102,14 @@ pub struct BenchReport {
     /// control API's metrics use), and its ratio to the plain wasm run.
     pub observed_exits_per_s: f64,
     pub observed_vs_wasm: f64,
+    /// Observed, with the metrics endpoint scraped and `ctl top` refreshed
+    /// every 10 ms; its ratio to Observed; the median time of one top
+    /// refresh and of one scrape (milliseconds), and how many were made.
+    pub scraped_exits_per_s: f64,
+    pub scraped_vs_observed: f64,
+    pub top_refresh_ms: f64,
+    pub scrape_ms: f64,
+    pub polls: usize,
     /// Dispatcher alone, nanoseconds per synthetic exit: the native
     /// handler through a function pointer (the runner's native path), the
     /// dispatcher with no plugin (`unhandled` answers), one plugin, a chain.
@@ -153,6 +161,10 @@ impl BenchReport {
             "  + metrics & footprint {:>10.0} exits/s   observed/wasm = {:.3}\n",
             self.observed_exits_per_s, self.observed_vs_wasm
         );
+        s += &format!(
+            "  + scraped & top 100/s {:>10.0} exits/s   scraped/observed = {:.3}   ({} polls: top refresh {:.2} ms, scrape {:.2} ms, median)\n",
+            self.scraped_exits_per_s, self.scraped_vs_observed, self.polls, self.top_refresh_ms, self.scrape_ms
+        );
         s += "dispatcher alone (synthetic exits, no KVM):\n";
         s += &format!("  native handler        {:>8.1} ns/exit   (fn pointer, as the runner calls it)\n", self.dispatch_native_ns);
         s += &format!(
@@ -201,6 +213,44 @@ enum Answerer {
     /// The wasm plugin with what the control API turns on: call timing
     /// (the metrics' histogram) and the MSR footprint.
     Observed,
+    /// Observed, with the metrics endpoint scraped and `ctl top` refreshing
+    /// every [`POLL`] throughout the run.
+    Scraped,
+}
+
+/// How often the `Scraped` run is scraped and refreshed: 100 times a
+/// second, a hundred times harsher than a 1 s Prometheus scrape interval
+/// and a 1 s `top`, so that the cost shows above noise.
+const POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Scrapes `metrics` (a TCP address) and refreshes a `top` view of the API
+/// at `socket` every [`POLL`] until `stop`; returns how long each top
+/// refresh and each scrape took, milliseconds.
+fn poll_vm(
+    metrics: std::net::SocketAddr,
+    socket: &std::path::Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> (Vec<f64>, Vec<f64>) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let (mut refreshes, mut scrapes) = (Vec::new(), Vec::new());
+    let mut top = crate::top::Top::new(socket);
+    while !stop.load(Ordering::Acquire) {
+        let started = Instant::now();
+        if let Ok(mut s) = std::net::TcpStream::connect(metrics) {
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+            let mut body = Vec::new();
+            if s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").is_ok() && s.read_to_end(&mut body).is_ok() {
+                scrapes.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let started = Instant::now();
+        if top.refresh().is_ok() {
+            refreshes.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        std::thread::sleep(POLL);
+    }
+    (refreshes, scrapes)
 }
 
 struct Files {
@@ -220,7 +270,7 @@ impl Files {
         let p = |f: &str| self.dir.path().join(f);
         let plugins = match answerer {
             Answerer::Native | Answerer::Nobody => vec![],
-            Answerer::Wasm | Answerer::Observed => vec![p("answer.wat")],
+            Answerer::Wasm | Answerer::Observed | Answerer::Scraped => vec![p("answer.wat")],
             Answerer::Chain => vec![p("pass.wat"), p("answer.wat")],
         };
         let unhandled = match answerer {
@@ -232,24 +282,47 @@ impl Files {
 
     /// One run; returns total exits/s over all vCPUs.
     fn run(&self, answerer: Answerer, vcpus: u32) -> Result<f64, BenchError> {
+        self.run_polled(answerer, vcpus).map(|(rate, _)| rate)
+    }
+
+    /// One run; returns total exits/s over all vCPUs and, for `Scraped`,
+    /// the milliseconds each top refresh and each scrape took.
+    fn run_polled(&self, answerer: Answerer, vcpus: u32) -> Result<(f64, (Vec<f64>, Vec<f64>)), BenchError> {
         let mut config = VmConfig::new(self.dir.path().join("loop.elf"), self.policy(answerer));
         config.vcpus = vcpus;
         config.mem_mib = 16;
         config.serial = Box::new(std::io::sink());
-        if let Answerer::Observed = answerer {
+        if let Answerer::Observed | Answerer::Scraped = answerer {
             config.time_calls = true;
             config.footprint = Some(self.dir.path().join("footprint.json"));
+        }
+        let socket = self.dir.path().join("api.sock");
+        let mut metrics = None;
+        if let Answerer::Scraped = answerer {
+            // A free port, found by binding it once.
+            let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            config.metrics_addr = Some(addr);
+            config.api_sock = Some(socket.clone());
+            metrics = Some(addr);
         }
         let mut vm = Vm::new(config)?;
         if let Answerer::Native = answerer {
             vm = vm.with_native_msr(native_answer);
         }
-        let report = vm.run()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let poller = metrics.map(|addr| {
+            let (stop, socket) = (stop.clone(), socket.clone());
+            std::thread::spawn(move || poll_vm(addr, &socket, &stop))
+        });
+        let report = vm.run();
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let polled = poller.map(|t| t.join().unwrap_or_default()).unwrap_or_default();
+        let report = report?;
         let rdmsr = report.total_exits().rdmsr;
         if report.end != VmEnd::AllHalted || rdmsr != LOOP_ITERATIONS * u64::from(vcpus) {
             return Err(BenchError::Guest(report.end));
         }
-        Ok(rdmsr as f64 / report.elapsed.as_secs_f64())
+        Ok((rdmsr as f64 / report.elapsed.as_secs_f64(), polled))
     }
 }
 
@@ -443,11 +516,16 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
     let files = Files::new()?;
     let rounds = options.rounds.max(1);
     let (mut native, mut wasm, mut chain, mut two, mut observed) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut scraped, mut top_ms, mut scrape_ms) = (vec![], vec![], vec![]);
     for round in 1..=rounds {
         progress(&format!("end to end, round {round}/{rounds}"));
         native.push(files.run(Answerer::Native, 1)?);
         wasm.push(files.run(Answerer::Wasm, 1)?);
         observed.push(files.run(Answerer::Observed, 1)?);
+        let (rate, (refreshes, scrapes)) = files.run_polled(Answerer::Scraped, 1)?;
+        scraped.push(rate);
+        top_ms.extend(refreshes);
+        scrape_ms.extend(scrapes);
         chain.push(files.run(Answerer::Chain, 1)?);
         two.push(files.run(Answerer::Wasm, 2)?);
     }
@@ -466,12 +544,13 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
     progress("budget enforcement");
     let runaway_wasm = runaway_us("(loop $l (br $l)) (i32.const 2)")?;
     let runaway_host = runaway_us("(loop $l (drop (call $vcpu)) (br $l)) (i32.const 2)")?;
-    let (native, wasm, chain, two, observed) = (
+    let (native, wasm, chain, two, observed, scraped) = (
         median(native),
         median(wasm),
         median(chain),
         median(two),
         median(observed),
+        median(scraped),
     );
     Ok(BenchReport {
         release_build: !cfg!(debug_assertions),
@@ -484,6 +563,11 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
         chain_vs_native: chain / native,
         observed_exits_per_s: observed,
         observed_vs_wasm: observed / wasm,
+        scraped_exits_per_s: scraped,
+        scraped_vs_observed: scraped / observed,
+        polls: top_ms.len(),
+        top_refresh_ms: if top_ms.is_empty() { f64::NAN } else { median(top_ms) },
+        scrape_ms: if scrape_ms.is_empty() { f64::NAN } else { median(scrape_ms) },
         dispatch_native_ns: median(dn),
         dispatch_nobody_ns: median(de),
         dispatch_wasm_ns: median(dw),
