@@ -42,8 +42,13 @@ fn main() -> Result<()> {
     let status = engine.status();
     println!("claims: {:?}", status.plugins[0].claims);
     let plans = filter.plans();
-    let Some(plan) = plans.last() else { bail!("no filter plan was handed over") };
-    println!("KVM MSR filter: {} range(s) deflect the claims", plan.ranges(&[])?.windows.len());
+    let Some(plan) = plans.last() else {
+        bail!("no filter plan was handed over")
+    };
+    println!(
+        "KVM MSR filter: {} range(s) deflect the claims",
+        plan.ranges(&[])?.windows.len()
+    );
 
     let mut vcpu0 = engine.dispatcher(0);
     let unit = read(&mut vcpu0, MSR_RAPL_POWER_UNIT)?;
@@ -59,7 +64,11 @@ fn main() -> Result<()> {
 
     // Writes to RAPL MSRs fault, as the plugin documents.
     let write = vcpu0.handle(Access::write(MSR_PKG_POWER_LIMIT, 0, ExitReason::Filter), &mut NoKvm);
-    println!("wrmsr {MSR_PKG_POWER_LIMIT:#x} -> {:?} ({})", write.reply, write.by.kind());
+    println!(
+        "wrmsr {MSR_PKG_POWER_LIMIT:#x} -> {:?} ({})",
+        write.reply,
+        write.by.kind()
+    );
     if write.reply != Reply::Gp {
         bail!("a write to the power limit must fault");
     }

@@ -7,8 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use msrwasm::tools::request;
 use msrwasm::PolicySpec;
+use msrwasm::tools::request;
 use msrwasm_cli::runner::{Vm, VmConfig, VmEnd};
 use msrwasm_tests::{answering, guest, kvm_available, wait_until};
 

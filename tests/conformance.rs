@@ -9,10 +9,10 @@
 use std::path::{Path, PathBuf};
 
 use msrwasm::Flavour;
-use msrwasm::tools::ModuleCache;
 use msrwasm::PluginSettings;
-use msrwasm::tools::Runtime;
 use msrwasm::PolicySpec;
+use msrwasm::tools::ModuleCache;
+use msrwasm::tools::Runtime;
 use msrwasm_tests::{
     build_as_plugin, build_c_plugin, build_go_plugin, build_js_plugin, build_python_plugin, build_rust_component,
     build_rust_plugin, build_zig_plugin, cache_dir, guest, kvm_available, manifest, repo, run,

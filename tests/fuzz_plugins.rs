@@ -10,12 +10,12 @@
 use std::sync::Arc;
 
 use arbitrary::Unstructured;
-use msrwasm::ExitReason;
-use msrwasm::tools::StateStore;
-use msrwasm::tools::Answer;
 use msrwasm::CallError;
-use msrwasm::tools::Plugin;
+use msrwasm::ExitReason;
 use msrwasm::PluginSettings;
+use msrwasm::tools::Answer;
+use msrwasm::tools::Plugin;
+use msrwasm::tools::StateStore;
 
 fn cases() -> u64 {
     std::env::var("MSRWASM_FUZZ_CASES")

@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 use std::io::Write;
 
-use msrwasm::tools::content_hash;
 use msrwasm::PolicySpec;
+use msrwasm::tools::content_hash;
 use msrwasm_cli::runner::VmEnd;
 use msrwasm_tests::{
     LivePlugin, answering as version, atomic_write, guest, kvm_available, live_plugin, quick, start, wait_until,

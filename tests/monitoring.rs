@@ -69,19 +69,24 @@ impl Prometheus {
             child,
             url: format!("http://127.0.0.1:{port}"),
         };
-        wait("Prometheus to be ready", Duration::from_secs(60), || p.get("/-/ready", &[]).is_some());
+        wait("Prometheus to be ready", Duration::from_secs(60), || {
+            p.get("/-/ready", &[]).is_some()
+        });
         p
     }
 
     /// GET `path` with URL-encoded `params`; the body if the answer is 2xx.
     fn get(&self, path: &str, params: &[(&str, &str)]) -> Option<String> {
         let mut cmd = Command::new("curl");
-        cmd.args(["-sf", "--max-time", "5", "-G"]).arg(format!("{}{path}", self.url));
+        cmd.args(["-sf", "--max-time", "5", "-G"])
+            .arg(format!("{}{path}", self.url));
         for (k, v) in params {
             cmd.arg("--data-urlencode").arg(format!("{k}={v}"));
         }
         let o = cmd.output().ok()?;
-        o.status.success().then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
     /// The instant vector of `query`, by the value of label `by`.
@@ -126,7 +131,10 @@ impl Prometheus {
 fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
     while !cond() {
-        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     started.elapsed()
@@ -195,7 +203,10 @@ fn a_real_prometheus_discovers_scrapes_and_forgets_three_vms() {
         let targets = prometheus.targets();
         !targets.contains_key("vm-b") && targets.contains_key("vm-a") && targets.contains_key("vm-c")
     });
-    println!("prometheus: an ended VM left the active targets {:.2} s after it ended", gone.as_secs_f64());
+    println!(
+        "prometheus: an ended VM left the active targets {:.2} s after it ended",
+        gone.as_secs_f64()
+    );
     for (_, vm) in vms {
         vm.finish();
     }

@@ -10,11 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use msrwasm::oci::store::OciStore;
-use msrwasm::oci::store::StoreOptions;
+use msrwasm::PolicySpec;
 use msrwasm::oci::OciError;
 use msrwasm::oci::OciRef;
-use msrwasm::PolicySpec;
+use msrwasm::oci::store::OciStore;
+use msrwasm::oci::store::StoreOptions;
 use msrwasm_tests::registry::{Registry, truncate_half};
 use msrwasm_tests::{answering, guest, kvm_available, start_with, wait_until};
 

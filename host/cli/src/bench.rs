@@ -16,11 +16,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use msrwasm::tools::StateStore;
-use msrwasm::tools::Plugin;
 use msrwasm::PluginSettings;
-use msrwasm::tools::Runtime;
 use msrwasm::filter::RecordingFilter;
+use msrwasm::tools::Plugin;
+use msrwasm::tools::Runtime;
+use msrwasm::tools::StateStore;
 use msrwasm::{Access, Engine, ExitReason, NoKvm, PolicySpec, Reply, Unhandled};
 
 use crate::runner::{Vm, VmConfig, VmEnd, VmError};
@@ -166,7 +166,10 @@ impl BenchReport {
             self.scraped_exits_per_s, self.scraped_vs_observed, self.polls, self.top_refresh_ms, self.scrape_ms
         );
         s += "dispatcher alone (synthetic exits, no KVM):\n";
-        s += &format!("  native handler        {:>8.1} ns/exit   (fn pointer, as the runner calls it)\n", self.dispatch_native_ns);
+        s += &format!(
+            "  native handler        {:>8.1} ns/exit   (fn pointer, as the runner calls it)\n",
+            self.dispatch_native_ns
+        );
         s += &format!(
             "  dispatcher, no plugin {:>8.1} ns/exit   (generation check, claim lookup, unhandled, counters)\n",
             self.dispatch_nobody_ns
@@ -223,14 +226,13 @@ enum Answerer {
 /// and a 1 s `top`, so that the cost shows above noise.
 const POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// Milliseconds each `top` refresh and each scrape took.
+type Polled = (Vec<f64>, Vec<f64>);
+
 /// Scrapes `metrics` (a TCP address) and refreshes a `top` view of the API
 /// at `socket` every [`POLL`] until `stop`; returns how long each top
 /// refresh and each scrape took, milliseconds.
-fn poll_vm(
-    metrics: std::net::SocketAddr,
-    socket: &std::path::Path,
-    stop: &std::sync::atomic::AtomicBool,
-) -> (Vec<f64>, Vec<f64>) {
+fn poll_vm(metrics: std::net::SocketAddr, socket: &std::path::Path, stop: &std::sync::atomic::AtomicBool) -> Polled {
     use std::io::{Read, Write};
     use std::sync::atomic::Ordering;
     let (mut refreshes, mut scrapes) = (Vec::new(), Vec::new());
@@ -287,7 +289,7 @@ impl Files {
 
     /// One run; returns total exits/s over all vCPUs and, for `Scraped`,
     /// the milliseconds each top refresh and each scrape took.
-    fn run_polled(&self, answerer: Answerer, vcpus: u32) -> Result<(f64, (Vec<f64>, Vec<f64>)), BenchError> {
+    fn run_polled(&self, answerer: Answerer, vcpus: u32) -> Result<(f64, Polled), BenchError> {
         let mut config = VmConfig::new(self.dir.path().join("loop.elf"), self.policy(answerer));
         config.vcpus = vcpus;
         config.mem_mib = 16;
@@ -567,7 +569,11 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
         scraped_vs_observed: scraped / observed,
         polls: top_ms.len(),
         top_refresh_ms: if top_ms.is_empty() { f64::NAN } else { median(top_ms) },
-        scrape_ms: if scrape_ms.is_empty() { f64::NAN } else { median(scrape_ms) },
+        scrape_ms: if scrape_ms.is_empty() {
+            f64::NAN
+        } else {
+            median(scrape_ms)
+        },
         dispatch_native_ns: median(dn),
         dispatch_nobody_ns: median(de),
         dispatch_wasm_ns: median(dw),

@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use msrwasm::oci::OciRef;
-use msrwasm::oci::store::OciStore;
-use msrwasm::oci::store::StoreOptions;
 use msrwasm::PluginSettings;
 use msrwasm::PolicySpec;
 use msrwasm::Unhandled;
+use msrwasm::oci::OciRef;
+use msrwasm::oci::store::OciStore;
+use msrwasm::oci::store::StoreOptions;
 
 use crate::runner::{self, VmConfig};
 use crate::{err, out};
@@ -459,7 +459,10 @@ pub fn main() -> i32 {
     let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let vm_name = match &cli.command {
-        Command::Run(args) => args.name.clone().unwrap_or_else(|| runner::metrics::default_name(&args.guest)),
+        Command::Run(args) => args
+            .name
+            .clone()
+            .unwrap_or_else(|| runner::metrics::default_name(&args.guest)),
         Command::Demo(_) => "demo".into(),
         _ => String::new(),
     };
@@ -540,7 +543,10 @@ fn reference(text: &str) -> Result<OciRef> {
 }
 
 fn run(args: RunArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
-    let name = args.name.clone().unwrap_or_else(|| runner::metrics::default_name(&args.guest));
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| runner::metrics::default_name(&args.guest));
     for plugin in &args.plugin {
         if let Some(text) = plugin.to_str().filter(|t| msrwasm::tools::is_reference(t)) {
             reference(text).context("--plugin")?;
@@ -797,11 +803,7 @@ fn pull(args: PullArgs, oci: &OciHome) -> Result<i32> {
         pulled.sha256()
     );
     for (k, v) in &pulled.annotations {
-        out!(
-            "  {} = {}\n",
-            msrwasm::tools::sanitize(k),
-            msrwasm::tools::sanitize(v)
-        );
+        out!("  {} = {}\n", msrwasm::tools::sanitize(k), msrwasm::tools::sanitize(v));
     }
     Ok(0)
 }
@@ -873,13 +875,12 @@ fn policy(args: PolicyArgs) -> Result<i32> {
         PolicyCommand::Suggest { footprint } => {
             let bytes = msrwasm::tools::read_regular(&footprint, 256 << 20)
                 .with_context(|| format!("reading {}", footprint.display()))?;
-            let entries: Vec<msrwasm::FootprintEntry> =
-                serde_json::from_slice(&bytes).with_context(|| {
-                    format!(
-                        "{}: not a footprint (run --footprint FILE writes one)",
-                        footprint.display()
-                    )
-                })?;
+            let entries: Vec<msrwasm::FootprintEntry> = serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "{}: not a footprint (run --footprint FILE writes one)",
+                    footprint.display()
+                )
+            })?;
             out!(
                 "{}",
                 msrwasm::tools::suggest(&entries, &footprint.display().to_string())

@@ -152,7 +152,13 @@ mod tests {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let subscriber = tracing_subscriber::registry().with(Collect(JsonLines { vm: "web-1".into() }, lines.clone()));
         tracing::subscriber::with_default(subscriber, || {
-            tracing::warn!(event = "plugin_log", plugin = "rapl", version = "5c1f", vcpu = 1u32, "plugin says: a \"quoted\"\nline");
+            tracing::warn!(
+                event = "plugin_log",
+                plugin = "rapl",
+                version = "5c1f",
+                vcpu = 1u32,
+                "plugin says: a \"quoted\"\nline"
+            );
             tracing::info!(generation = 3u64, "no event field");
         });
         let lines = lines.lock().unwrap();
@@ -161,10 +167,17 @@ mod tests {
         assert_eq!(first["vm"], "web-1");
         assert_eq!(first["level"], "WARN");
         assert_eq!(first["event"], "plugin_log");
-        assert_eq!((first["plugin"].as_str(), first["version"].as_str()), (Some("rapl"), Some("5c1f")));
+        assert_eq!(
+            (first["plugin"].as_str(), first["version"].as_str()),
+            (Some("rapl"), Some("5c1f"))
+        );
         assert_eq!(first["message"], "plugin says: a \"quoted\"\nline");
         assert_eq!(first["vcpu"], 1);
-        assert!(first["time"].as_str().is_some_and(|t| t.ends_with('Z') && t.contains('T')));
+        assert!(
+            first["time"]
+                .as_str()
+                .is_some_and(|t| t.ends_with('Z') && t.contains('T'))
+        );
         assert!(!lines[0].contains('\n'), "one line per event");
         let second: Value = serde_json::from_str(&lines[1]).unwrap();
         assert_eq!(second["event"], "msrwasm_cli.logs.tests");

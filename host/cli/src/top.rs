@@ -143,7 +143,9 @@ impl Top {
     }
 
     fn rows(&self) -> Vec<Row> {
-        let Some(current) = &self.current else { return Vec::new() };
+        let Some(current) = &self.current else {
+            return Vec::new();
+        };
         let before: HashMap<(String, String), u64> = self
             .previous
             .iter()
@@ -162,7 +164,9 @@ impl Top {
                 let count = e["count"].as_u64().unwrap_or(0);
                 let (op, index) = key(e);
                 let rate = match seconds {
-                    Some(s) => count.saturating_sub(before.get(&(op.clone(), index.clone())).copied().unwrap_or(0)) as f64 / s,
+                    Some(s) => {
+                        count.saturating_sub(before.get(&(op.clone(), index.clone())).copied().unwrap_or(0)) as f64 / s
+                    }
                     None => 0.0,
                 };
                 let mut by: Vec<(String, u64)> = e["answered_by"]
@@ -190,7 +194,7 @@ impl Top {
             .collect();
         match self.sort {
             SortBy::Rate => rows.sort_by(|a, b| b.rate.total_cmp(&a.rate).then(b.count.cmp(&a.count))),
-            SortBy::Count => rows.sort_by(|a, b| b.count.cmp(&a.count)),
+            SortBy::Count => rows.sort_by_key(|r| std::cmp::Reverse(r.count)),
             SortBy::Index => rows.sort_by(|a, b| (a.index_value, &a.op).cmp(&(b.index_value, &b.op))),
         }
         rows
@@ -248,7 +252,11 @@ impl Top {
                 n("errors"),
                 n("quarantines"),
                 mean,
-                if p["quarantined"].as_bool() == Some(true) { "QUARANTINED" } else { "ok" }
+                if p["quarantined"].as_bool() == Some(true) {
+                    "QUARANTINED"
+                } else {
+                    "ok"
+                }
             ));
         }
         let mut changes = vec![String::new(), "POLICY CHANGES".to_owned()];
@@ -261,7 +269,9 @@ impl Top {
             "OP", "MSR", "RATE/s", "TOTAL", "#GP", "ANSWERED BY"
         );
         let rows = self.rows();
-        let room = height.saturating_sub(head.len() + 1 + plugins.len() + changes.len()).max(1);
+        let room = height
+            .saturating_sub(head.len() + 1 + plugins.len() + changes.len())
+            .max(1);
         let mut lines = std::mem::take(&mut head);
         lines.push(table_head);
         for row in rows.iter().take(room) {
@@ -355,7 +365,11 @@ fn draw(top: &Top, interval: Duration) -> Result<()> {
     let (width, height) = terminal::size().unwrap_or((100, 30));
     let mut out = std::io::stdout().lock();
     queue!(out, cursor::MoveTo(0, 0), terminal::Clear(terminal::ClearType::All))?;
-    for (row, line) in top.frame(usize::from(width), usize::from(height), interval).iter().enumerate() {
+    for (row, line) in top
+        .frame(usize::from(width), usize::from(height), interval)
+        .iter()
+        .enumerate()
+    {
         queue!(out, cursor::MoveTo(0, row as u16), style::Print(line))?;
     }
     out.flush()?;
@@ -370,7 +384,11 @@ impl Terminal {
     fn enter() -> Result<Self> {
         crossterm::terminal::enable_raw_mode()?;
         let terminal = Terminal;
-        crossterm::execute!(std::io::stdout(), crossterm::terminal::EnterAlternateScreen, crossterm::cursor::Hide)?;
+        crossterm::execute!(
+            std::io::stdout(),
+            crossterm::terminal::EnterAlternateScreen,
+            crossterm::cursor::Hide
+        )?;
         Ok(terminal)
     }
 }
@@ -424,8 +442,14 @@ mod tests {
         top.previous = top.current.replace(next);
         let frame = top.frame(200, 40, Duration::from_secs(1));
         let text = frame.join("\n");
-        let msr_lines: Vec<&String> = frame.iter().filter(|l| l.starts_with("rdmsr") || l.starts_with("wrmsr")).collect();
-        assert!(msr_lines[0].contains("0x35") && msr_lines[0].contains("500.0"), "{text}");
+        let msr_lines: Vec<&String> = frame
+            .iter()
+            .filter(|l| l.starts_with("rdmsr") || l.starts_with("wrmsr"))
+            .collect();
+        assert!(
+            msr_lines[0].contains("0x35") && msr_lines[0].contains("500.0"),
+            "{text}"
+        );
         assert!(msr_lines[1].contains("0x611") && msr_lines[1].contains("5.0"), "{text}");
         assert!(text.contains("plugin:rapl 100%"), "{text}");
         assert!(text.contains("QUARANTINED") && text.contains("100 ns"), "{text}");
@@ -443,6 +467,9 @@ mod tests {
 
         // A small terminal gets a clipped frame.
         let small = top.frame(30, 8, Duration::from_secs(1));
-        assert!(small.len() <= 8 && small.iter().all(|l| l.chars().count() <= 30), "{small:#?}");
+        assert!(
+            small.len() <= 8 && small.iter().all(|l| l.chars().count() <= 30),
+            "{small:#?}"
+        );
     }
 }

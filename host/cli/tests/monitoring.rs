@@ -75,7 +75,17 @@ fn json_log_lines_name_the_vm_the_event_and_the_plugin() {
     let plugin = dir.path().join("logger.wat");
     std::fs::write(&plugin, LOGGER).unwrap();
     let o = Command::new(bin())
-        .args(["run", "--name", "web-1", "--log-format", "json", "--log", "info", "--no-watch", "--plugin"])
+        .args([
+            "run",
+            "--name",
+            "web-1",
+            "--log-format",
+            "json",
+            "--log",
+            "info",
+            "--no-watch",
+            "--plugin",
+        ])
         .arg(&plugin)
         .arg(guests.join("msr_loop.elf"))
         .output()
@@ -93,7 +103,11 @@ fn json_log_lines_name_the_vm_the_event_and_the_plugin() {
         match v["event"].as_str() {
             Some("plugin_log") => {
                 plugin_lines += 1;
-                assert_eq!((v["plugin"].as_str(), v["level"].as_str()), (Some("logger"), Some("WARN")), "{line}");
+                assert_eq!(
+                    (v["plugin"].as_str(), v["level"].as_str()),
+                    (Some("logger"), Some("WARN")),
+                    "{line}"
+                );
                 assert_eq!(v["version"].as_str().map(str::len), Some(16), "{line}");
                 assert_eq!(v["message"], "plugin says: hello \"collector\"", "{line}");
             }
@@ -127,7 +141,11 @@ fn the_metrics_endpoint_is_read_only_and_announced() {
     let sd = dir.path().join("sd");
     std::fs::create_dir(&sd).unwrap();
     let plugin = dir.path().join("p.wat");
-    std::fs::write(&plugin, LOGGER.replace("(call $log (i32.const 1) (i32.const 0) (i32.const 17))", "")).unwrap();
+    std::fs::write(
+        &plugin,
+        LOGGER.replace("(call $log (i32.const 1) (i32.const 0) (i32.const 17))", ""),
+    )
+    .unwrap();
     let mut child = Command::new(bin())
         .args(["run", "--name", "db-2", "--metrics-addr", "0", "--metrics-sd-dir"])
         .arg(&sd)
@@ -148,22 +166,34 @@ fn the_metrics_endpoint_is_read_only_and_announced() {
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
 
     let metrics = http(&addr, "GET /metrics HTTP/1.0\r\n\r\n");
-    assert!(metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"), "{metrics}");
-    assert!(metrics.contains("msrwasm_msr_accesses_total{op=\"rdmsr\",answered_by=\"plugin\"}"), "{metrics}");
+    assert!(
+        metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("msrwasm_msr_accesses_total{op=\"rdmsr\",answered_by=\"plugin\"}"),
+        "{metrics}"
+    );
     for (request, status) in [
         ("GET /v1/status HTTP/1.0\r\n\r\n", "404"),
         ("PUT /v1/policy HTTP/1.0\r\ncontent-length: 2\r\n\r\n{}", "404"),
         ("POST /metrics HTTP/1.0\r\n\r\n", "405"),
     ] {
         let answer = http(&addr, request);
-        assert!(answer.lines().next().is_some_and(|l| l.contains(status)), "{request:?}: {answer}");
+        assert!(
+            answer.lines().next().is_some_and(|l| l.contains(status)),
+            "{request:?}: {answer}"
+        );
     }
 
     drop(vm);
     assert!(!entry.exists(), "the entry is removed when the VM ends");
     let mut err = String::new();
     let _ = stderr.read_to_string(&mut err);
-    assert!(err.contains(&format!("msrwasm: metrics of VM db-2 at http://{addr}/metrics")), "{err}");
+    assert!(
+        err.contains(&format!("msrwasm: metrics of VM db-2 at http://{addr}/metrics")),
+        "{err}"
+    );
 }
 
 /// A VM name that is not a safe file name and label value is refused.
@@ -171,9 +201,15 @@ fn the_metrics_endpoint_is_read_only_and_announced() {
 fn bad_names_and_addresses_are_refused() {
     for (args, needle) in [
         (vec!["run", "--name", "../x", "g.elf"], "a VM name is"),
-        (vec!["run", "--metrics-addr", "localhost:x", "g.elf"], "neither a port nor"),
+        (
+            vec!["run", "--metrics-addr", "localhost:x", "g.elf"],
+            "neither a port nor",
+        ),
         (vec!["run", "--metrics-sd-dir", "/tmp", "g.elf"], "--metrics-addr"),
-        (vec!["ctl", "--api-sock", "/x", "top", "--interval", "0"], "between 0.1 and 60"),
+        (
+            vec!["ctl", "--api-sock", "/x", "top", "--interval", "0"],
+            "between 0.1 and 60",
+        ),
     ] {
         let o = Command::new(bin()).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
@@ -201,7 +237,11 @@ fn top_runs_in_a_real_terminal() {
     let guests = guests(dir.path());
     let sock = dir.path().join("vm.sock");
     let plugin = dir.path().join("p.wat");
-    std::fs::write(&plugin, LOGGER.replace("(call $log (i32.const 1) (i32.const 0) (i32.const 17))", "")).unwrap();
+    std::fs::write(
+        &plugin,
+        LOGGER.replace("(call $log (i32.const 1) (i32.const 0) (i32.const 17))", ""),
+    )
+    .unwrap();
     let _vm = Running(
         Command::new(bin())
             .args(["run", "--vcpus", "2", "--api-sock"])
@@ -215,7 +255,11 @@ fn top_runs_in_a_real_terminal() {
     );
     wait_for("the API socket", Duration::from_secs(30), || sock.exists());
     let server = format!("msrwasm-top-{}", std::process::id());
-    let command = format!("{} ctl --api-sock {} top --interval 0.2; echo TOP-ENDED; sleep 30", bin(), sock.display());
+    let command = format!(
+        "{} ctl --api-sock {} top --interval 0.2; echo TOP-ENDED; sleep 30",
+        bin(),
+        sock.display()
+    );
     tmux(&server, &["new-session", "-d", "-x", "160", "-y", "40", &command]);
     let capture = || tmux(&server, &["capture-pane", "-p"]);
     let result = std::panic::catch_unwind(|| {
@@ -236,9 +280,13 @@ fn top_runs_in_a_real_terminal() {
         let screen = capture();
         assert!(screen.contains("PLUGIN") && screen.contains("vCPUs 2"), "{screen}");
         tmux(&server, &["send-keys", "i"]);
-        wait_for("sorting by index", Duration::from_secs(10), || capture().contains("sorted by index"));
+        wait_for("sorting by index", Duration::from_secs(10), || {
+            capture().contains("sorted by index")
+        });
         tmux(&server, &["send-keys", "q"]);
-        wait_for("top to quit", Duration::from_secs(10), || capture().contains("TOP-ENDED"));
+        wait_for("top to quit", Duration::from_secs(10), || {
+            capture().contains("TOP-ENDED")
+        });
     });
     tmux(&server, &["kill-server"]);
     if let Err(e) = result {

@@ -219,7 +219,10 @@ fn a_default_deny_firewall_never_falls_back_for_msrs_outside_allow() {
     assert_eq!(o.reason, ExitReason::Filter);
     // An MSR KVM does not know is not the firewall's doing.
     let o = d.handle(read(0x4d53_0001, ExitReason::Unknown), &mut kvm);
-    assert_eq!((by_name(&o), o.reason), ("unhandled:ignore".into(), ExitReason::Unknown));
+    assert_eq!(
+        (by_name(&o), o.reason),
+        ("unhandled:ignore".into(), ExitReason::Unknown)
+    );
 }
 
 /// cloud-hypervisor's `Vcpu` trait is `Send + Sync`: a dispatcher must fit

@@ -114,8 +114,9 @@ impl EngineBuilder {
         self
     }
 
-    /// Starts the engine's wasmtime configuration from `config` (see
-    /// [`crate::plugin::runtime::configure`] for what msrwasm overrides).
+    /// Starts the engine's wasmtime configuration from `config`; msrwasm
+    /// overrides what bounded execution needs (fuel, epoch interruption,
+    /// the wasm stack cap) and turns the component model on.
     pub fn wasmtime_config(mut self, config: wasmtime::Config) -> Self {
         self.options.config = Some(config);
         self
@@ -135,8 +136,8 @@ impl EngineBuilder {
         self
     }
 
-    /// The VMM's side of the MSR filter (without one, policies that need a
-    /// filter are refused: see [`NoFilter`]).
+    /// The VMM's side of the MSR filter (without one, policies that claim
+    /// MSRs or set a firewall are refused, naming the reason).
     pub fn filter(mut self, sink: impl FilterSink + 'static) -> Self {
         self.filter = Some(Box::new(sink));
         self
@@ -158,7 +159,8 @@ impl EngineBuilder {
         self
     }
 
-    /// Keeps compiled plugins in `dir` too (see [`crate::plugin::cache`]):
+    /// Keeps compiled plugins in `dir` too (checksummed, keyed by content
+    /// and engine; the directory must be private to this user):
     /// restarts and reloads of large plugins skip compiling. Without it,
     /// compiled plugins are cached in memory only.
     pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
@@ -432,7 +434,9 @@ impl Engine {
                     version: p.sha256().to_owned(),
                     flavour: p.flavour(),
                     path: p.path().to_owned(),
-                    claims: p.claims().map(|c| c.iter().map(|&r| crate::util::format_range(r)).collect()),
+                    claims: p
+                        .claims()
+                        .map(|c| c.iter().map(|&r| crate::util::format_range(r)).collect()),
                     stats: stats.plugins.get(p.name()).cloned().unwrap_or_default(),
                     quarantined: p.health().quarantined(),
                 })

@@ -37,7 +37,8 @@ fn write_manifest(path: &Path, config_add: i64) {
 
 fn read(engine: &Engine) -> Reply {
     let mut d = engine.dispatcher(0);
-    d.handle(Access::read(0x4d53_0000, ExitReason::Unknown), &mut NoKvm).reply
+    d.handle(Access::read(0x4d53_0000, ExitReason::Unknown), &mut NoKvm)
+        .reply
 }
 
 fn engine(manifest: &Path) -> Engine {
@@ -62,7 +63,10 @@ fn an_update_is_never_reverted_by_a_later_manifest_edit() {
     spec.plugins[0].config.insert("add".into(), 7);
     engine.update(spec).unwrap();
     assert_eq!(read(&engine), Reply::Read(107));
-    assert!(!engine.watched_files().contains(&manifest), "the manifest is no longer followed");
+    assert!(
+        !engine.watched_files().contains(&manifest),
+        "the manifest is no longer followed"
+    );
 
     write_manifest(&manifest, 2);
     assert!(engine.reload_all().iter().all(|r| !matches!(r, Reload::Applied { .. })));
@@ -133,6 +137,10 @@ fn update_errors_are_errors_with_sources() {
     assert_eq!(err.errors().len(), 2);
     assert!(as_error.to_string().contains("2 reasons"), "{as_error}");
     let source = as_error.source().expect("the first reason is the source");
-    assert!(crate::util::error_chain(source).contains("also-missing.wat"), "{}", crate::util::error_chain(source));
+    assert!(
+        crate::util::error_chain(source).contains("also-missing.wat"),
+        "{}",
+        crate::util::error_chain(source)
+    );
     assert_eq!(read(&engine), Reply::Read(101), "the running policy stays");
 }

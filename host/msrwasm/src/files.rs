@@ -128,11 +128,7 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Resul
         .map_or("file".into(), |n| n.to_string_lossy().into_owned());
     let temp = dir.join(format!(".{name}.{}.{:x}.tmp", std::process::id(), unique()));
     let write = || -> std::io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&temp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&temp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&temp, path)

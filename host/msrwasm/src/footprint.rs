@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::msr::{Access, AnsweredBy, Op, Outcome, Reply};
 use crate::events::{Events, VcpuEvents};
+use crate::msr::{Access, AnsweredBy, Op, Outcome, Reply};
 
 /// Distinct (op, index) pairs recorded per vCPU.
 pub const MAX_ENTRIES: usize = 65_536;

@@ -97,7 +97,8 @@ pub fn complete(vcpu: &mut VcpuFd, reply: Reply) -> Result<(), KvmError> {
 }
 
 /// KVM's own MSRs of one vCPU (host-initiated `KVM_GET_MSRS`/`KVM_SET_MSRS`),
-/// for the fallback rules of [`crate::policy::fallback`].
+/// for the KVM fallback of claimed MSRs every plugin passed on (the rules
+/// are in `docs/security.md`).
 pub struct VcpuMsrs<'a>(pub &'a VcpuFd);
 
 impl KvmMsrs for VcpuMsrs<'_> {
@@ -148,7 +149,9 @@ pub struct KvmFilter {
 
 impl std::fmt::Debug for KvmFilter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvmFilter").field("vmm", &self.vmm).finish_non_exhaustive()
+        f.debug_struct("KvmFilter")
+            .field("vmm", &self.vmm)
+            .finish_non_exhaustive()
     }
 }
 

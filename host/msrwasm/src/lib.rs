@@ -72,7 +72,7 @@
 //! - [`oci`]: `oci://` plugins and following tags; the registry client
 //!   (push, pull, cache) with feature `oci`.
 //!
-//! Feature `tools` adds [`tools`](crate#tools): the building blocks of the
+//! Feature `tools` adds a `tools` module: the building blocks of the
 //! `msrwasm` command (`check`, `test`, `meta`, `bench`) and of the test
 //! suite. It is not part of the stable API.
 //!
@@ -117,10 +117,13 @@ pub use policy::{FilterDefault, ManifestError, Policy, PolicyError, PolicySpec};
 pub use stats::{PluginStats, StatsSnapshot, VcpuStats};
 pub use trace::{Trace, TraceError, TraceReport};
 
-/// The VMM's side of the KVM MSR filter: msrwasm hands a [`FilterPlan`]
-/// (what plugins claim, the firewall) to a [`FilterSink`] whenever it
-/// changes; the sink merges it with the VMM's own [`VmmRange`]s
-/// ([`FilterPlan::ranges`]) and programs KVM (`kvm::KvmFilter` does).
+/// The VMM's side of the KVM MSR filter: msrwasm hands a
+/// [`FilterPlan`](crate::filter::FilterPlan) (what plugins claim, the
+/// firewall) to a [`FilterSink`](crate::filter::FilterSink) whenever it
+/// changes; the sink merges it with the VMM's own
+/// [`VmmRange`](crate::filter::VmmRange)s
+/// ([`FilterPlan::ranges`](crate::filter::FilterPlan::ranges)) and programs
+/// KVM (`kvm::KvmFilter` does).
 pub mod filter {
     pub use crate::policy::filter::{
         FilterError, FilterPlan, FilterRanges, FilterSink, FilterWindow, RecordingFilter, VmmRange,
@@ -137,16 +140,16 @@ pub mod tools {
     #[cfg(feature = "api")]
     pub use crate::api::request;
     pub use crate::check::{CheckReport, check, check_cached};
+    pub use crate::engine::localize;
     pub use crate::files::{ReadError, open_regular, read_regular, write_atomic, write_atomic_mode};
     pub use crate::footprint::suggest;
-    pub use crate::engine::localize;
     pub use crate::oci::local::{annotations, is_reference};
     pub use crate::plugin::cache::default_dir as default_cache_dir;
     pub use crate::plugin::clock::{HostClock, ManualClock};
     pub use crate::plugin::state::{StateScope, StateStore};
     pub use crate::plugin::{
-        Answer, MAX_PLUGIN_BYTES, ModuleCache, Plugin, PluginInstance, Runtime, RuntimeOptions, content_hash,
-        meta, read_plugin_file, sanitize, to_binary,
+        Answer, MAX_PLUGIN_BYTES, ModuleCache, Plugin, PluginInstance, Runtime, RuntimeOptions, content_hash, meta,
+        read_plugin_file, sanitize, to_binary,
     };
     pub use crate::script::{ScriptError, ScriptReport, run as run_script, run_cached as run_script_cached};
     pub use crate::trace::TraceRecord;
@@ -157,5 +160,3 @@ pub mod tools {
         policy.chain()
     }
 }
-
-

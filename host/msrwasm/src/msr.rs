@@ -267,4 +267,3 @@ impl PluginInfo {
         &self.version[..16.min(self.version.len())]
     }
 }
-

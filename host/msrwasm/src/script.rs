@@ -18,10 +18,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::msr::ExitReason;
-use crate::util::parse_number;
 use crate::plugin::clock::ManualClock;
 use crate::plugin::state::StateStore;
 use crate::plugin::{Answer, LoadError, Plugin, PluginInstance, PluginSettings, Runtime, RuntimeOptions};
+use crate::util::parse_number;
 
 /// A script that cannot be run.
 #[derive(Debug, thiserror::Error)]

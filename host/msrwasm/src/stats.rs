@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::msr::{Access, AnsweredBy, Outcome, Reply};
 use crate::events::{CallResult, Cause, Events, Reload, VcpuEvents};
+use crate::msr::{Access, AnsweredBy, Outcome, Reply};
 use crate::policy::Policy;
 
 /// Upper bounds (seconds) of the plugin call-time histogram buckets.
@@ -101,8 +101,8 @@ pub struct PluginStats {
     pub timed_calls: u64,
     /// Their total duration, nanoseconds.
     pub timed_ns: u64,
-    /// Timed calls per [`CALL_BUCKETS`] bucket (not cumulative), plus one
-    /// for longer calls.
+    /// Timed calls per bucket of the `/metrics` histogram, 1 µs to 10 ms
+    /// (not cumulative), plus one for longer calls.
     pub buckets: Vec<u64>,
 }
 

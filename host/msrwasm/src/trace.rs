@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::msr::{Access, AnsweredBy, Op, Outcome, Reply};
 use crate::events::{Events, VcpuEvents};
+use crate::msr::{Access, AnsweredBy, Op, Outcome, Reply};
 
 /// Records the queue holds before new ones are dropped.
 pub const QUEUE_RECORDS: usize = 65_536;

@@ -15,8 +15,8 @@
 //! - a file written in place is not read while its writer still has it
 //!   open for writing (modified, not yet closed), so a pause mid-write never
 //!   puts half a file in force; a writer that keeps it open longer than
-//!   [`WRITE_WAIT`] is taken at its word;
-//! - every [`RESCAN`], the engine re-checks its files anyway: events lost to
+//!   5 s is taken at its word;
+//! - every second, the engine re-checks its files anyway: events lost to
 //!   a full inotify queue, a watch limit or a file system without inotify
 //!   are caught up within that time.
 

@@ -28,7 +28,10 @@ fn log_based_vmms_get_the_engines_log_lines() {
 
     let mut spec = PolicySpec::default();
     spec.unhandled = Unhandled::Log;
-    let engine = Engine::builder().filter(RecordingFilter::default()).build(spec).unwrap();
+    let engine = Engine::builder()
+        .filter(RecordingFilter::default())
+        .build(spec)
+        .unwrap();
     let mut vcpu0 = engine.dispatcher(0);
     vcpu0.handle(Access::read(0x4d53_0042, ExitReason::Unknown), &mut NoKvm);
 

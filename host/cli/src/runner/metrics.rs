@@ -172,10 +172,25 @@ mod tests {
         for good in ["web-1", "a", "vm_2.test", &"x".repeat(MAX_NAME)] {
             assert!(check_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "-x", ".hidden", "a/b", "a b", "ü", &"x".repeat(MAX_NAME + 1), "..", "a\nb"] {
+        for bad in [
+            "",
+            "-x",
+            ".hidden",
+            "a/b",
+            "a b",
+            "ü",
+            &"x".repeat(MAX_NAME + 1),
+            "..",
+            "a\nb",
+        ] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
-        for guest in ["guest.elf", "/x/.-odd name!.bin", "", &format!("{}.elf", "y".repeat(200))] {
+        for guest in [
+            "guest.elf",
+            "/x/.-odd name!.bin",
+            "",
+            &format!("{}.elf", "y".repeat(200)),
+        ] {
             let name = default_name(Path::new(guest));
             assert!(check_name(&name).is_ok(), "{guest} -> {name}");
         }
@@ -199,13 +214,20 @@ mod tests {
 
         // An entry of a live process (pid 1) is refused; a dead one's replaced.
         let taken = dir.path().join("msrwasm-db.json");
-        std::fs::write(&taken, r#"[{"targets":["127.0.0.1:1"],"labels":{"vm":"db","msrwasm_pid":"1"}}]"#).unwrap();
+        std::fs::write(
+            &taken,
+            r#"[{"targets":["127.0.0.1:1"],"labels":{"vm":"db","msrwasm_pid":"1"}}]"#,
+        )
+        .unwrap();
         assert!(matches!(
             SdEntry::write(dir.path(), "db", addr),
             Err(MetricsError::Taken { pid: 1, .. })
         ));
-        std::fs::write(&taken, r#"[{"targets":["127.0.0.1:1"],"labels":{"vm":"db","msrwasm_pid":"4294967295"}}]"#)
-            .unwrap();
+        std::fs::write(
+            &taken,
+            r#"[{"targets":["127.0.0.1:1"],"labels":{"vm":"db","msrwasm_pid":"4294967295"}}]"#,
+        )
+        .unwrap();
         let replaced = SdEntry::write(dir.path(), "db", addr).unwrap();
         assert_eq!(owner(&replaced.path), Some(std::process::id()));
         // A FIFO in its place is not waited on.

@@ -5,8 +5,8 @@
 pub mod boot;
 pub mod image;
 pub mod io;
-pub mod metrics;
 mod memory;
+pub mod metrics;
 pub mod signals;
 mod vcpu;
 
@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use msrwasm::Events;
-use msrwasm::kvm::{KvmError, KvmFilter};
 use msrwasm::PolicySpec;
 use msrwasm::StatsSnapshot;
 use msrwasm::Trace;
 use msrwasm::TraceError;
 use msrwasm::TraceReport;
+use msrwasm::kvm::{KvmError, KvmFilter};
 use msrwasm::{Engine, EngineError};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -33,8 +33,8 @@ use image::{ImageError, LoadedImage};
 use io::IoBus;
 pub use io::SerialOut;
 pub use signals::install_termination_handlers;
-pub use vcpu::{ExitStats, NativeMsr};
 use vcpu::{Event, VcpuThread};
+pub use vcpu::{ExitStats, NativeMsr};
 
 /// Default guest memory, MiB.
 pub const DEFAULT_MEM_MIB: u64 = 256;
@@ -508,7 +508,11 @@ impl Vm {
         let metrics = match self.metrics_addr {
             Some(addr) => {
                 let m = metrics::Metrics::start(addr, self.engine.clone(), self.metrics_sd_dir.as_deref(), &self.name)?;
-                crate::err!("msrwasm: metrics of VM {} at http://{}/metrics", self.name, m.local_addr());
+                crate::err!(
+                    "msrwasm: metrics of VM {} at http://{}/metrics",
+                    self.name,
+                    m.local_addr()
+                );
                 if let Some(entry) = m.entry() {
                     tracing::info!(entry = %entry.display(), "announced to Prometheus file discovery");
                 }

@@ -37,7 +37,6 @@ pub(crate) const MAX_POLL_S: u64 = 86_400;
 
 pub(crate) use local::is_reference;
 
-
 /// A parsed `oci://` reference.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct OciRef {
@@ -221,7 +220,6 @@ impl OciSource {
     }
 }
 
-
 /// A reference made local.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fetched {
@@ -318,7 +316,6 @@ pub trait Fetch: Send + Sync {
     /// Returns whether the file changed.
     fn poll(&self, source: &OciSource) -> Result<bool, OciError>;
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -421,7 +418,9 @@ pub(crate) mod local {
     /// `version`, `description` and `author` (or `authors`) become
     /// `org.opencontainers.image.title`, `.version`, `.description` and
     /// `.authors`.
-    pub fn annotations(meta: &std::collections::BTreeMap<String, String>) -> std::collections::BTreeMap<String, String> {
+    pub fn annotations(
+        meta: &std::collections::BTreeMap<String, String>,
+    ) -> std::collections::BTreeMap<String, String> {
         [
             ("name", "title"),
             ("version", "version"),

@@ -40,7 +40,7 @@ impl StateStore {
     }
 
     /// Drops stores of plugins not in `live` once more than
-    /// [`MAX_RETIRED_SCOPES`] such stores exist (a plugin removed and added
+    /// 64 such stores exist (a plugin removed and added
     /// back soon after keeps its values).
     pub fn prune(&self, live: &[&str]) {
         let mut scopes = self.scopes.write().unwrap_or_else(|e| e.into_inner());

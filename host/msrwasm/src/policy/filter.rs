@@ -87,7 +87,7 @@ pub struct FilterWindow {
 pub struct FilterRanges {
     /// The default action.
     pub default: FilterDefault,
-    /// At most [`MAX_RANGES`] ranges.
+    /// At most 16 ranges (KVM's limit).
     pub windows: Vec<FilterWindow>,
 }
 

@@ -401,7 +401,8 @@ fn line_of(text: &str, offset: usize) -> usize {
 pub fn parse_msr_range(s: &str) -> Result<(u32, u32), String> {
     let one = |t: &str| -> Result<u32, String> {
         let t = t.trim();
-        let v = crate::util::parse_number(t).ok_or_else(|| format!("`{t}` is not an MSR index (write 0x606 or 1542)"))?;
+        let v =
+            crate::util::parse_number(t).ok_or_else(|| format!("`{t}` is not an MSR index (write 0x606 or 1542)"))?;
         u32::try_from(v).map_err(|_| format!("`{t}` is out of the 32-bit MSR index space"))
     };
     let (first, last) = match s.split_once('-') {

@@ -35,7 +35,7 @@ pub enum PolicyError {
         source: FilterError,
     },
     /// A claimed MSR is one KVM handles with guest-only checks that a
-    /// KVM fallback could not reproduce (see [`fallback`]).
+    /// KVM fallback could not reproduce (`docs/security.md` lists them).
     #[error(
         "plugin `{plugin}` claims {index:#x} ({name}), which KVM handles with checks only guest accesses get ({why}): if every plugin passed on it, msrwasm could not give the guest KVM's answer (user space can only make host-initiated accesses), so it cannot be claimed; claim around it"
     )]
