@@ -36,6 +36,21 @@ const LOGGER: &str = r#"(module
     (call $reply (i64.const 7))
     (i32.const 0)))"#;
 
+/// A temporary directory with the built-in guests and `plugin` (WAT) as
+/// `p.wat`.
+fn setup(plugin: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let guests = guests(dir.path());
+    let path = dir.path().join("p.wat");
+    std::fs::write(&path, plugin).unwrap();
+    (dir, guests, path)
+}
+
+/// The logger without its log call.
+fn quiet() -> String {
+    LOGGER.replace("(call $log (i32.const 1) (i32.const 0) (i32.const 17))", "")
+}
+
 /// A VM that stops when dropped.
 struct Running(Child);
 
@@ -70,10 +85,7 @@ fn json_log_lines_name_the_vm_the_event_and_the_plugin() {
     if !kvm_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let guests = guests(dir.path());
-    let plugin = dir.path().join("logger.wat");
-    std::fs::write(&plugin, LOGGER).unwrap();
+    let (_dir, guests, plugin) = setup(LOGGER);
     let o = Command::new(bin())
         .args([
             "run",
@@ -136,16 +148,9 @@ fn the_metrics_endpoint_is_read_only_and_announced() {
     if !kvm_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let guests = guests(dir.path());
+    let (dir, guests, plugin) = setup(&quiet());
     let sd = dir.path().join("sd");
     std::fs::create_dir(&sd).unwrap();
-    let plugin = dir.path().join("p.wat");
-    std::fs::write(
-        &plugin,
-        LOGGER.replace("(call $log (i32.const 1) (i32.const 0) (i32.const 17))", ""),
-    )
-    .unwrap();
     let mut child = Command::new(bin())
         .args(["run", "--name", "db-2", "--metrics-addr", "0", "--metrics-sd-dir"])
         .arg(&sd)
@@ -233,15 +238,8 @@ fn top_runs_in_a_real_terminal() {
     if !tool_available("tmux") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let guests = guests(dir.path());
+    let (dir, guests, plugin) = setup(&quiet());
     let sock = dir.path().join("vm.sock");
-    let plugin = dir.path().join("p.wat");
-    std::fs::write(
-        &plugin,
-        LOGGER.replace("(call $log (i32.const 1) (i32.const 0) (i32.const 17))", ""),
-    )
-    .unwrap();
     let _vm = Running(
         Command::new(bin())
             .args(["run", "--vcpus", "2", "--api-sock"])
