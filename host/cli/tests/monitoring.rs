@@ -117,7 +117,7 @@ fn json_log_lines_name_the_vm_the_event_and_the_plugin() {
                 plugin_lines += 1;
                 assert_eq!(
                     (v["plugin"].as_str(), v["level"].as_str()),
-                    (Some("logger"), Some("WARN")),
+                    (Some("p"), Some("WARN")),
                     "{line}"
                 );
                 assert_eq!(v["version"].as_str().map(str::len), Some(16), "{line}");
