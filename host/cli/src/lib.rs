@@ -19,11 +19,11 @@ macro_rules! out {
     }};
 }
 
-/// Writes a line to standard error, ignoring errors.
+/// Writes a message line to standard error, ignoring errors: plain text,
+/// or one JSON object per line with `--log-format json`.
 #[macro_export]
 macro_rules! err {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
+        $crate::logs::message(&format!($($arg)*));
     }};
 }

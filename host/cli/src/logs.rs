@@ -14,7 +14,9 @@
 //! that logged, such as `msrwasm.oci`), `message`, and `plugin` and
 //! `version` whenever a plugin is involved; any other field of the event
 //! follows under its own name. One line per event; a closed or full
-//! standard error never stops the VM (the line is dropped).
+//! standard error never stops the VM (the line is dropped). The command's
+//! own messages (start-up notes, the closing summary) become objects too,
+//! with `event` `msrwasm`, so that standard error is JSON lines throughout.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -35,11 +37,47 @@ pub enum LogFormat {
     Json,
 }
 
+/// The VM name of JSON lines, once `--log-format json` is in force.
+static JSON_VM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Writes one of the command's own messages (possibly several lines) to
+/// standard error, as text or, in JSON mode, one object per line.
+pub fn message(text: &str) {
+    let mut stderr = std::io::stderr().lock();
+    match JSON_VM.get() {
+        None => {
+            let _ = writeln!(stderr, "{text}");
+        }
+        Some(vm) => {
+            for line in text.lines() {
+                let level = if line.starts_with("msrwasm: error") {
+                    "ERROR"
+                } else {
+                    "INFO"
+                };
+                let object = serde_json::json!({
+                    "time": now(), "level": level, "vm": vm, "event": "msrwasm", "message": line,
+                });
+                let _ = writeln!(stderr, "{object}");
+            }
+        }
+    }
+}
+
+fn now() -> String {
+    let mut time = String::new();
+    let _ = SystemTime.format_time(&mut Writer::new(&mut time));
+    time
+}
+
 /// Installs the process's log subscriber: `filter` directives, to standard
 /// error, in `format`, naming the VM `vm` in JSON lines.
 pub fn init(filter: tracing_subscriber::EnvFilter, format: LogFormat, vm: &str) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
+    if format == LogFormat::Json {
+        let _ = JSON_VM.set(vm.to_owned());
+    }
     match format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -69,10 +107,8 @@ impl JsonLines {
         let mut fields = Fields(Map::new());
         event.record(&mut fields);
         let mut fields = fields.0;
-        let mut time = String::new();
-        let _ = SystemTime.format_time(&mut Writer::new(&mut time));
         let mut out = Map::new();
-        out.insert("time".into(), Value::String(time));
+        out.insert("time".into(), Value::String(now()));
         out.insert("level".into(), Value::String(meta.level().to_string()));
         out.insert("vm".into(), Value::String(self.vm.clone()));
         let event_name = fields

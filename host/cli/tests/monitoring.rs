@@ -106,7 +106,8 @@ fn json_log_lines_name_the_vm_the_event_and_the_plugin() {
     assert_eq!(o.status.code(), Some(0), "{err}");
     let mut plugin_lines = 0;
     let mut dropped_notes = 0;
-    for line in err.lines().filter(|l| !l.starts_with("msrwasm: ")) {
+    let mut summary = Vec::new();
+    for line in err.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         for key in ["time", "level", "vm", "event", "message"] {
             assert!(v.get(key).is_some(), "no `{key}` in {line}");
@@ -124,9 +125,15 @@ fn json_log_lines_name_the_vm_the_event_and_the_plugin() {
                 assert_eq!(v["message"], "plugin says: hello \"collector\"", "{line}");
             }
             Some("plugin_log_dropped") => dropped_notes += 1,
+            Some("msrwasm") => summary.push(v["message"].as_str().unwrap_or_default().to_owned()),
             _ => {}
         }
     }
+    // The command's own lines (the summary) are JSON too.
+    assert!(
+        summary.iter().any(|l| l.starts_with("msrwasm: all vCPUs halted")),
+        "{summary:#?}"
+    );
     // 50,000 calls, rate-limited to 20 lines per second per instance.
     assert!((1..=40).contains(&plugin_lines), "{plugin_lines} plugin lines:\n{err}");
     assert!(dropped_notes <= 2, "{err}");
