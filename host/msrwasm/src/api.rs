@@ -106,6 +106,17 @@ struct Server {
 }
 
 impl Server {
+    /// Stops serving: tells the server to stop and waits a little for its
+    /// thread (a request compiling a policy may still run).
+    fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            crate::util::join_within(thread, Duration::from_millis(500));
+        }
+    }
+
     /// Serves `routes` of `state` on `listener` (made non-blocking here)
     /// on a thread called `name`, with a runtime of its own.
     fn start<L: Listen>(name: &str, listener: L::Std, state: ApiState, routes: Routes) -> std::io::Result<Self> {
@@ -129,13 +140,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            // A request compiling a policy may still run; do not wait long.
-            crate::util::join_within(thread, Duration::from_millis(500));
-        }
+        self.stop();
     }
 }
 
@@ -253,10 +258,7 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         // Stop serving first, then remove the socket.
-        drop(Server {
-            shutdown: self.server.shutdown.take(),
-            thread: self.server.thread.take(),
-        });
+        self.server.stop();
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -528,9 +530,8 @@ pub(crate) fn status(engine: &Engine) -> serde_json::Value {
             })
         })
         .collect();
-    let stats = engine.stats();
     serde_json::json!({
-        "reloads": { "applied": stats.reloads_applied, "refused": stats.reloads_refused },
+        "reloads": { "applied": s.reloads_applied, "refused": s.reloads_refused },
         "generation": s.generation,
         "vcpus": s.vcpus,
         "uptime_s": s.uptime_s,

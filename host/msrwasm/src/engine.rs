@@ -279,6 +279,11 @@ pub struct Status {
     pub manifest: Option<PathBuf>,
     /// The plugins in force.
     pub plugins: Vec<PluginStatus>,
+    /// Policy changes applied since start (the first policy is not
+    /// counted).
+    pub reloads_applied: u64,
+    /// Policy changes refused since start.
+    pub reloads_refused: u64,
 }
 
 /// One plugin in [`Status`].
@@ -426,6 +431,8 @@ impl Engine {
             uptime_s: self.shared.started.elapsed().as_secs_f64(),
             unhandled: policy.unhandled(),
             manifest,
+            reloads_applied: stats.reloads_applied,
+            reloads_refused: stats.reloads_refused,
             plugins: policy
                 .chain()
                 .iter()
