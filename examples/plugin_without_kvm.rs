@@ -1,5 +1,5 @@
 //! Asking a plugin about MSRs without a VM: build an engine over
-//! `plugins/rapl.wat` with a config, and hand its dispatcher synthetic
+//! `plugins/synthetic_rapl.wat` with a config, and hand its dispatcher synthetic
 //! accesses the way a vCPU's exits would arrive. Only the stable API is
 //! used (no `/dev/kvm`, no `tools` feature): this is how a VMM's own tests
 //! check a policy's answers on a machine without KVM.
@@ -31,7 +31,7 @@ fn read(vcpu: &mut Dispatcher, index: u32) -> Result<u64> {
 }
 
 fn main() -> Result<()> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins/rapl.wat");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins/synthetic_rapl.wat");
     let mut spec = PolicySpec::from_paths(&[path], Unhandled::Gp);
     spec.plugins[0].config.insert("tdp_watts".into(), 95);
 

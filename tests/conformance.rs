@@ -1,5 +1,5 @@
-//! One plugin, nine languages: the reference RAPL plugin in WAT
-//! (`plugins/rapl.wat`), Rust, C, Zig and AssemblyScript (core modules), Go
+//! One plugin, nine languages: the synthetic RAPL demo plugin in WAT
+//! (`plugins/synthetic_rapl.wat`), Rust, C, Zig and AssemblyScript (core modules), Go
 //! (a core module with WASI), and Python, JavaScript and Rust (components,
 //! `examples/rapl/`), each built from source with its real toolchain, must
 //! answer identically: through `msrwasm test` with a scripted clock, and on
@@ -21,7 +21,7 @@ use msrwasm_tests::{
 /// Every build of the RAPL plugin, with the memory cap its runtime needs.
 fn every_language() -> Vec<(&'static str, PathBuf, u64)> {
     vec![
-        ("wat", repo().join("plugins/rapl.wat"), 1024),
+        ("wat", repo().join("plugins/synthetic_rapl.wat"), 1024),
         ("rust", build_rust_plugin("examples/rapl/rust", "rapl"), 1024),
         ("c", build_c_plugin("examples/rapl/c/rapl.c"), 1024),
         ("zig", build_zig_plugin("examples/rapl/zig/rapl.zig"), 1024),

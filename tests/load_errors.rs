@@ -117,14 +117,14 @@ fn unfilterable_claim() {
 
 #[test]
 fn init_refusal_and_bad_config() {
-    // rapl.wat refuses tdp_watts <= 0 in init.
+    // synthetic_rapl.wat refuses tdp_watts <= 0 in init.
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("vm.toml");
     std::fs::write(
         &manifest,
         format!(
             "[[plugin]]\nname = \"rapl\"\npath = \"{}\"\n[plugin.config]\ntdp_watts = -5\n",
-            shipped_plugin("rapl.wat").display()
+            shipped_plugin("synthetic_rapl.wat").display()
         ),
     )
     .unwrap();
@@ -133,5 +133,5 @@ fn init_refusal_and_bad_config() {
     config.mem_mib = 16;
     config.serial = Box::new(std::io::sink());
     let e = msrwasm::tools::error_chain(&vm::run(config).expect_err("refused"));
-    assert!(e.contains("rapl.wat: init() refused the load: code 1"), "{e}");
+    assert!(e.contains("synthetic_rapl.wat: init() refused the load: code 1"), "{e}");
 }

@@ -23,6 +23,7 @@ run() { "$@" 2>&1 | tee -a "$log"; return "${PIPESTATUS[0]}"; }
 # --no-fail-fast: one failing test binary must not hide the others.
 run cargo test --locked --workspace --no-fail-fast || status=1
 run cargo test --manifest-path plugins/thermal/Cargo.toml || status=1
+run cargo test --manifest-path plugins/rapl/Cargo.toml || status=1
 run cargo test --manifest-path examples/rapl/rust/Cargo.toml || status=1
 run cargo test --locked --manifest-path examples/rapl/rust-component/Cargo.toml || status=1
 # Go's unit tests of the Go SDK's RAPL plugin, natively.

@@ -1,5 +1,5 @@
 /*
- * Reads the reference RAPL plugin's registers on a live VM and prints the
+ * Reads the synthetic RAPL demo plugin's registers on a live VM and prints the
  * answers that do not depend on time, then checks that the energy counter
  * advances. Every language's build must print the same lines.
  */

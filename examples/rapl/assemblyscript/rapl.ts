@@ -1,5 +1,5 @@
-// The reference RAPL plugin in AssemblyScript: the same answers as
-// plugins/rapl.wat, checked by tests/conformance.rs.
+// The synthetic RAPL demo plugin in AssemblyScript: the same answers as
+// plugins/synthetic_rapl.wat, checked by tests/conformance.rs.
 // Build: see guest-sdk/assemblyscript/README.md.
 import { CLAIM_END, FAULT, HANDLED, PASS, claimRange, config, nowNs, reply } from "../../../guest-sdk/assemblyscript/msrwasm";
 

@@ -1,5 +1,5 @@
 /*
- * The reference RAPL plugin in C: the same answers as plugins/rapl.wat,
+ * The synthetic RAPL demo plugin in C: the same answers as plugins/synthetic_rapl.wat,
  * checked by tests/conformance.rs. Build: see guest-sdk/c/README.md.
  */
 #include "msrwasm.h"

@@ -1,4 +1,4 @@
-// The reference RAPL plugin in Go: the same answers as plugins/rapl.wat.
+// The synthetic RAPL demo plugin in Go: the same answers as plugins/synthetic_rapl.wat.
 // Build: see guest-sdk/go/README.md. Go cannot embed the msrwasm.meta
 // custom section; add it afterwards with `msrwasm meta rapl.wasm --set ...`.
 package main

@@ -1,5 +1,5 @@
-// The reference RAPL plugin in JavaScript, as a WebAssembly component:
-// the same answers as plugins/rapl.wat. Build: see guest-sdk/javascript/README.md.
+// The synthetic RAPL demo plugin in JavaScript, as a WebAssembly component:
+// the same answers as plugins/synthetic_rapl.wat. Build: see guest-sdk/javascript/README.md.
 import { PASS, WRITE_FAULT, claims, config, nowNs, refuse, value } from '../../../guest-sdk/javascript/msrwasm.js';
 
 const U64 = (x) => BigInt.asUintN(64, x);

@@ -1,5 +1,5 @@
-"""The reference RAPL plugin in Python, as a WebAssembly component: the same
-answers as plugins/rapl.wat. Build: see guest-sdk/python/README.md."""
+"""The synthetic RAPL demo plugin in Python, as a WebAssembly component: the same
+answers as plugins/synthetic_rapl.wat. Build: see guest-sdk/python/README.md."""
 import msrwasm
 from msrwasm import U64
 

@@ -1,4 +1,4 @@
-//! The reference RAPL plugin in Zig: the same answers as plugins/rapl.wat,
+//! The synthetic RAPL demo plugin in Zig: the same answers as plugins/synthetic_rapl.wat,
 //! checked by tests/conformance.rs. Build: see guest-sdk/zig/README.md.
 const msr = @import("msrwasm");
 

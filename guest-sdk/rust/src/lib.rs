@@ -185,6 +185,31 @@ mod imp {
         // SAFETY: as in `get_config`.
         unsafe { log(level, message.as_ptr() as i32, message.len() as i32) }
     }
+
+    #[link(wasm_import_module = "msr_energy_v1")]
+    unsafe extern "C" {
+        fn domains() -> i32;
+        fn energy_uj(domain: i32, who: i32) -> i64;
+        fn cpu_ns(who: i32) -> i64;
+        fn sampled_ns() -> i64;
+    }
+
+    pub fn get_domains() -> i32 {
+        // SAFETY: a host import without arguments.
+        unsafe { domains() }
+    }
+    pub fn get_energy_uj(domain: i32, who: i32) -> i64 {
+        // SAFETY: a host import taking plain integers.
+        unsafe { energy_uj(domain, who) }
+    }
+    pub fn get_cpu_ns(who: i32) -> i64 {
+        // SAFETY: a host import taking a plain integer.
+        unsafe { cpu_ns(who) }
+    }
+    pub fn get_sampled_ns() -> i64 {
+        // SAFETY: a host import without arguments.
+        unsafe { sampled_ns() }
+    }
 }
 
 /// Host stand-ins for unit tests run natively (`cargo test`), one per
@@ -203,6 +228,9 @@ mod imp {
         pub config: HashMap<String, i64>,
         pub state: HashMap<i32, i64>,
         pub logs: Vec<(i32, String)>,
+        /// (domain, who) -> µJ; (-1, who) -> CPU ns.
+        pub energy: HashMap<(i32, i32), i64>,
+        pub sampled_ns: i64,
     }
 
     impl Host {
@@ -214,6 +242,8 @@ mod imp {
                 config: HashMap::new(),
                 state: HashMap::new(),
                 logs: Vec::new(),
+                energy: HashMap::new(),
+                sampled_ns: 0,
             }
         }
     }
@@ -255,6 +285,22 @@ mod imp {
     pub fn put_log(level: i32, message: &str) {
         std::eprintln!("[plugin log, level {level}] {message}");
         with(|h| h.logs.push((level, message.into())));
+    }
+    pub fn get_domains() -> i32 {
+        with(|h| {
+            (0..4)
+                .filter(|d| h.energy.contains_key(&(*d, -1)))
+                .fold(0, |m, d| m | 1 << d)
+        })
+    }
+    pub fn get_energy_uj(domain: i32, who: i32) -> i64 {
+        with(|h| h.energy.get(&(domain, who)).copied().unwrap_or(-1))
+    }
+    pub fn get_cpu_ns(who: i32) -> i64 {
+        with(|h| h.energy.get(&(-1, who)).copied().unwrap_or(-1))
+    }
+    pub fn get_sampled_ns() -> i64 {
+        with(|h| h.sampled_ns)
     }
 }
 
@@ -328,6 +374,72 @@ pub mod state {
     }
 }
 
+/// Host energy (import module `msr_energy_v1`), for plugins the manifest
+/// grants it (`grants = ["energy"]`; without the grant the plugin is
+/// refused at load). Every value comes from one sample the host takes on
+/// its own schedule (every 100 ms by default), and one call reads one
+/// sample. Energy is in microjoules since the host started sampling, never
+/// decreasing; a VM's or vCPU's share is attributed by its share of the
+/// host's busy CPU time in each sampling period.
+pub mod energy {
+    /// A RAPL domain, summed over the host's sockets.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Domain {
+        /// The whole socket.
+        Package = 0,
+        /// The cores (Intel PP0; AMD core energy).
+        Core = 1,
+        /// Uncore/graphics (Intel PP1).
+        Uncore = 2,
+        /// Memory.
+        Dram = 3,
+    }
+
+    /// Whose energy or CPU time.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Who {
+        /// The whole host.
+        Host,
+        /// This VM: its vCPUs together.
+        Vm,
+        /// One vCPU, by index.
+        Vcpu(u32),
+    }
+
+    impl Who {
+        pub(crate) fn raw(self) -> i32 {
+            match self {
+                Who::Host => -1,
+                Who::Vm => -2,
+                Who::Vcpu(n) => n.min(i32::MAX as u32) as i32,
+            }
+        }
+    }
+
+    /// Whether the host has `domain`.
+    pub fn has(domain: Domain) -> bool {
+        super::imp::get_domains() & (1 << domain as i32) != 0
+    }
+
+    /// Energy of `domain` for `who`, µJ; `None` for a domain the host lacks
+    /// or a vCPU whose thread the host has not seen yet.
+    pub fn energy_uj(domain: Domain, who: Who) -> Option<u64> {
+        let v = super::imp::get_energy_uj(domain as i32, who.raw());
+        (v >= 0).then_some(v as u64)
+    }
+
+    /// CPU time of `who`, ns (the host: its busy time over all CPUs).
+    pub fn cpu_ns(who: Who) -> Option<u64> {
+        let v = super::imp::get_cpu_ns(who.raw());
+        (v >= 0).then_some(v as u64)
+    }
+
+    /// When the sample was taken, on the clock of [`now_ns`](crate::now_ns).
+    pub fn sampled_ns() -> u64 {
+        super::imp::get_sampled_ns() as u64
+    }
+}
+
 /// The host, as seen by plugin code built natively for unit tests
 /// (`cargo test`; not in the wasm build): set what the `msr.*` imports
 /// return and read what the plugin logged.
@@ -341,6 +453,22 @@ pub mod testing {
     use super::{Level, Reason, imp};
     use std::string::String;
     use std::vec::Vec;
+
+    /// What [`energy::energy_uj`](crate::energy::energy_uj) returns for
+    /// `domain` and `who` (setting the host's also makes the domain present).
+    pub fn set_energy_uj(domain: crate::energy::Domain, who: crate::energy::Who, uj: u64) {
+        imp::with(|h| h.energy.insert((domain as i32, who.raw()), uj as i64));
+    }
+
+    /// What [`energy::cpu_ns`](crate::energy::cpu_ns) returns for `who`.
+    pub fn set_cpu_ns(who: crate::energy::Who, ns: u64) {
+        imp::with(|h| h.energy.insert((-1, who.raw()), ns as i64));
+    }
+
+    /// What [`energy::sampled_ns`](crate::energy::sampled_ns) returns.
+    pub fn set_sampled_ns(ns: u64) {
+        imp::with(|h| h.sampled_ns = ns as i64);
+    }
 
     /// What [`vcpu`](crate::vcpu) returns.
     pub fn set_vcpu(vcpu: u32) {

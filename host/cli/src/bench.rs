@@ -591,6 +591,32 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
     })
 }
 
+/// How `msrwasm bench --plugin FILE...` runs each plugin.
+#[derive(Clone, Debug)]
+pub struct PluginBench {
+    /// Manifest `memory_max_kib` and `timeout_us` of each plugin.
+    pub memory_max_kib: u64,
+    pub timeout_us: u64,
+    /// The MSR read in the dispatch measurement.
+    pub msr: u32,
+    /// Synthetic exits per dispatch round.
+    pub dispatches: u64,
+    /// Versions swapped into a running VM (0: skip).
+    pub reload_swaps: usize,
+    /// Grant every plugin host energy, read from here.
+    pub energy: Option<msrwasm::EnergyOptions>,
+}
+
+impl PluginBench {
+    fn spec(&self, file: &std::path::Path) -> PolicySpec {
+        let mut spec = PolicySpec::from_paths(&[file.to_owned()], Unhandled::Ignore);
+        spec.plugins[0].memory_max_kib = self.memory_max_kib;
+        spec.plugins[0].timeout_us = self.timeout_us;
+        spec.plugins[0].energy = self.energy.is_some();
+        spec
+    }
+}
+
 /// What `msrwasm bench --plugin FILE...` measures of each plugin.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct PluginFigures {
@@ -669,22 +695,25 @@ fn rss_kib() -> f64 {
 /// are swapped into a 2-vCPU VM whose vCPUs exit continuously.
 pub fn plugins(
     files: &[std::path::PathBuf],
-    memory_max_kib: u64,
-    timeout_us: u64,
-    msr: u32,
-    dispatches: u64,
-    reload_swaps: usize,
+    how: &PluginBench,
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<PluginFigures>, BenchError> {
+    let PluginBench {
+        msr,
+        dispatches,
+        reload_swaps,
+        ..
+    } = *how;
     let mut rows = Vec::new();
     for file in files {
         progress(&format!("{}: loading", file.display()));
         let bytes = msrwasm::tools::read_plugin_file(file)?;
-        let mut spec = PolicySpec::from_paths(std::slice::from_ref(file), Unhandled::Ignore);
-        spec.plugins[0].memory_max_kib = memory_max_kib;
-        spec.plugins[0].timeout_us = timeout_us;
+        let spec = how.spec(file);
         let build = |cache: Option<&std::path::Path>| -> Result<(Engine, f64), BenchError> {
             let mut builder = Engine::builder().filter(RecordingFilter::default());
+            if let Some(energy) = &how.energy {
+                builder = builder.energy(energy.clone());
+            }
             if let Some(dir) = cache {
                 builder = builder.cache_dir(dir);
             }
@@ -726,7 +755,7 @@ pub fn plugins(
             0 => None,
             n => {
                 progress(&format!("{}: {n} reloads on 2 busy vCPUs", file.display()));
-                Some(reload_switch(file, &bytes, memory_max_kib, timeout_us, n)?)
+                Some(reload_switch(file, &bytes, how)?)
             }
         };
         rows.push(PluginFigures {
@@ -750,13 +779,8 @@ pub fn plugins(
 /// Swaps `swaps` new versions of `bytes` (differing only in their
 /// `msrwasm.meta` version) into a 2-vCPU VM running the forever guest;
 /// returns the longest switch any vCPU saw, ms.
-fn reload_switch(
-    file: &std::path::Path,
-    bytes: &[u8],
-    memory_max_kib: u64,
-    timeout_us: u64,
-    swaps: usize,
-) -> Result<f64, BenchError> {
+fn reload_switch(file: &std::path::Path, bytes: &[u8], how: &PluginBench) -> Result<f64, BenchError> {
+    let swaps = how.reload_swaps;
     let dir = tempfile::Builder::new().prefix("msrwasm-bench-reload-").tempdir()?;
     let binary = msrwasm::tools::to_binary(file, bytes)?;
     let version = |k: usize| -> Result<Vec<u8>, BenchError> {
@@ -770,10 +794,10 @@ fn reload_switch(
     let plugin = dir.path().join("plugin.wasm");
     std::fs::write(&plugin, version(0)?)?;
     std::fs::write(dir.path().join("forever.elf"), FOREVER_GUEST)?;
-    let mut spec = PolicySpec::from_paths(std::slice::from_ref(&plugin), Unhandled::Ignore);
-    spec.plugins[0].memory_max_kib = memory_max_kib;
-    spec.plugins[0].timeout_us = timeout_us;
-    let mut config = VmConfig::new(dir.path().join("forever.elf"), spec);
+    let mut config = VmConfig::new(dir.path().join("forever.elf"), how.spec(&plugin));
+    if let Some(energy) = &how.energy {
+        config.energy = energy.clone();
+    }
     config.vcpus = 2;
     config.mem_mib = 16;
     config.serial = Box::new(std::io::sink());

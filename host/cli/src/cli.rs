@@ -223,6 +223,10 @@ struct PluginLimits {
     /// `init_timeout_us`; default 100 x timeout_us).
     #[arg(long)]
     init_timeout_us: Option<u64>,
+    /// Grant a host capability (manifest `grants`): `energy`, read from
+    /// this host's /sys/class/powercap (docs/energy.md). Repeatable.
+    #[arg(long = "grant", value_parser = ["energy"])]
+    grants: Vec<String>,
 }
 
 impl PluginLimits {
@@ -261,6 +265,7 @@ impl PluginLimits {
         if let Some(v) = self.init_timeout_us {
             settings.init_timeout_us = Some(v.clamp(1, 10_000_000));
         }
+        settings.energy |= self.grants.iter().any(|g| g == "energy");
         Ok(settings)
     }
 
@@ -354,6 +359,17 @@ struct BenchArgs {
     /// Versions of each --plugin swapped into a running VM (0: skip).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=100))]
     reload_swaps: u64,
+    /// Grant every --plugin host energy (manifest `grants = ["energy"]`),
+    /// read from --powercap and --proc-stat, so that a virtual RAPL is
+    /// measured on its real path (plugins/rapl with --msr 0x611).
+    #[arg(long, requires = "plugin")]
+    grant_energy: bool,
+    /// The powercap tree for --grant-energy.
+    #[arg(long, default_value = "/sys/class/powercap", requires = "grant_energy")]
+    powercap: PathBuf,
+    /// The CPU statistics for --grant-energy.
+    #[arg(long, default_value = "/proc/stat", requires = "grant_energy")]
+    proc_stat: PathBuf,
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
@@ -415,6 +431,17 @@ struct RunArgs {
     /// stays.
     #[arg(long)]
     no_watch: bool,
+    /// The powercap tree host energy is read from, for plugins the
+    /// manifest grants `energy` (docs/energy.md).
+    #[arg(long, default_value = "/sys/class/powercap")]
+    powercap: PathBuf,
+    /// The kernel CPU statistics host busy time is read from.
+    #[arg(long, default_value = "/proc/stat")]
+    proc_stat: PathBuf,
+    /// How often host energy is sampled, milliseconds (10 to 10000): the
+    /// finest time step a guest can see in its energy counters.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    energy_period_ms: u64,
     /// The guest image.
     guest: PathBuf,
 }
@@ -576,6 +603,11 @@ fn run(args: RunArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
     config.name = name;
     config.metrics_addr = args.metrics_addr;
     config.metrics_sd_dir = args.metrics_sd_dir;
+    config.energy = msrwasm::EnergyOptions {
+        powercap: args.powercap,
+        proc_stat: args.proc_stat,
+        period: std::time::Duration::from_millis(args.energy_period_ms),
+    };
     run_vm(runner::Vm::new(config)?, None)
 }
 
@@ -618,15 +650,19 @@ fn parse_msr(s: &str) -> Result<u32, String> {
 
 fn bench(args: BenchArgs) -> Result<i32> {
     if !args.plugin.is_empty() {
-        let rows = crate::bench::plugins(
-            &args.plugin,
-            args.memory_max_kib,
-            args.timeout_us,
-            args.msr,
-            args.dispatches.min(1_000_000),
-            args.reload_swaps as usize,
-            |what| err!("msrwasm bench: {what}"),
-        )?;
+        let how = crate::bench::PluginBench {
+            memory_max_kib: args.memory_max_kib,
+            timeout_us: args.timeout_us,
+            msr: args.msr,
+            dispatches: args.dispatches.min(1_000_000),
+            reload_swaps: args.reload_swaps as usize,
+            energy: args.grant_energy.then(|| msrwasm::EnergyOptions {
+                powercap: args.powercap.clone(),
+                proc_stat: args.proc_stat.clone(),
+                ..msrwasm::EnergyOptions::default()
+            }),
+        };
+        let rows = crate::bench::plugins(&args.plugin, &how, |what| err!("msrwasm bench: {what}"))?;
         if args.json {
             out!("{}\n", serde_json::to_string_pretty(&rows)?);
         } else {

@@ -18,7 +18,7 @@ use crate::runner::{SerialOut, VmConfig};
 /// The demo guest (assembled from `host/cli/guests/demo.S` at build time).
 pub const GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
 /// The built-in plugins, as WAT text (compiled by the host at load).
-pub const RAPL_WAT: &str = include_str!("../../../plugins/rapl.wat");
+pub const RAPL_WAT: &str = include_str!("../../../plugins/synthetic_rapl.wat");
 /// MSR_CORE_THREAD_COUNT.
 pub const TOPOLOGY_WAT: &str = include_str!("../../../plugins/topology.wat");
 /// The topology version swapped in midway: SMT hidden.
@@ -58,7 +58,7 @@ threads = 4
 
 [[plugin]]
 name = "rapl"
-path = "rapl.wat"
+path = "synthetic_rapl.wat"
 [plugin.config]
 tdp_watts = 95
 
@@ -97,7 +97,7 @@ impl Demo {
             })?;
         let files: [(&str, &[u8]); 5] = [
             ("demo.elf", GUEST),
-            ("rapl.wat", RAPL_WAT.as_bytes()),
+            ("synthetic_rapl.wat", RAPL_WAT.as_bytes()),
             ("topology.wat", TOPOLOGY_WAT.as_bytes()),
             ("gate.wat", GATE_WAT.as_bytes()),
             ("demo.toml", MANIFEST.as_bytes()),

@@ -210,12 +210,12 @@ fn guests_writes_the_built_in_images() {
 #[test]
 fn check_reports_and_fails_on_refused_plugins() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    let rapl = format!("{root}/plugins/rapl.wat");
+    let rapl = format!("{root}/plugins/synthetic_rapl.wat");
     let o = msrwasm(&["check", &rapl]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}{}", stderr(&o));
     for line in [
-        "rapl.wat: ok",
+        "synthetic_rapl.wat: ok",
         "claims:   0x606, 0x610-0x614",
         "init:     ok",
         "meta:     name = rapl",
@@ -245,7 +245,7 @@ fn check_reports_and_fails_on_refused_plugins() {
 #[test]
 fn test_runs_a_case_script_without_kvm() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    let rapl = format!("{root}/plugins/rapl.wat");
+    let rapl = format!("{root}/plugins/synthetic_rapl.wat");
     let case = format!("{root}/tests/conformance/rapl.case");
     let o = msrwasm(&["test", &rapl, "--case", &case]);
     let out = String::from_utf8_lossy(&o.stdout);

@@ -33,7 +33,7 @@ fn text(o: &Output) -> String {
 }
 
 fn rapl() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins/rapl.wat")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins/synthetic_rapl.wat")
 }
 
 #[test]

@@ -34,10 +34,18 @@ pub(crate) struct Live {
     pub(crate) events: Fanout,
     pub(crate) stats: Arc<Stats>,
     time_calls: bool,
+    /// Where each dispatcher records its thread (host energy attribution).
+    threads: Arc<crate::energy::VcpuThreads>,
 }
 
 impl Live {
-    pub(crate) fn new(policy: Policy, events: Fanout, stats: Arc<Stats>, time_calls: bool) -> Self {
+    pub(crate) fn new(
+        policy: Policy,
+        events: Fanout,
+        stats: Arc<Stats>,
+        time_calls: bool,
+        threads: Arc<crate::energy::VcpuThreads>,
+    ) -> Self {
         Self {
             generation: AtomicU64::new(policy.generation()),
             current: RwLock::new(Arc::new(policy)),
@@ -46,6 +54,7 @@ impl Live {
             events,
             stats,
             time_calls,
+            threads,
         }
     }
 
@@ -161,6 +170,8 @@ pub struct Dispatcher {
     stats: StatsSink,
     /// Plugin calls so far, for sampling which ones are timed.
     calls: u32,
+    /// The thread last recorded as this vCPU's (0: none yet).
+    bound_tid: u32,
 }
 
 /// With call timing on, one plugin call in this many is timed (reading the
@@ -193,6 +204,7 @@ impl Dispatcher {
             live,
             stats,
             calls: 0,
+            bound_tid: 0,
         }
     }
 
@@ -218,6 +230,7 @@ impl Dispatcher {
         if self.live.generation() != self.policy.generation() {
             self.switch();
         }
+        self.live.threads.bind(self.vcpu, &mut self.bound_tid);
         let mine = self.mine.get_mut();
         for (slot, plugin) in mine.instances.iter_mut().zip(self.policy.chain()) {
             if slot.is_none() {
@@ -230,6 +243,7 @@ impl Dispatcher {
     /// Decides one deflected access: the claiming plugins in chain order,
     /// then KVM's own handling for claimed MSRs, then `unhandled`.
     pub fn handle(&mut self, access: Access, kvm: &mut dyn KvmMsrs) -> Outcome<'_> {
+        self.live.threads.bind(self.vcpu, &mut self.bound_tid);
         let switch_started = (self.live.generation() != self.policy.generation()).then(|| {
             let started = Instant::now();
             self.switch();

@@ -130,6 +130,14 @@ impl EngineBuilder {
         self
     }
 
+    /// Where host energy comes from for plugins the manifest grants it
+    /// (`grants = ["energy"]`): the powercap tree, `/proc/stat` and the
+    /// sampling period (default: the system's, every 100 ms).
+    pub fn energy(mut self, options: crate::EnergyOptions) -> Self {
+        self.options.energy = options;
+        self
+    }
+
     /// Adds an event sink.
     pub fn events(mut self, events: Arc<dyn Events>) -> Self {
         self.events.push(events);
@@ -198,7 +206,7 @@ impl EngineBuilder {
                 Some(dir) => ModuleCache::with_disk(dir, runtime.engine()),
                 None => ModuleCache::new(),
             },
-            live: Arc::new(Live::new(empty, events, stats, self.time_calls)),
+            live: Arc::new(Live::new(empty, events, stats, self.time_calls, runtime.vcpu_threads())),
             owner: Mutex::new(Owner {
                 spec: PolicySpec::default(),
                 plugins: Vec::new(),
@@ -242,7 +250,7 @@ enum Follow {
 /// ```no_run
 /// use msrwasm::{Access, Engine, ExitReason, NoKvm, PolicySpec, Reply, Unhandled};
 ///
-/// let spec = PolicySpec::from_paths(&["plugins/rapl.wat".into()], Unhandled::Gp);
+/// let spec = PolicySpec::from_paths(&["plugins/synthetic_rapl.wat".into()], Unhandled::Gp);
 /// // A real VMM passes its filter: .filter(msrwasm::kvm::KvmFilter::new(&kvm, &vm, vec![])?)
 /// let engine = Engine::builder().filter(msrwasm::filter::RecordingFilter::default()).build(spec)?;
 /// let mut vcpu0 = engine.dispatcher(0);

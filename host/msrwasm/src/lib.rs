@@ -86,6 +86,7 @@ pub mod api;
 #[cfg(feature = "tools")]
 mod check;
 mod dispatch;
+mod energy;
 mod engine;
 mod events;
 mod files;
@@ -106,6 +107,7 @@ mod util;
 pub mod watch;
 
 pub use dispatch::Dispatcher;
+pub use energy::{EnergyError, EnergyOptions};
 pub use engine::{Engine, EngineBuilder, EngineError, PluginStatus, Status, UpdateError};
 pub use events::{CallResult, Cause, Events, Reload, VcpuEvents};
 pub use footprint::{Footprint, FootprintEntry};

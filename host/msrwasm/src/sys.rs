@@ -16,6 +16,36 @@ pub fn thread_cpu_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
+/// The CPU-time clock of the calling thread, readable from any thread of
+/// the process with [`clock_ns`] (while the thread lives).
+pub fn current_thread_clock() -> Option<libc::clockid_t> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `pthread_self()` is the calling thread, alive for the call;
+    // `clock` is a valid, writable clockid_t.
+    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+    (rc == 0).then_some(clock)
+}
+
+/// Reads `clock` (from [`current_thread_clock`]), nanoseconds; `None` once
+/// its thread has exited.
+pub fn clock_ns(clock: libc::clockid_t) -> Option<u64> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; an invalid or stale clock
+    // id makes the call fail with EINVAL, it writes nothing else.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (rc == 0).then(|| {
+        (ts.tv_sec as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(ts.tv_nsec as u64)
+    })
+}
+
+/// The calling thread's kernel id.
+pub fn gettid() -> u32 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    (unsafe { libc::gettid() }) as u32
+}
+
 /// Clears `O_NONBLOCK` on `fd`.
 pub fn set_blocking(fd: std::os::fd::RawFd) -> std::io::Result<()> {
     // SAFETY: fcntl with F_GETFL/F_SETFL on a descriptor the caller owns and

@@ -1,5 +1,5 @@
-//! The reference RAPL plugin as a WebAssembly component (WIT world
-//! `msrwasm:plugin/plugin`): the same answers as plugins/rapl.wat.
+//! The synthetic RAPL demo plugin as a WebAssembly component (WIT world
+//! `msrwasm:plugin/plugin`): the same answers as plugins/synthetic_rapl.wat.
 
 use msrwasm_component_sdk::{self as msr, MsrRange, Plugin, ReadResult, WriteResult, export_plugin};
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};

@@ -1,5 +1,5 @@
-//! The reference RAPL plugin in Rust: the same answers as
-//! plugins/rapl.wat, checked by tests/conformance.rs.
+//! The synthetic RAPL demo plugin in Rust: the same answers as
+//! plugins/synthetic_rapl.wat, checked by tests/conformance.rs.
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
 use msrwasm_sdk::{Decline, Plugin, config, export_plugin, now_ns, plugin_meta};

@@ -82,6 +82,8 @@ pub struct VmConfig {
     /// Announce the metrics endpoint in this Prometheus file-discovery
     /// directory (`--metrics-sd-dir`).
     pub metrics_sd_dir: Option<PathBuf>,
+    /// Where host energy comes from for plugins granted it.
+    pub energy: msrwasm::EnergyOptions,
 }
 
 impl VmConfig {
@@ -104,6 +106,7 @@ impl VmConfig {
             name: "vm".into(),
             metrics_addr: None,
             metrics_sd_dir: None,
+            energy: msrwasm::EnergyOptions::default(),
         }
     }
 }
@@ -374,7 +377,8 @@ impl Vm {
             .then(|| (Arc::new(msrwasm::Footprint::new()), config.footprint.clone()));
         let mut builder = Engine::builder()
             .filter(KvmFilter::new(&kvm, &vm, Vec::new())?)
-            .time_calls(config.time_calls || config.api_sock.is_some());
+            .time_calls(config.time_calls || config.api_sock.is_some())
+            .energy(config.energy.clone());
         if let Some(dir) = &config.cache_dir {
             builder = builder.cache_dir(dir);
         }

@@ -40,6 +40,15 @@ pub const IMPORTS: &[(&str, &str)] = &[
     ("log", "(i32, i32, i32) -> ()"),
 ];
 
+/// The host energy capability (module `msr_energy_v1`), for plugins the
+/// manifest grants it; `who` is -1 the host, -2 the VM, n >= 0 vCPU n.
+pub const ENERGY_IMPORTS: &[(&str, &str)] = &[
+    ("domains", "() -> i32"),
+    ("energy_uj", "(i32, i32) -> i64"),
+    ("cpu_ns", "(i32) -> i64"),
+    ("sampled_ns", "() -> i64"),
+];
+
 /// What a module offers, once its shape passed [`check_shape`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Shape {
@@ -130,20 +139,26 @@ pub fn check_shape(module: &Module) -> Result<Shape, String> {
             }
             continue;
         }
-        if module_name != IMPORT_MODULE {
+        let table = match module_name {
+            IMPORT_MODULE => IMPORTS,
+            super::imports::ENERGY_MODULE => ENERGY_IMPORTS,
+            _ => {
+                unsupported.push(format!("`{module_name}.{name}`"));
+                continue;
+            }
+        };
+        let Some((_, want)) = table.iter().find(|(n, _)| *n == name) else {
             unsupported.push(format!("`{module_name}.{name}`"));
-            continue;
-        }
-        let Some((_, want)) = IMPORTS.iter().find(|(n, _)| *n == name) else {
-            unsupported.push(format!("`msr.{name}`"));
             continue;
         };
         let ExternType::Func(ty) = import.ty() else {
-            return Err(format!("import `msr.{name}` must be a function {want}"));
+            return Err(format!("import `{module_name}.{name}` must be a function {want}"));
         };
         let got = signature(&ty);
         if got != *want {
-            return Err(format!("import `msr.{name}` has type {got}, ABI v1 defines {want}"));
+            return Err(format!(
+                "import `{module_name}.{name}` has type {got}, ABI v1 defines {want}"
+            ));
         }
         if name == "log" || name == "config" {
             needs_memory = Some(name);
@@ -151,7 +166,7 @@ pub fn check_shape(module: &Module) -> Result<Shape, String> {
     }
     if !unsupported.is_empty() {
         return Err(format!(
-            "imports {}, which the host does not provide (a core plugin may import `msr.*` ({}) and `wasi_snapshot_preview1.*`; nothing else: no file system, no network)",
+            "imports {}, which the host does not provide (a core plugin may import `msr.*` ({}), `msr_energy_v1.*` when granted, and `wasi_snapshot_preview1.*`; nothing else: no file system, no network)",
             unsupported.join(", "),
             import_names()
         ));

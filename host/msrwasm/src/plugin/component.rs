@@ -12,16 +12,19 @@ use super::imports::{CHEAP_NS, PluginCtx, STATE_NS, STRING_NS, charge, state_ref
 pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../../guest-sdk/wit",
-        world: "plugin",
+        world: "plugin-energy",
         imports: { default: trappable },
     });
 }
 
 use bindings::exports::msrwasm::plugin::handler::{ReadResult, WriteResult};
+use bindings::msrwasm::plugin::energy::{Domain, Who};
 use bindings::msrwasm::plugin::host::{ExitReason, Host, Level};
 
 /// The interface a component must import (the only non-WASI one).
 pub const HOST_INTERFACE: &str = "msrwasm:plugin/host@1.0.0";
+/// The host energy interface, for components the manifest grants it.
+pub const ENERGY_INTERFACE: &str = "msrwasm:plugin/energy@1.0.0";
 /// The interface a component must export.
 pub const HANDLER_INTERFACE: &str = "msrwasm:plugin/handler@1.0.0";
 
@@ -80,6 +83,39 @@ impl Host for PluginCtx {
     }
 }
 
+/// `who` as the core ABI's integer.
+fn who(w: Who) -> i32 {
+    match w {
+        Who::Host => -1,
+        Who::Vm => -2,
+        Who::Vcpu(n) => i32::try_from(n).unwrap_or(i32::MAX),
+    }
+}
+
+impl bindings::msrwasm::plugin::energy::Host for PluginCtx {
+    fn domains(&mut self) -> wasmtime::Result<u32> {
+        Ok(self.energy()?.domains() as u32)
+    }
+
+    fn energy_uj(&mut self, domain: Domain, w: Who) -> wasmtime::Result<Option<u64>> {
+        let d = match domain {
+            Domain::Package => 0,
+            Domain::Core => 1,
+            Domain::Uncore => 2,
+            Domain::Dram => 3,
+        };
+        Ok(self.energy()?.energy_uj(d, who(w)))
+    }
+
+    fn cpu_ns(&mut self, w: Who) -> wasmtime::Result<Option<u64>> {
+        Ok(self.energy()?.cpu_ns(who(w)))
+    }
+
+    fn sampled_ns(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.energy()?.at_ns)
+    }
+}
+
 /// The same string bound as the core ABI's (a plugin error).
 fn too_long(s: &str, what: &str) -> wasmtime::Result<()> {
     match s.len() > super::imports::MAX_STRING {
@@ -96,7 +132,7 @@ fn too_long(s: &str, what: &str) -> wasmtime::Result<()> {
 /// WASI 0.2.
 pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<PluginCtx>> {
     let mut linker = Linker::new(engine);
-    bindings::Plugin::add_to_linker::<PluginCtx, HasSelf<PluginCtx>>(&mut linker, |ctx| ctx)?;
+    bindings::PluginEnergy::add_to_linker::<PluginCtx, HasSelf<PluginCtx>>(&mut linker, |ctx| ctx)?;
     super::wasi::add_p2(&mut linker)?;
     Ok(linker)
 }
@@ -109,7 +145,7 @@ pub(super) fn interface(engine: &Engine, component: &Component) -> (Vec<String>,
     let exports: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_owned()).collect();
     let unsupported = imports
         .iter()
-        .filter(|i| i.as_str() != HOST_INTERFACE && !super::wasi::p2_supported(i))
+        .filter(|i| *i != HOST_INTERFACE && *i != ENERGY_INTERFACE && !super::wasi::p2_supported(i))
         .cloned()
         .collect();
     (imports, exports, unsupported)
@@ -118,7 +154,7 @@ pub(super) fn interface(engine: &Engine, component: &Component) -> (Vec<String>,
 /// One vCPU's instance of a component plugin.
 pub(super) struct Instance {
     pub store: Store<PluginCtx>,
-    pub plugin: bindings::Plugin,
+    pub plugin: bindings::PluginEnergy,
 }
 
 impl Instance {

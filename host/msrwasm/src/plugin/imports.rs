@@ -151,6 +151,11 @@ pub struct PluginCtx {
     pub(super) wasi: Option<super::wasi::WasiState>,
     /// `wasi_snapshot_preview1` (core modules importing it).
     pub(super) wasi_p1: Option<Box<wasmtime_wasi::p1::WasiP1Ctx>>,
+    /// The energy sampler, for a plugin granted it.
+    pub(super) energy: Option<Arc<crate::energy::EnergyHub>>,
+    /// The sample the running call reads (taken at its first energy call,
+    /// so that one call sees one consistent sample).
+    sample: Option<Arc<crate::energy::Snapshot>>,
 }
 
 impl PluginCtx {
@@ -181,6 +186,8 @@ impl PluginCtx {
             limits,
             wasi: None,
             wasi_p1: None,
+            energy: None,
+            sample: None,
         }
     }
 
@@ -188,6 +195,7 @@ impl PluginCtx {
         self.reason = reason;
         self.in_rdmsr = rdmsr;
         self.reply = None;
+        self.sample = None;
     }
 
     /// Ends a call; returns what `msr.reply` left.
@@ -220,7 +228,20 @@ impl PluginCtx {
     pub(super) fn state(&self) -> &StateScope {
         &self.state
     }
+
+    /// The energy sample of the running call; an error if the plugin was
+    /// not granted energy (the load check makes that unreachable).
+    pub(super) fn energy(&mut self) -> wasmtime::Result<&crate::energy::Snapshot> {
+        charge(self, CHEAP_NS)?;
+        let Some(hub) = &self.energy else {
+            return Err(wasmtime::Error::msg("host energy is not granted to this plugin"));
+        };
+        Ok(self.sample.get_or_insert_with(|| hub.snapshot()))
+    }
 }
+
+/// The core module of the host energy capability.
+pub(super) const ENERGY_MODULE: &str = "msr_energy_v1";
 
 /// What one store may hold: linear memory in total (all memories of a
 /// component together), table elements, and how many memories, tables and
@@ -374,6 +395,22 @@ pub(super) fn core_linker(engine: &Engine) -> wasmtime::Result<Linker<PluginCtx>
             Ok(c.data().config(&name).unwrap_or(default))
         },
     )?;
+    l.func_wrap(ENERGY_MODULE, "domains", |mut c: Caller<'_, PluginCtx>| {
+        Ok(c.data_mut().energy()?.domains())
+    })?;
+    l.func_wrap(
+        ENERGY_MODULE,
+        "energy_uj",
+        |mut c: Caller<'_, PluginCtx>, domain: i32, who: i32| {
+            Ok(c.data_mut().energy()?.energy_uj(domain, who).map_or(-1, |v| v as i64))
+        },
+    )?;
+    l.func_wrap(ENERGY_MODULE, "cpu_ns", |mut c: Caller<'_, PluginCtx>, who: i32| {
+        Ok(c.data_mut().energy()?.cpu_ns(who).map_or(-1, |v| v as i64))
+    })?;
+    l.func_wrap(ENERGY_MODULE, "sampled_ns", |mut c: Caller<'_, PluginCtx>| {
+        Ok(c.data_mut().energy()?.at_ns as i64)
+    })?;
     l.func_wrap(
         "msr",
         "log",

@@ -67,6 +67,10 @@ pub struct PluginSettings {
     /// The registry artifact `path` came from (`path = "oci://..."`); until
     /// the engine fetches it, `path` holds the reference text.
     pub source: Option<crate::oci::OciSource>,
+    /// The manifest grants host energy (`grants = ["energy"]`): the plugin
+    /// may import `msr_energy_v1` (core) or `msrwasm:plugin/energy`
+    /// (component), and the host samples energy while it is loaded.
+    pub energy: bool,
 }
 
 impl PluginSettings {
@@ -88,6 +92,7 @@ impl PluginSettings {
             sha256: None,
             config: BTreeMap::new(),
             source: None,
+            energy: false,
         }
     }
 
@@ -177,6 +182,27 @@ pub enum LoadError {
         #[source]
         source: WasmError,
     },
+    /// The plugin imports a host capability the manifest does not grant it.
+    #[error("plugin {}: imports {capability}, which the manifest does not grant plugin `{name}` (add grants = [\"{grant}\"] to its [[plugin]] entry)", path.display())]
+    NotGranted {
+        /// The file.
+        path: PathBuf,
+        /// The plugin's name.
+        name: String,
+        /// What it imports.
+        capability: &'static str,
+        /// The grant that allows it.
+        grant: &'static str,
+    },
+    /// Granted host energy, which the host cannot read.
+    #[error("plugin {}: granted host energy, which this host cannot give", path.display())]
+    Energy {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::energy::EnergyError,
+    },
     /// The claim list is malformed.
     #[error("plugin {}: claim(): {reason}", path.display())]
     Claim {
@@ -206,6 +232,8 @@ pub struct Plugin {
     health: health::Health,
     #[cfg_attr(not(feature = "tools"), allow(dead_code))]
     meta: Option<meta::Meta>,
+    /// The energy sampler, for a plugin granted it.
+    energy: Option<Arc<crate::energy::EnergyHub>>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -221,7 +249,7 @@ impl std::fmt::Debug for Plugin {
 enum Compiled {
     Core(InstancePre<PluginCtx>),
     Component {
-        pre: component::bindings::PluginPre<PluginCtx>,
+        pre: component::bindings::PluginEnergyPre<PluginCtx>,
         #[cfg_attr(not(feature = "tools"), allow(dead_code))]
         imports: Vec<String>,
         #[cfg_attr(not(feature = "tools"), allow(dead_code))]
@@ -309,8 +337,17 @@ impl Plugin {
             ),
         };
         let meta = meta::read(&binary).map_err(abi_err)?;
+        let not_granted = |capability| LoadError::NotGranted {
+            path: path.clone(),
+            name: settings.name.clone(),
+            capability,
+            grant: "energy",
+        };
         let (compiled, shape, flavour) = match &artifact {
             Artifact::Module(module) => {
+                if !settings.energy && module.imports().any(|i| i.module() == imports::ENERGY_MODULE) {
+                    return Err(not_granted("host energy (`msr_energy_v1`)"));
+                }
                 let shape = abi::check_shape(module).map_err(abi_err)?;
                 let pre = runtime
                     .linker()
@@ -320,6 +357,9 @@ impl Plugin {
             }
             Artifact::Component(c) => {
                 let (imports, exports, unsupported) = component::interface(engine, c);
+                if !settings.energy && imports.iter().any(|i| i == component::ENERGY_INTERFACE) {
+                    return Err(not_granted("host energy (`msrwasm:plugin/energy@1.0.0`)"));
+                }
                 if !unsupported.is_empty() {
                     return Err(abi_err(format!(
                         "imports {}, which the host does not provide (a component plugin may import `{}` and WASI 0.2 interfaces, served deny-by-default; not wasi:http, nothing else)",
@@ -340,7 +380,7 @@ impl Plugin {
                 let pre = runtime
                     .component_linker()
                     .instantiate_pre(c)
-                    .and_then(component::bindings::PluginPre::new)
+                    .and_then(component::bindings::PluginEnergyPre::new)
                     .map_err(|e| abi_err(wasm_error_text(&e)))?;
                 (
                     Compiled::Component { pre, imports, exports },
@@ -355,8 +395,16 @@ impl Plugin {
                 )
             }
         };
+        let energy = match settings.energy {
+            true => Some(runtime.energy().map_err(|source| LoadError::Energy {
+                path: path.clone(),
+                source,
+            })?),
+            false => None,
+        };
         let name: Arc<str> = settings.name.as_str().into();
         let mut plugin = Self {
+            energy,
             info: PluginInfo {
                 name: settings.name.clone(),
                 path: settings.path.clone(),
@@ -502,6 +550,7 @@ impl Plugin {
             limits,
             init_budget,
         );
+        ctx.energy = self.energy.clone();
         if component {
             ctx.wasi = Some(wasi::WasiState {
                 ctx: wasi::context(&ctx.log).build(),

@@ -84,6 +84,7 @@ struct RawPlugin {
     sha256: Option<Spanned<String>>,
     pull_policy: Option<Spanned<crate::oci::PullPolicy>>,
     poll_s: Option<Spanned<i64>>,
+    grants: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     config: BTreeMap<String, i64>,
 }
@@ -292,6 +293,20 @@ impl PolicySpec {
                 crate::oci::MAX_POLL_S as i64,
                 crate::oci::DEFAULT_POLL_S,
             )?;
+            let mut energy = false;
+            for g in p.grants.iter().flat_map(|g| g.get_ref()) {
+                match g.get_ref().as_str() {
+                    "energy" => energy = true,
+                    other => {
+                        return Err(err(
+                            Some(g.span()),
+                            format!(
+                                "key `plugin.grants` of plugin `{name}`: unknown grant `{other}` (known: `energy`)"
+                            ),
+                        ));
+                    }
+                }
+            }
             let source = source.map(|reference| crate::oci::OciSource {
                 reference,
                 pull_policy,
@@ -308,6 +323,7 @@ impl PolicySpec {
                 sha256,
                 config: p.config,
                 source,
+                energy,
             });
         }
         Ok(Self {

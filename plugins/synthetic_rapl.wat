@@ -1,5 +1,8 @@
-;; rapl.wat: Intel RAPL package power telemetry for guests that read it
-;; (turbostat, powercap, energy-aware schedulers), which KVM does not model.
+;; synthetic_rapl.wat: a DEMONSTRATION of Intel's RAPL registers, not
+;; telemetry: the package energy counter advances with host time at a
+;; configured TDP, whatever the host or the guest really consume. It needs no
+;; host access, so guests that probe RAPL (turbostat, powercap) see a sane
+;; package. For real energy, use plugins/rapl/ (docs/energy.md).
 ;;
 ;;   0x606 MSR_RAPL_POWER_UNIT    power 1/8 W, energy 2^-14 J, time 2^-10 s
 ;;   0x610 MSR_PKG_POWER_LIMIT    PL1 = tdp_watts, enabled
@@ -13,7 +16,7 @@
 ;;
 ;; Config: tdp_watts (default 65).
 (module
-  (@custom "msrwasm.meta" "name = \"rapl\"\nversion = \"1.0.0\"\ndescription = \"RAPL package power telemetry\"\nauthor = \"msrwasm\"\n")
+  (@custom "msrwasm.meta" "name = \"rapl\"\nversion = \"1.0.0\"\ndescription = \"Synthetic RAPL (demo: TDP x time, not telemetry)\"\nauthor = \"msrwasm\"\n")
   (import "msr" "reply" (func $reply (param i64)))
   (import "msr" "now_ns" (func $now_ns (result i64)))
   (import "msr" "config" (func $config (param i32 i32 i64) (result i64)))
