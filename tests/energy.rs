@@ -208,6 +208,64 @@ fn components_read_energy_through_the_wit_interface_when_granted() {
     }
 }
 
+/// Two VMs on one shared runtime: each sees its own vCPUs only (a busy
+/// vCPU 0 of one is not the other's vCPU 0).
+#[test]
+fn vms_sharing_a_runtime_keep_their_vcpus_apart() {
+    let wasm = msrwasm_tests::build_rust_component("tests/plugins/energy_component", "energy_component");
+    let host = FakeHost::start();
+    let runtime = msrwasm::tools::Runtime::shared();
+    let (_d, spec) = manifest(&format!(
+        "[[plugin]]\nname = \"e\"\npath = \"{}\"\ngrants = [\"energy\"]\n",
+        wasm.display()
+    ));
+    let vm = || {
+        Engine::builder()
+            .runtime(runtime.clone())
+            .filter(msrwasm::filter::RecordingFilter::default())
+            .energy(host.options())
+            .build(spec.clone())
+            .unwrap()
+    };
+    let (busy, idle) = (vm(), vm());
+    // The VM's CPU time (ns) as its plugin reads it, once sampled.
+    let vm_cpu = |d: &mut msrwasm::Dispatcher| match d
+        .handle(Access::read(0x4d53_0001, ExitReason::Filter), &mut NoKvm)
+        .reply
+    {
+        Reply::Read(v) => Some(v),
+        _ => None,
+    };
+    let mut idle_vcpu = idle.dispatcher(0);
+    let busy_thread = std::thread::spawn(move || {
+        let mut d = busy.dispatcher(0);
+        vm_cpu(&mut d); // binds this thread as the busy VM's vCPU 0
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(400) {
+            std::hint::black_box(0);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match vm_cpu(&mut d) {
+                Some(ns) if ns >= 300_000_000 => return ns,
+                _ => assert!(Instant::now() < deadline, "the busy VM's CPU time never showed"),
+            }
+            std::thread::sleep(STEP);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm_cpu(&mut idle_vcpu).is_none() {
+        assert!(Instant::now() < deadline, "the idle VM's vCPU was never sampled");
+        std::thread::sleep(STEP);
+    }
+    let busy_ns = busy_thread.join().unwrap();
+    let idle_ns = vm_cpu(&mut idle_vcpu).unwrap();
+    assert!(
+        idle_ns < 100_000_000,
+        "the idle VM counts {idle_ns} ns of CPU (the busy one {busy_ns})"
+    );
+}
+
 /// The sequence Linux's RAPL drivers and turbostat perform, on the Intel
 /// and the AMD interface (tests/guests/rapl_probe.S).
 #[test]

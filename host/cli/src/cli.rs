@@ -223,10 +223,6 @@ struct PluginLimits {
     /// `init_timeout_us`; default 100 x timeout_us).
     #[arg(long)]
     init_timeout_us: Option<u64>,
-    /// Grant a host capability (manifest `grants`): `energy`, read from
-    /// this host's /sys/class/powercap (docs/energy.md). Repeatable.
-    #[arg(long = "grant", value_parser = ["energy"])]
-    grants: Vec<String>,
 }
 
 impl PluginLimits {
@@ -265,7 +261,6 @@ impl PluginLimits {
         if let Some(v) = self.init_timeout_us {
             settings.init_timeout_us = Some(v.clamp(1, 10_000_000));
         }
-        settings.energy |= self.grants.iter().any(|g| g == "energy");
         Ok(settings)
     }
 
@@ -395,6 +390,11 @@ struct RunArgs {
     /// line per distinct MSR. Accesses KVM found invalid stay #GP.
     #[arg(long, value_parser = parse_unhandled)]
     unhandled: Option<Unhandled>,
+    /// Grant every --plugin a host capability (manifest `grants`; with
+    /// --manifest, grant per plugin there): `energy`, the host's RAPL
+    /// energy and CPU times (docs/energy.md).
+    #[arg(long = "grant", value_parser = ["energy"], conflicts_with = "manifest")]
+    grants: Vec<String>,
     /// Write one JSON line per MSR access to this file (records the disk
     /// or reader cannot keep up with are dropped and counted).
     #[arg(long)]
@@ -581,7 +581,12 @@ fn run(args: RunArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
     }
     let policy = match &args.manifest {
         Some(path) => PolicySpec::from_manifest(path)?,
-        None => PolicySpec::from_paths(&args.plugin, args.unhandled.unwrap_or_default()),
+        None => {
+            let mut spec = PolicySpec::from_paths(&args.plugin, args.unhandled.unwrap_or_default());
+            let energy = args.grants.iter().any(|g| g == "energy");
+            spec.plugins.iter_mut().for_each(|p| p.energy = energy);
+            spec
+        }
     };
     // A manifest (now, after a reload, or through the API) may name
     // registry plugins.

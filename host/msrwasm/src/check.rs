@@ -79,7 +79,15 @@ pub fn check_cached(settings: PluginSettings, cache: &ModuleCache) -> CheckRepor
     let sha256 = content_hash(&bytes);
     report.sha256 = Some(sha256.clone());
     let runtime = Runtime::shared();
-    let plugin = match Plugin::build(&runtime, settings, &bytes, sha256, &StateStore::default(), Some(cache)) {
+    let plugin = match Plugin::build(
+        &runtime,
+        settings,
+        &bytes,
+        sha256,
+        &StateStore::default(),
+        None,
+        Some(cache),
+    ) {
         Ok(plugin) => Arc::new(plugin),
         Err(e) => {
             report.error = Some(crate::util::error_chain(&e));
@@ -100,6 +108,11 @@ pub fn check_cached(settings: PluginSettings, cache: &ModuleCache) -> CheckRepor
     }
     if plugin.claims().is_none() {
         report.warnings.extend(catch_all_warnings(&plugin));
+    }
+    if crate::plugin::imports_energy(&report.imports) {
+        report.warnings.push(
+            "imports host energy: a VM's manifest must grant it (grants = [\"energy\"], docs/energy.md); outside a VM its calls trap".into(),
+        );
     }
     report.ok = true;
     report
@@ -227,5 +240,23 @@ mod tests {
                     .contains("missing export `msrwasm_abi_version`")
         );
         assert!(r.text().contains("REFUSED"));
+    }
+
+    #[test]
+    fn an_energy_plugin_checks_with_a_warning_outside_a_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.wat");
+        std::fs::write(
+            &path,
+            r#"(module (import "msr_energy_v1" "energy_uj" (func $e (param i32 i32) (result i64)))
+                (import "msr" "reply" (func $reply (param i64)))
+                (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
+                (func (export "claim") (param i32) (result i64) (select (i64.const 0x0000061100000611) (i64.const -1) (i32.eqz (local.get 0))))
+                (func (export "rdmsr") (param i32) (result i32) (call $reply (call $e (i32.const 0) (i32.const -2))) (i32.const 0)))"#,
+        )
+        .unwrap();
+        let r = check(PluginSettings::new("e", &path));
+        assert!(r.ok, "{r:?}");
+        assert!(r.warnings.iter().any(|w| w.contains("imports host energy")), "{r:?}");
     }
 }

@@ -187,6 +187,13 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        // Its thread is no longer this vCPU's (and its id may be reused).
+        self.live.threads.unbind(self.vcpu, self.bound_tid);
+    }
+}
+
 impl Dispatcher {
     pub(crate) fn new(live: Arc<Live>, vcpu: u32) -> Self {
         let policy = live.current();
@@ -230,7 +237,6 @@ impl Dispatcher {
         if self.live.generation() != self.policy.generation() {
             self.switch();
         }
-        self.live.threads.bind(self.vcpu, &mut self.bound_tid);
         let mine = self.mine.get_mut();
         for (slot, plugin) in mine.instances.iter_mut().zip(self.policy.chain()) {
             if slot.is_none() {

@@ -1,8 +1,8 @@
 //! Host energy for the plugins a manifest grants it (`grants = ["energy"]`).
 //!
-//! One sampler per engine, started when the first granted plugin loads and
-//! stopped when the last one is gone, reads on its own schedule (never per
-//! exit; at most every [`MIN_PERIOD`]):
+//! One sampler per engine (VM), started when the first granted plugin loads
+//! and stopped when the last one is gone (a restart continues the totals),
+//! reads on its own schedule (never per exit; at most every [`MIN_PERIOD`]):
 //!
 //! - every RAPL zone of the Linux powercap tree (`intel-rapl:N` and their
 //!   subzones, which Linux also uses for AMD): `energy_uj` summed per domain
@@ -17,9 +17,9 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::files::ReadError;
 use crate::plugin::clock::Clock;
@@ -30,7 +30,8 @@ use crate::plugin::clock::Clock;
 pub enum Domain {
     /// The whole socket (`package-N`).
     Package = 0,
-    /// The cores (`core`, Intel PP0; on AMD, Linux's per-package sum of cores).
+    /// The cores (`core`: Intel PP0; on AMD hosts, what Linux's `core` zone
+    /// reads, the core energy counter of the package's first CPU).
     Core = 1,
     /// The uncore/graphics plane (`uncore`, Intel PP1).
     Uncore = 2,
@@ -48,8 +49,12 @@ pub const MAX_PERIOD: Duration = Duration::from_secs(10);
 pub const DEFAULT_PERIOD: Duration = Duration::from_millis(100);
 /// Most vCPUs whose threads are followed.
 pub const MAX_VCPUS: u32 = 4096;
-/// Most powercap entries looked at.
-const MAX_ENTRIES: usize = 1024;
+/// Most powercap entries looked at, and most RAPL zones.
+const MAX_ENTRIES: usize = 65_536;
+const MAX_ZONES: usize = 256;
+/// No zone draws more: a counter that claims more energy than this in a
+/// period was reset (or is not a RAPL counter), and counts from there.
+const MAX_ZONE_WATTS: u64 = 5_000;
 /// `/proc/stat` counts in USER_HZ ticks, 100 per second on every Linux ABI.
 const NS_PER_TICK: u64 = 10_000_000;
 
@@ -149,7 +154,7 @@ impl Snapshot {
         self.host_uj[d]?;
         match who {
             -1 => self.host_uj[d],
-            -2 => Some(self.vcpus.iter().flatten().map(|v| v.uj[d]).sum()),
+            -2 => Some(saturating_sum(self.vcpus.iter().flatten().map(|v| v.uj[d]))),
             n => Some(self.vcpus.get(usize::try_from(n).ok()?)?.as_ref()?.uj[d]),
         }
     }
@@ -158,7 +163,7 @@ impl Snapshot {
     pub fn cpu_ns(&self, who: i32) -> Option<u64> {
         match who {
             -1 => Some(self.host_cpu_ns),
-            -2 => Some(self.vcpus.iter().flatten().map(|v| v.cpu_ns).sum()),
+            -2 => Some(saturating_sum(self.vcpus.iter().flatten().map(|v| v.cpu_ns))),
             n => Some(self.vcpus.get(usize::try_from(n).ok()?)?.as_ref()?.cpu_ns),
         }
     }
@@ -169,6 +174,10 @@ impl Snapshot {
             .filter(|&d| self.host_uj[d].is_some())
             .fold(0, |m, d| m | 1 << d)
     }
+}
+
+fn saturating_sum(values: impl Iterator<Item = u64>) -> u64 {
+    values.fold(0, u64::saturating_add)
 }
 
 /// Reads at most `limit` bytes from the start of a regular file (sysfs and
@@ -233,16 +242,25 @@ struct Zone {
 }
 
 impl Zone {
-    /// New energy since the last reading, across a wrap.
-    fn advance(&mut self, now: u64) -> u64 {
+    /// New energy since the last reading, across a wrap; at most `bound`
+    /// (more means the counter was reset: it counts from `now`).
+    fn advance(&mut self, now: u64, bound: u64) -> u64 {
         let delta = match now >= self.last {
             true => now - self.last,
             // Wrapped: from `last` up to the range, then from 0 to `now`.
-            false if self.range > self.last => self.range - self.last + now,
+            false if self.range > self.last => (self.range - self.last).saturating_add(now),
             // No usable range: count from 0 (at worst an underestimate).
             false => now,
         };
         self.last = now;
+        if delta > bound {
+            tracing::warn!(
+                event = "energy_counter_reset",
+                "{}: {delta} µJ in one period is more than any RAPL zone draws; counting from its new value",
+                self.energy.display()
+            );
+            return 0;
+        }
         delta
     }
 }
@@ -252,14 +270,22 @@ fn discover(root: &Path) -> Result<Vec<Zone>, EnergyError> {
         path: root.to_owned(),
         source: ReadError::Io(source),
     };
-    let mut names: Vec<String> = std::fs::read_dir(root)
-        .map_err(read_err)?
-        .take(MAX_ENTRIES)
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+    let mut names = Vec::new();
+    for (i, entry) in std::fs::read_dir(root).map_err(read_err)?.enumerate() {
+        let name = entry.map_err(read_err)?.file_name();
         // `intel-rapl:0`, `intel-rapl:0:1`; not the MMIO/TPMI duplicates of
         // the package zone (`intel-rapl-mmio:0`).
-        .filter(|n| n.starts_with("intel-rapl:"))
-        .collect();
+        match name.into_string() {
+            Ok(n) if n.starts_with("intel-rapl:") => names.push(n),
+            _ => {}
+        }
+        if i >= MAX_ENTRIES || names.len() > MAX_ZONES {
+            return Err(EnergyError::Parse {
+                path: root.to_owned(),
+                text: format!("more than {MAX_ENTRIES} entries or {MAX_ZONES} RAPL zones"),
+            });
+        }
+    }
     names.sort();
     let mut zones = Vec::new();
     for name in names {
@@ -318,8 +344,24 @@ impl VcpuThreads {
         clocks[i] = Some((tid, clock));
     }
 
-    fn list(&self) -> Vec<Option<(u32, libc::clockid_t)>> {
-        self.clocks.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// Forgets vCPU `vcpu`'s thread if it is still `tid` (its dispatcher
+    /// is gone).
+    pub(crate) fn unbind(&self, vcpu: u32, tid: u32) {
+        let mut clocks = self.clocks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = clocks.get_mut(vcpu as usize)
+            && slot.is_some_and(|(t, _)| t == tid)
+        {
+            *slot = None;
+        }
+    }
+
+    /// Each vCPU's `(tid, CPU time)` now.
+    fn now(&self) -> Vec<Option<(u32, u64)>> {
+        let clocks = self.clocks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        clocks
+            .into_iter()
+            .map(|t| t.and_then(|(tid, clock)| Some((tid, crate::sys::clock_ns(clock)?))))
+            .collect()
     }
 }
 
@@ -340,6 +382,8 @@ struct Follow {
 pub(crate) struct Sampler {
     options: EnergyOptions,
     zones: Vec<Zone>,
+    /// When the zones were last read (bounds what a period can hold).
+    read_at: Instant,
     host_uj: [Option<u64>; DOMAINS],
     /// Energy read but not yet attributed (no host CPU time passed yet).
     pending: [u64; DOMAINS],
@@ -363,6 +407,7 @@ impl Sampler {
         Ok(Self {
             options,
             zones,
+            read_at: Instant::now(),
             host_uj,
             pending: [0; DOMAINS],
             host_last,
@@ -371,17 +416,41 @@ impl Sampler {
         })
     }
 
+    /// Starts again after a pause (no granted plugin for a while): reads
+    /// fresh baselines, keeps every total, so that counters go on from
+    /// where they were and the pause is attributed to nobody.
+    fn resume(&mut self) -> Result<(), EnergyError> {
+        let fresh = Self::new(self.options.clone())?;
+        for (d, t) in self.host_uj.iter_mut().enumerate() {
+            *t = fresh.host_uj[d].map(|_| t.unwrap_or(0));
+        }
+        for f in self.vcpus.iter_mut().flatten() {
+            f.tid = 0; // the next sample takes a new baseline
+            f.pending_cpu = 0;
+        }
+        (self.zones, self.read_at, self.host_last) = (fresh.zones, fresh.read_at, fresh.host_last);
+        self.pending = [0; DOMAINS];
+        Ok(())
+    }
+
     /// Reads everything once and attributes the new energy; `threads` is
     /// each vCPU's `(tid, cpu_ns)` now (`None`: not seen yet, or gone).
     pub(crate) fn sample(&mut self, at_ns: u64, threads: &[Option<(u32, u64)>]) -> Result<Snapshot, EnergyError> {
         // Everything is read before anything changes: a failed read loses
         // nothing, the next good sample counts the whole interval.
-        let now: Vec<u64> = self.zones.iter().map(|z| read_u64(&z.energy)).collect::<Result<_, _>>()?;
+        let now: Vec<u64> = self
+            .zones
+            .iter()
+            .map(|z| read_u64(&z.energy))
+            .collect::<Result<_, _>>()?;
         let host_now = host_busy_ns(&self.options.proc_stat)?;
         let host_delta = host_now.saturating_sub(self.host_last);
+        let elapsed_ms = self.read_at.elapsed().as_millis() as u64 + 1;
+        self.read_at = Instant::now();
+        let bound = elapsed_ms.saturating_mul(MAX_ZONE_WATTS * 1000); // W x ms = mJ
         for (z, now) in self.zones.iter_mut().zip(now) {
             let d = z.domain as usize;
-            let delta = z.advance(now);
+            let delta = z.advance(now, bound);
             if let Some(t) = &mut self.host_uj[d] {
                 *t = t.saturating_add(delta);
             }
@@ -438,29 +507,29 @@ impl Sampler {
     }
 }
 
+/// Where a stopped sampler waits for the next granted plugin.
+type Parked = Arc<Mutex<Option<Sampler>>>;
+
 /// The running sampler of one engine, shared by its granted plugins.
 #[derive(Debug)]
 pub(crate) struct EnergyHub {
-    latest: Arc<Mutex<Arc<Snapshot>>>,
+    latest: Arc<RwLock<Arc<Snapshot>>>,
     stop: Arc<(Mutex<bool>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Sampler>>,
+    parked: Parked,
 }
 
 impl EnergyHub {
-    /// Takes the first sample (so that a missing or unreadable tree is an
-    /// error now), then samples every period on a thread of its own.
-    fn start(options: EnergyOptions, threads: Arc<VcpuThreads>, clock: Arc<dyn Clock>) -> Result<Self, EnergyError> {
-        let period = options.period;
-        let mut sampler = Sampler::new(options)?;
-        let read = move |threads: &VcpuThreads| -> Vec<Option<(u32, u64)>> {
-            threads
-                .list()
-                .into_iter()
-                .map(|t| t.and_then(|(tid, clock)| Some((tid, crate::sys::clock_ns(clock)?))))
-                .collect()
-        };
-        let first = sampler.sample(clock.now_ns(), &read(&threads))?;
-        let latest = Arc::new(Mutex::new(Arc::new(first)));
+    /// Publishes `first`, then samples every period on a thread of its own.
+    fn start(
+        mut sampler: Sampler,
+        first: Snapshot,
+        threads: Arc<VcpuThreads>,
+        clock: Arc<dyn Clock>,
+        parked: Parked,
+    ) -> Result<Self, EnergyError> {
+        let period = sampler.options.period;
+        let latest = Arc::new(RwLock::new(Arc::new(first)));
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let (latest2, stop2) = (latest.clone(), stop.clone());
         let thread = std::thread::Builder::new()
@@ -474,15 +543,15 @@ impl EnergyHub {
                         .wait_timeout_while(stopped, period, |s| !*s)
                         .unwrap_or_else(|e| e.into_inner());
                     if *stopped {
-                        return;
+                        return sampler;
                     }
                     drop(stopped);
-                    match sampler.sample(clock.now_ns(), &read(&threads)) {
+                    match sampler.sample(clock.now_ns(), &threads.now()) {
                         Ok(s) => {
                             if std::mem::take(&mut failing) {
                                 tracing::info!(event = "energy_recovered", "host energy readable again");
                             }
-                            *latest2.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(s);
+                            *latest2.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(s);
                         }
                         // Plugins keep reading the last good sample: a
                         // counter that stops is better than one that jumps.
@@ -503,33 +572,37 @@ impl EnergyHub {
             latest,
             stop,
             thread: Some(thread),
+            parked,
         })
     }
 
     /// The newest sample.
     pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
-        self.latest.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.latest.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
 impl Drop for EnergyHub {
+    /// Stops the thread (it is waiting, or reading a few sysfs files) and
+    /// parks its totals for the next start.
     fn drop(&mut self) {
         let (lock, cv) = &*self.stop;
         *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
         cv.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(sampler) = self.thread.take().and_then(|t| t.join().ok()) {
+            *self.parked.lock().unwrap_or_else(|e| e.into_inner()) = Some(sampler);
         }
     }
 }
 
-/// What a runtime keeps for energy: the options, the vCPU threads, and the
-/// sampler while a granted plugin holds it.
+/// One engine's host energy: the options, its vCPU threads, and the
+/// sampler while a granted plugin holds it (parked in between).
 #[derive(Debug)]
 pub(crate) struct EnergyGate {
     options: EnergyOptions,
     pub(crate) threads: Arc<VcpuThreads>,
     hub: Mutex<Weak<EnergyHub>>,
+    parked: Parked,
 }
 
 impl EnergyGate {
@@ -538,19 +611,41 @@ impl EnergyGate {
             options,
             threads: Arc::default(),
             hub: Mutex::new(Weak::new()),
+            parked: Parked::default(),
         }
     }
 
-    /// The running sampler, started if no plugin holds one now.
+    /// The running sampler, started (or resumed, totals kept) if no plugin
+    /// holds one now.
     pub(crate) fn hub(&self, clock: &Arc<dyn Clock>) -> Result<Arc<EnergyHub>, EnergyError> {
         let mut hub = self.hub.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(h) = hub.upgrade() {
             return Ok(h);
         }
+        // Taking the first sample here makes an unreadable tree an error
+        // now; a sampler that fails waits parked, its totals kept.
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sampler = match parked.take() {
+            Some(s) => s,
+            None => Sampler::new(self.options.clone())?,
+        };
+        let first = sampler
+            .resume()
+            .and_then(|()| sampler.sample(clock.now_ns(), &self.threads.now()));
+        let first = match first {
+            Ok(first) => first,
+            Err(e) => {
+                *parked = Some(sampler);
+                return Err(e);
+            }
+        };
+        drop(parked);
         let h = Arc::new(EnergyHub::start(
-            self.options.clone(),
+            sampler,
+            first,
             self.threads.clone(),
             clock.clone(),
+            self.parked.clone(),
         )?);
         *hub = Arc::downgrade(&h);
         Ok(h)
@@ -642,6 +737,16 @@ mod tests {
         assert_eq!(s.sample(1, &[]).unwrap().host_uj[0], Some(1_500));
         f.energy("intel-rapl:0", 800);
         assert_eq!(s.sample(2, &[]).unwrap().host_uj[0], Some(1_800));
+    }
+
+    #[test]
+    fn a_counter_that_jumps_beyond_any_zone_counts_from_its_new_value() {
+        let f = intel();
+        let mut s = Sampler::new(f.options()).unwrap();
+        f.energy("intel-rapl:0", 1_000_000_000_000_000);
+        assert_eq!(s.sample(1, &[]).unwrap().host_uj[0], Some(0));
+        f.energy("intel-rapl:0", 1_000_000_000_000_500);
+        assert_eq!(s.sample(2, &[]).unwrap().host_uj[0], Some(500));
     }
 
     #[test]
@@ -787,5 +892,36 @@ mod tests {
         assert!(hub.snapshot().vcpus.first().is_some_and(Option::is_some));
         drop(hub);
         assert!(gate.hub.lock().unwrap().upgrade().is_none());
+        // Energy used while no plugin held the sampler is nobody's; the
+        // totals go on from where they were, never back.
+        f.energy("intel-rapl:0", 9_000);
+        let hub = gate.hub(&clock).unwrap();
+        assert_eq!(hub.snapshot().host_uj[0], Some(4_000));
+        f.energy("intel-rapl:0", 9_500);
+        while hub.snapshot().host_uj[0] != Some(4_500) {
+            assert!(std::time::Instant::now() < deadline, "no sample within 10 s");
+            std::thread::sleep(MIN_PERIOD);
+        }
+        // A tree that became unreadable refuses a restart and keeps the totals.
+        drop(hub);
+        std::fs::write(f.dir.path().join("stat"), "").unwrap();
+        assert!(gate.hub(&clock).is_err());
+        f.stat(0);
+        assert_eq!(gate.hub(&clock).unwrap().snapshot().host_uj[0], Some(4_500));
+    }
+
+    #[test]
+    fn a_dispatcher_gone_unbinds_its_thread_only_if_still_bound() {
+        let threads = VcpuThreads::default();
+        let mut bound = 0;
+        threads.bind(3, &mut bound);
+        assert_ne!(bound, 0);
+        assert!(threads.now()[3].is_some());
+        threads.unbind(3, bound + 1); // another thread took the slot meanwhile
+        assert!(threads.now()[3].is_some());
+        threads.unbind(3, bound);
+        assert!(threads.now()[3].is_none());
+        threads.bind(MAX_VCPUS, &mut 0);
+        assert_eq!(threads.now().len(), 4);
     }
 }

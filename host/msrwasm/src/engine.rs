@@ -89,6 +89,7 @@ pub struct EngineBuilder {
     base_dir: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
     oci: Option<Arc<dyn Fetch>>,
+    energy: crate::EnergyOptions,
 }
 
 impl Default for EngineBuilder {
@@ -102,6 +103,7 @@ impl Default for EngineBuilder {
             base_dir: None,
             cache_dir: None,
             oci: None,
+            energy: crate::EnergyOptions::default(),
         }
     }
 }
@@ -134,7 +136,7 @@ impl EngineBuilder {
     /// (`grants = ["energy"]`): the powercap tree, `/proc/stat` and the
     /// sampling period (default: the system's, every 100 ms).
     pub fn energy(mut self, options: crate::EnergyOptions) -> Self {
-        self.options.energy = options;
+        self.energy = options;
         self
     }
 
@@ -199,6 +201,7 @@ impl EngineBuilder {
             .or_else(|| spec.manifest().and_then(|m| m.parent()).map(Path::to_owned))
             .unwrap_or_else(|| PathBuf::from("."));
         let empty = Policy::compose(Vec::new(), &PolicySpec::default(), 0)?;
+        let energy = crate::energy::EnergyGate::new(self.energy);
         let shared = Arc::new(Shared {
             runtime: runtime.clone(),
             state: Arc::new(StateStore::default()),
@@ -206,7 +209,8 @@ impl EngineBuilder {
                 Some(dir) => ModuleCache::with_disk(dir, runtime.engine()),
                 None => ModuleCache::new(),
             },
-            live: Arc::new(Live::new(empty, events, stats, self.time_calls, runtime.vcpu_threads())),
+            live: Arc::new(Live::new(empty, events, stats, self.time_calls, energy.threads.clone())),
+            energy,
             owner: Mutex::new(Owner {
                 spec: PolicySpec::default(),
                 plugins: Vec::new(),
@@ -509,6 +513,8 @@ pub(crate) struct Shared {
     oci: Option<Arc<dyn Fetch>>,
     base_dir: PathBuf,
     started: Instant,
+    /// Host energy for this VM's granted plugins.
+    energy: crate::energy::EnergyGate,
 }
 
 impl Shared {
@@ -595,6 +601,7 @@ impl Shared {
             &bytes,
             sha256.clone(),
             &self.state,
+            Some(&self.energy),
             Some(&self.cache),
         );
         let old = running.map_or("-", |p| p.info().short_version());

@@ -221,6 +221,7 @@ pub fn run_cached(
         &bytes,
         crate::plugin::content_hash(&bytes),
         &StateStore::default(),
+        None,
         Some(&cache),
     )?);
     let mut instances: HashMap<u32, PluginInstance> = HashMap::new();

@@ -31,7 +31,9 @@
 //! at most 1,000,000); both are far coarser than the 20 kHz, 61 µJ readings
 //! Platypus needed to tell instructions apart.
 //!
-//! Config: `tdp_watts` (default 65, 1..=4095), `quantum_uj` (see above).
+//! Config: `tdp_watts` (default 65, 1..=4095), `quantum_uj` (see above),
+//! `vendor`: 0 answers both interfaces (default), 1 only Intel's and 2 only
+//! AMD's (the other vendor's MSRs read #GP, as on that hardware).
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
 use msrwasm_sdk::energy::{self, Domain, Who};
@@ -71,6 +73,8 @@ pub const MAX_QUANTUM_UJ: i64 = 1_000_000;
 pub struct Rapl {
     tdp_watts: u64,
     quantum_uj: u64,
+    intel: bool,
+    amd: bool,
 }
 
 impl Rapl {
@@ -107,6 +111,12 @@ impl Plugin for Rapl {
         if !(MIN_QUANTUM_UJ..=MAX_QUANTUM_UJ).contains(&quantum) {
             return Err(2);
         }
+        (self.intel, self.amd) = match config("vendor", 0) {
+            0 => (true, true),
+            1 => (true, false),
+            2 => (false, true),
+            _ => return Err(3),
+        };
         self.tdp_watts = tdp as u64;
         self.quantum_uj = quantum as u64;
         Ok(())
@@ -114,6 +124,13 @@ impl Plugin for Rapl {
 
     fn rdmsr(&mut self, index: u32) -> Result<u64, Decline> {
         let tdp = self.tdp_watts * POWER_UNITS_PER_W;
+        let amd_msr = index >= MSR_AMD_RAPL_POWER_UNIT;
+        if (amd_msr && !self.amd) || (!amd_msr && !self.intel) {
+            return match Self::CLAIMS.iter().any(|&(a, b)| (a..=b).contains(&index)) {
+                true => Err(Decline::Fault),
+                false => Err(Decline::Pass),
+            };
+        }
         match index {
             MSR_RAPL_POWER_UNIT => Ok(INTEL_UNITS),
             // PL1 = TDP, enabled (bit 15), clamped (bit 16); locked (bit 63).
@@ -193,6 +210,24 @@ mod tests {
         assert_eq!(r.wrmsr(MSR_AMD_CORE_ENERGY_STATUS, 0), Err(Decline::Fault));
         assert_eq!(r.wrmsr(0x10, 0), Err(Decline::Pass));
         assert_eq!(r.rdmsr(0x10), Err(Decline::Pass));
+    }
+
+    #[test]
+    fn a_vendor_answers_only_its_own_interface() {
+        testing::reset();
+        testing::set_energy_uj(Domain::Package, Who::Host, 1);
+        testing::set_config("vendor", 1);
+        let mut r = rapl();
+        assert_eq!(r.rdmsr(MSR_RAPL_POWER_UNIT), Ok(INTEL_UNITS));
+        assert_eq!(r.rdmsr(MSR_AMD_RAPL_POWER_UNIT), Err(Decline::Fault));
+        assert_eq!(r.rdmsr(MSR_AMD_PKG_ENERGY_STATUS), Err(Decline::Fault));
+        testing::set_config("vendor", 2);
+        let mut r = rapl();
+        assert_eq!(r.rdmsr(MSR_RAPL_POWER_UNIT), Err(Decline::Fault));
+        assert_eq!(r.rdmsr(MSR_AMD_PKG_ENERGY_STATUS), Ok(0));
+        assert_eq!(r.rdmsr(0x10), Err(Decline::Pass));
+        testing::set_config("vendor", 3);
+        assert_eq!(Rapl::default().init(), Err(3));
     }
 
     #[test]

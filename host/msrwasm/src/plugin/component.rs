@@ -25,6 +25,8 @@ use bindings::msrwasm::plugin::host::{ExitReason, Host, Level};
 pub const HOST_INTERFACE: &str = "msrwasm:plugin/host@1.0.0";
 /// The host energy interface, for components the manifest grants it.
 pub const ENERGY_INTERFACE: &str = "msrwasm:plugin/energy@1.0.0";
+/// Any version of it (each needs the grant; only 1.0.0 links).
+pub(super) const ENERGY_PACKAGE_PREFIX: &str = "msrwasm:plugin/energy@";
 /// The interface a component must export.
 pub const HANDLER_INTERFACE: &str = "msrwasm:plugin/handler@1.0.0";
 

@@ -240,6 +240,11 @@ impl PluginCtx {
     }
 }
 
+/// A count as the ABI's non-negative i64 (saturating, never -1).
+fn clamp_i64(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
 /// The core module of the host energy capability.
 pub(super) const ENERGY_MODULE: &str = "msr_energy_v1";
 
@@ -402,14 +407,14 @@ pub(super) fn core_linker(engine: &Engine) -> wasmtime::Result<Linker<PluginCtx>
         ENERGY_MODULE,
         "energy_uj",
         |mut c: Caller<'_, PluginCtx>, domain: i32, who: i32| {
-            Ok(c.data_mut().energy()?.energy_uj(domain, who).map_or(-1, |v| v as i64))
+            Ok(c.data_mut().energy()?.energy_uj(domain, who).map_or(-1, clamp_i64))
         },
     )?;
     l.func_wrap(ENERGY_MODULE, "cpu_ns", |mut c: Caller<'_, PluginCtx>, who: i32| {
-        Ok(c.data_mut().energy()?.cpu_ns(who).map_or(-1, |v| v as i64))
+        Ok(c.data_mut().energy()?.cpu_ns(who).map_or(-1, clamp_i64))
     })?;
     l.func_wrap(ENERGY_MODULE, "sampled_ns", |mut c: Caller<'_, PluginCtx>| {
-        Ok(c.data_mut().energy()?.at_ns as i64)
+        Ok(clamp_i64(c.data_mut().energy()?.at_ns))
     })?;
     l.func_wrap(
         "msr",

@@ -257,6 +257,24 @@ enum Compiled {
     },
 }
 
+/// `module.name` of every import of a core module.
+fn module_imports(module: &Module) -> Vec<String> {
+    module
+        .imports()
+        .map(|i| format!("{}.{}", i.module(), i.name()))
+        .collect()
+}
+
+/// Whether a plugin's imports (core `module.name`, component interface
+/// names, any version) include the host energy capability.
+pub(crate) fn imports_energy(imports: &[String]) -> bool {
+    imports.iter().any(|i| {
+        i.strip_prefix(imports::ENERGY_MODULE)
+            .is_some_and(|rest| rest.starts_with('.'))
+            || i.starts_with(component::ENERGY_PACKAGE_PREFIX)
+    })
+}
+
 pub use crate::files::MAX_PLUGIN_BYTES;
 pub use crate::util::content_hash;
 pub(crate) use crate::util::hex;
@@ -276,7 +294,7 @@ impl Plugin {
     /// `init` and `claim` on a probe instance (vCPU 0).
     pub fn load(runtime: &Arc<Runtime>, settings: PluginSettings, state: &StateStore) -> Result<Self, LoadError> {
         let bytes = read_plugin_file(&settings.path)?;
-        Self::build(runtime, settings, &bytes, content_hash(&bytes), state, None)
+        Self::build(runtime, settings, &bytes, content_hash(&bytes), state, None, None)
     }
 
     #[cfg(any(test, feature = "tools"))]
@@ -287,17 +305,24 @@ impl Plugin {
         bytes: &[u8],
         state: &StateStore,
     ) -> Result<Self, LoadError> {
-        Self::build(runtime, settings, bytes, content_hash(bytes), state, None)
+        Self::build(runtime, settings, bytes, content_hash(bytes), state, None, None)
     }
 
     /// As [`Plugin::from_bytes`], compiling through `cache`; `sha256` is
     /// the bytes' [`content_hash`], which the callers have computed already.
+    ///
+    /// `energy` is the VM's host energy: with it, host capabilities need
+    /// the settings' grant and a granted plugin gets the sampler (a host
+    /// that cannot give energy refuses it). Without it (`msrwasm check` and
+    /// `test`, which load a plugin outside any VM), imports of the
+    /// capability are accepted and trap if called.
     pub(crate) fn build(
         runtime: &Arc<Runtime>,
         settings: PluginSettings,
         bytes: &[u8],
         sha256: String,
         state: &StateStore,
+        energy: Option<&crate::energy::EnergyGate>,
         cache: Option<&ModuleCache>,
     ) -> Result<Self, LoadError> {
         let path = settings.path.clone();
@@ -345,7 +370,7 @@ impl Plugin {
         };
         let (compiled, shape, flavour) = match &artifact {
             Artifact::Module(module) => {
-                if !settings.energy && module.imports().any(|i| i.module() == imports::ENERGY_MODULE) {
+                if energy.is_some() && !settings.energy && imports_energy(&module_imports(module)) {
                     return Err(not_granted("host energy (`msr_energy_v1`)"));
                 }
                 let shape = abi::check_shape(module).map_err(abi_err)?;
@@ -357,7 +382,7 @@ impl Plugin {
             }
             Artifact::Component(c) => {
                 let (imports, exports, unsupported) = component::interface(engine, c);
-                if !settings.energy && imports.iter().any(|i| i == component::ENERGY_INTERFACE) {
+                if energy.is_some() && !settings.energy && imports_energy(&imports) {
                     return Err(not_granted("host energy (`msrwasm:plugin/energy@1.0.0`)"));
                 }
                 if !unsupported.is_empty() {
@@ -395,12 +420,12 @@ impl Plugin {
                 )
             }
         };
-        let energy = match settings.energy {
-            true => Some(runtime.energy().map_err(|source| LoadError::Energy {
+        let energy = match energy {
+            Some(gate) if settings.energy => Some(gate.hub(runtime.clock()).map_err(|source| LoadError::Energy {
                 path: path.clone(),
                 source,
             })?),
-            false => None,
+            _ => None,
         };
         let name: Arc<str> = settings.name.as_str().into();
         let mut plugin = Self {
@@ -743,11 +768,7 @@ impl Plugin {
             Compiled::Core(pre) => {
                 let module = pre.module();
                 let exports = module.exports().map(|e| e.name().to_owned()).collect();
-                let imports = module
-                    .imports()
-                    .map(|i| format!("{}.{}", i.module(), i.name()))
-                    .collect();
-                (exports, imports)
+                (exports, module_imports(module))
             }
             Compiled::Component { imports, exports, .. } => (exports.clone(), imports.clone()),
         }

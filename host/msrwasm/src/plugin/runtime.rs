@@ -47,8 +47,6 @@ pub struct RuntimeOptions {
     pub clock: Arc<dyn Clock>,
     /// How often the CPU-time bound is checked in running wasm.
     pub tick: Duration,
-    /// Where host energy comes from, for plugins granted it.
-    pub energy: crate::energy::EnergyOptions,
 }
 
 impl Default for RuntimeOptions {
@@ -57,7 +55,6 @@ impl Default for RuntimeOptions {
             config: None,
             clock: Arc::new(HostClock::new()),
             tick: DEFAULT_TICK,
-            energy: crate::energy::EnergyOptions::default(),
         }
     }
 }
@@ -87,7 +84,6 @@ pub struct Runtime {
     tick: Duration,
     limiter: Arc<imports::LogLimiter>,
     ticker: Option<Ticker>,
-    energy: crate::energy::EnergyGate,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -123,7 +119,6 @@ impl Runtime {
             tick,
             limiter: Arc::new(imports::LogLimiter::new()),
             ticker: Some(ticker),
-            energy: crate::energy::EnergyGate::new(options.energy),
         }))
     }
 
@@ -151,17 +146,6 @@ impl Runtime {
 
     pub(crate) fn log_limiter(&self) -> Arc<imports::LogLimiter> {
         self.limiter.clone()
-    }
-
-    /// The host energy sampler for a plugin granted it (started now if no
-    /// plugin holds it).
-    pub(crate) fn energy(&self) -> Result<Arc<crate::energy::EnergyHub>, crate::energy::EnergyError> {
-        self.energy.hub(&self.clock)
-    }
-
-    /// The vCPU threads the energy sampler follows.
-    pub(crate) fn vcpu_threads(&self) -> Arc<crate::energy::VcpuThreads> {
-        self.energy.threads.clone()
     }
 
     /// The clock plugins read.

@@ -176,7 +176,7 @@ fn content_seen_before_comes_from_the_cache_without_compiling() {
         let bytes = std::fs::read(&path).unwrap();
         let settings = PluginSettings::new("v", &path);
         let sha256 = content_hash(&bytes);
-        Arc::new(Plugin::build(&Runtime::shared(), settings, &bytes, sha256, &state, Some(&cache)).unwrap())
+        Arc::new(Plugin::build(&Runtime::shared(), settings, &bytes, sha256, &state, None, Some(&cache)).unwrap())
     };
     std::fs::write(&path, version(1)).unwrap();
     let v1 = load();
@@ -270,6 +270,7 @@ fn refused_versions_never_enter_the_module_cache() {
             bytes,
             content_hash(bytes),
             &StateStore::default(),
+            None,
             Some(&cache)
         )
         .is_err()
