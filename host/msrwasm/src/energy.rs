@@ -65,7 +65,7 @@ pub struct EnergyOptions {
     pub powercap: PathBuf,
     /// The kernel's CPU statistics (`/proc/stat`).
     pub proc_stat: PathBuf,
-    /// How often the sampler reads them ([`MIN_PERIOD`]..=[`MAX_PERIOD`]).
+    /// How often the sampler reads them (10 ms ..= 10 s).
     pub period: Duration,
 }
 
