@@ -625,13 +625,15 @@ impl EnergyGate {
         // Taking the first sample here makes an unreadable tree an error
         // now; a sampler that fails waits parked, its totals kept.
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        let mut sampler = match parked.take() {
-            Some(s) => s,
-            None => Sampler::new(self.options.clone())?,
+        // A parked sampler takes fresh baselines; a new one has just read them.
+        let (mut sampler, resumed) = match parked.take() {
+            Some(mut s) => {
+                let resumed = s.resume();
+                (s, resumed)
+            }
+            None => (Sampler::new(self.options.clone())?, Ok(())),
         };
-        let first = sampler
-            .resume()
-            .and_then(|()| sampler.sample(clock.now_ns(), &self.threads.now()));
+        let first = resumed.and_then(|()| sampler.sample(clock.now_ns(), &self.threads.now()));
         let first = match first {
             Ok(first) => first,
             Err(e) => {
