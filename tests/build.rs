@@ -19,6 +19,11 @@ fn main() {
     let ld_dir = std::path::Path::new("../host/cli/guests");
     assemble_guests(std::path::Path::new("guests"), ld_dir, &names);
     assemble_guests(ld_dir, ld_dir, &["msr_loop", "msr_forever"]);
+    // The guest profiles' replay guests.
+    for os in ["windows", "macos", "linux"] {
+        let dir = std::path::PathBuf::from(format!("../plugins/profiles/{os}"));
+        assemble_guests(&dir, ld_dir, &[&format!("{os}_replay")]);
+    }
     println!(
         "cargo::rustc-env=MSRWASM_TEST_GUESTS={}",
         std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")

@@ -64,6 +64,8 @@ pub struct Run {
     pub report: VmReport,
     pub serial: String,
     pub trace: Vec<TraceRecord>,
+    /// The MSR footprint (`run --footprint`).
+    pub footprint: Vec<msrwasm::FootprintEntry>,
 }
 
 impl Run {
@@ -110,6 +112,7 @@ impl Outputs {
         config.vcpus = vcpus;
         config.mem_mib = 64;
         config.trace = Some(self.trace_path());
+        config.footprint = Some(self.dir.path().join("footprint.json"));
         config.serial = Box::new(self.serial.clone());
         config.watch = watch;
         config.cache_dir = Some(cache_dir());
@@ -122,10 +125,14 @@ impl Outputs {
             .lines()
             .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
             .collect();
+        let footprint = std::fs::read(self.dir.path().join("footprint.json"))
+            .map(|bytes| serde_json::from_slice(&bytes).expect("a footprint"))
+            .unwrap_or_default();
         Run {
             report,
             serial: self.serial.text(),
             trace,
+            footprint,
         }
     }
 }

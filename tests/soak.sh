@@ -15,8 +15,14 @@ set -euo pipefail
 seconds=${1:-600}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
-cargo build --release --locked -q -p msrwasm-cli
-bin="$repo/target/release/msrwasm"
+# MSRWASM_SOAK_PROFILE=dev soaks the test build (what CI does); default release.
+if [ "${MSRWASM_SOAK_PROFILE:-release}" = dev ]; then
+  cargo build --locked -q -p msrwasm-cli
+  bin="$repo/target/debug/msrwasm"
+else
+  cargo build --release --locked -q -p msrwasm-cli
+  bin="$repo/target/release/msrwasm"
+fi
 work=$(mktemp -d /tmp/msrwasm-soak.XXXXXX)
 trap 'kill $vm_pid $wc_pid 2>/dev/null || true; rm -rf "$work"' EXIT
 "$bin" guests "$work" >/dev/null

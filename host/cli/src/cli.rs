@@ -94,7 +94,10 @@ enum Command {
     Meta(MetaArgs),
     /// Write the built-in raw guests to a directory, for trying plugins by
     /// hand: demo.elf (the demo), msr_loop.elf (50000 RDMSR 0x4d53424d per
-    /// vCPU, then HLT), msr_forever.elf (RDMSR 0x4d530020 until stopped).
+    /// vCPU, then HLT), msr_forever.elf (RDMSR 0x4d530020 until stopped);
+    /// and what writing a guest needs: guest.inc (the helpers), elf.ld and
+    /// flat.ld (linker scripts), example.S (a guest to start from; its
+    /// header says how to build it).
     Guests(GuestsArgs),
     /// Talk to a running VM's control API (`run --api-sock PATH`).
     ///
@@ -102,7 +105,9 @@ enum Command {
     /// answers; exits 1 when the API refuses, 2 when it cannot be reached.
     Ctl(CtlArgs),
     /// Work with MSR policies: `suggest` writes a manifest skeleton from a
-    /// recorded footprint (`run --footprint FILE`).
+    /// recorded footprint (`run --footprint FILE`), `profile` compiles a
+    /// guest profile, `record` turns a footprint into a working profile,
+    /// `diff` compares two footprints.
     Policy(PolicyArgs),
     /// Publish a plugin to an OCI registry as a Wasm OCI artifact.
     ///
@@ -201,6 +206,49 @@ enum PolicyCommand {
     /// Print a manifest skeleton from a footprint: an `allow` list for a
     /// default-deny firewall and the MSRs that went unhandled, with counts.
     Suggest { footprint: PathBuf },
+    /// Compile a guest profile (profile.toml: a table of MSRs, their
+    /// values and write rules) into NAME.wat (the plugin), manifest.toml
+    /// (loads it: `run --manifest`) and NAME.test (`msrwasm test`
+    /// script checking every row), beside the profile or in --out.
+    Profile {
+        /// The profile (plugins/profiles/README.md documents the format).
+        profile: PathBuf,
+        /// Directory to write to (default: the profile's).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Turn a recorded footprint (`run --footprint FILE`) into a working
+    /// policy: a profile answering every MSR that went unhandled, compiled
+    /// as `profile` does (profile.toml, NAME.wat, manifest.toml, NAME.test
+    /// in --out).
+    ///
+    /// Actions: `zero` (reads 0 and log the first access per vCPU, writes
+    /// dropped), `recorded` (reads return the last value the footprint
+    /// saw), `value=N`, `gp` (#GP both ways).
+    Record {
+        footprint: PathBuf,
+        /// Directory to write to (created if missing).
+        #[arg(long, short)]
+        out: PathBuf,
+        /// The profile's (and plugin's) name.
+        #[arg(long, default_value = "recorded", value_parser = parse_name)]
+        name: String,
+        /// The answer for every unhandled MSR.
+        #[arg(long, default_value = "zero")]
+        action: crate::profile::Action,
+        /// A different answer for one MSR, as INDEX=ACTION; repeatable.
+        #[arg(long = "msr", value_parser = parse_msr_action)]
+        msrs: Vec<(u32, crate::profile::Action)>,
+    },
+    /// Compare two footprints (two guest versions, or two hosts): MSRs
+    /// only in one, and changes in who answered, #GP and the last value.
+    /// Exits 1 when they differ.
+    Diff { a: PathBuf, b: PathBuf },
+}
+
+fn parse_msr_action(s: &str) -> Result<(u32, crate::profile::Action), String> {
+    let (index, action) = s.split_once('=').ok_or_else(|| format!("`{s}`: give INDEX=ACTION"))?;
+    Ok((parse_msr(index)?, action.parse()?))
 }
 
 /// Limits and config that `run` takes from a manifest, for `check`/`test`.
@@ -695,6 +743,12 @@ fn guests(args: GuestsArgs) -> Result<i32> {
         ("demo.elf", crate::demo::GUEST),
         ("msr_loop.elf", crate::bench::LOOP_GUEST),
         ("msr_forever.elf", crate::bench::FOREVER_GUEST),
+        // What writing a guest needs: the helpers, the linker scripts, an
+        // example to start from (docs/guest-conventions.md).
+        ("guest.inc", include_bytes!("../guests/guest.inc")),
+        ("elf.ld", include_bytes!("../guests/elf.ld")),
+        ("flat.ld", include_bytes!("../guests/flat.ld")),
+        ("example.S", include_bytes!("../guests/example.S")),
     ] {
         let path = args.dir.join(name);
         std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
@@ -911,22 +965,67 @@ fn ctl(args: CtlArgs) -> Result<i32> {
     Ok(if (200..300).contains(&status) { 0 } else { 1 })
 }
 
+fn read_footprint(footprint: &std::path::Path) -> Result<Vec<msrwasm::FootprintEntry>> {
+    let bytes = msrwasm::tools::read_regular(footprint, 256 << 20)
+        .with_context(|| format!("reading {}", footprint.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{}: not a footprint (run --footprint FILE writes one)",
+            footprint.display()
+        )
+    })
+}
+
 fn policy(args: PolicyArgs) -> Result<i32> {
+    use crate::profile::Profile;
     match args.command {
         PolicyCommand::Suggest { footprint } => {
-            let bytes = msrwasm::tools::read_regular(&footprint, 256 << 20)
-                .with_context(|| format!("reading {}", footprint.display()))?;
-            let entries: Vec<msrwasm::FootprintEntry> = serde_json::from_slice(&bytes).with_context(|| {
-                format!(
-                    "{}: not a footprint (run --footprint FILE writes one)",
-                    footprint.display()
-                )
-            })?;
+            let entries = read_footprint(&footprint)?;
             out!(
                 "{}",
                 msrwasm::tools::suggest(&entries, &footprint.display().to_string())
             );
             Ok(0)
+        }
+        PolicyCommand::Profile { profile, out } => {
+            let parsed = Profile::load(&profile)?;
+            let dir = out.unwrap_or_else(|| profile.parent().map(|p| p.to_owned()).unwrap_or_default());
+            for path in parsed.write(&dir)? {
+                out!("{}\n", path.display());
+            }
+            Ok(0)
+        }
+        PolicyCommand::Record {
+            footprint,
+            out,
+            name,
+            action,
+            msrs,
+        } => {
+            let entries = read_footprint(&footprint)?;
+            let overrides = msrs.into_iter().collect();
+            let profile =
+                crate::profile::record(&entries, &name, &footprint.display().to_string(), action, &overrides)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let toml = out.join("profile.toml");
+            msrwasm::tools::write_atomic_mode(&toml, profile.to_toml().as_bytes(), 0o644)
+                .with_context(|| format!("writing {}", toml.display()))?;
+            out!("{}\n", toml.display());
+            for path in profile.write(&out)? {
+                out!("{}\n", path.display());
+            }
+            err!(
+                "{} MSR(s) answered; try it: msrwasm run --manifest {} GUEST",
+                profile.rows.len(),
+                out.join("manifest.toml").display()
+            );
+            Ok(0)
+        }
+        PolicyCommand::Diff { a, b } => {
+            let (x, y) = (read_footprint(&a)?, read_footprint(&b)?);
+            let (text, changes) = crate::profile::diff(&x, &y, &a.display().to_string(), &b.display().to_string());
+            out!("{text}");
+            Ok(i32::from(changes > 0))
         }
     }
 }

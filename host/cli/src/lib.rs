@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod logs;
+pub mod profile;
 pub mod runner;
 pub mod top;
 

@@ -205,6 +205,148 @@ fn guests_writes_the_built_in_images() {
         let bytes = std::fs::read(out_dir.join(name)).unwrap();
         assert!(bytes.starts_with(b"\x7fELF"), "{name}");
     }
+    // What it writes is enough to write a guest: the example, and a
+    // profile's replay guest, build with it alone and run as documented.
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let build = |src: &str, elf: &std::path::Path| {
+        let o = Command::new("cc")
+            .args(["-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none", "-I"])
+            .arg(&out_dir)
+            .arg("-T")
+            .arg(out_dir.join("elf.ld"))
+            .arg("-o")
+            .arg(elf)
+            .arg(src)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{src}: {}", stderr(&o));
+    };
+    let example = dir.path().join("example.elf");
+    build(out_dir.join("example.S").to_str().unwrap(), &example);
+    let replay = dir.path().join("replay.elf");
+    build(&format!("{root}/plugins/profiles/linux/linux_replay.S"), &replay);
+    if !kvm_available() {
+        return;
+    }
+    let o = msrwasm(&[
+        "run",
+        "--plugin",
+        &format!("{root}/plugins/topology.wat"),
+        example.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "one #GP: {}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("replay: 0x0000000000000001 #GP"));
+    let manifest = format!("{root}/plugins/profiles/linux/manifest.toml");
+    let o = msrwasm(&["run", "--manifest", &manifest, replay.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+/// `policy record` and `policy diff` as documented: a footprint of the bare
+/// Linux replay becomes a profile under which the replay runs clean.
+#[test]
+fn policy_record_turns_a_footprint_into_a_working_policy() {
+    if !kvm_available() {
+        return;
+    }
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let o = msrwasm(&["guests", &d("g")]);
+    assert!(o.status.success());
+    let o = Command::new("cc")
+        .args([
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-I",
+            &d("g"),
+            "-T",
+            &d("g/elf.ld"),
+            "-o",
+            &d("replay.elf"),
+        ])
+        .arg(format!("{root}/plugins/profiles/windows/windows_replay.S"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = msrwasm(&[
+        "run",
+        "--unhandled",
+        "log",
+        "--footprint",
+        &d("before.json"),
+        &d("replay.elf"),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = msrwasm(&[
+        "policy",
+        "record",
+        &d("before.json"),
+        "--out",
+        &d("p"),
+        "--msr",
+        "0x1ad=gp",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = msrwasm(&["check", "--manifest", &d("p/manifest.toml"), &d("p/recorded.wat")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = msrwasm(&[
+        "test",
+        "--manifest",
+        &d("p/manifest.toml"),
+        "--case",
+        &d("p/recorded.test"),
+        &d("p/recorded.wat"),
+    ]);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
+    let o = msrwasm(&[
+        "run",
+        "--manifest",
+        &d("p/manifest.toml"),
+        "--footprint",
+        &d("after.json"),
+        &d("replay.elf"),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "only 0x1ad, recorded as #GP, faults: {}",
+        stderr(&o)
+    );
+    let o = msrwasm(&["policy", "diff", &d("before.json"), &d("after.json")]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("~ rdmsr 0x88: answered by unhandled -> plugin:recorded"));
+    let o = msrwasm(&["policy", "diff", &d("after.json"), &d("after.json")]);
+    assert_eq!(o.status.code(), Some(0));
+    refused(
+        &[
+            "policy",
+            "record",
+            &d("before.json"),
+            "--out",
+            &d("q"),
+            "--msr",
+            "0x12345=gp",
+        ],
+        "no unhandled access",
+    );
+    refused(
+        &[
+            "policy",
+            "record",
+            &d("before.json"),
+            "--out",
+            &d("q"),
+            "--action",
+            "maybe",
+        ],
+        "zero, recorded, gp or value=N",
+    );
 }
 
 #[test]
