@@ -4,7 +4,8 @@
  * plugins answer; then waits at a gate (RDMSR 0x4d530002, answered by the
  * demo's gate plugin) until the host has hot-swapped topology.wat and
  * opened the gate; reads them again (the new version answers); tries to
- * write a read-only RAPL MSR (#GP from the plugin); reads an MSR no plugin
+ * write a read-only RAPL MSR (#GP from the plugin); writes and reads
+ * VM_IGNNE (0xc0010115, the Windows guest profile); reads an MSR no plugin
  * knows (the VM's `unhandled = "log"` policy answers 0); then halts. The
  * host, not a delay loop, paces the demo. The VM ends when all vCPUs halt.
  */
@@ -74,6 +75,26 @@ after_rounds:
     mov (%rbx,%r15,8), %rax
     call puthex
     PRINT "   (RAPL is read-only here)\n"
+    LINE_END
+
+    /* What Windows does on AMD (virt-manager#570): write VM_IGNNE, which
+       KVM does not model for reads; the Windows guest profile answers it. */
+    RESET_GP
+    mov $0xc0010115, %ecx
+    xor %eax, %eax
+    xor %edx, %edx
+    wrmsr
+    mov $0xc0010115, %ecx
+    rdmsr
+    LINE_BEGIN
+    PRINT "vcpu "
+    mov %r15, %rax
+    call putdig
+    PRINT ": VM_IGNNE (0xc0010115) written and read back, #GP count "
+    lea gp_count(%rip), %rbx
+    mov (%rbx,%r15,8), %rax
+    call puthex
+    PRINT "   (the Windows guest profile)\n"
     LINE_END
 
     mov $0x1a2, %ecx

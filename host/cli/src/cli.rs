@@ -240,6 +240,19 @@ enum PolicyCommand {
         #[arg(long = "msr", value_parser = parse_msr_action)]
         msrs: Vec<(u32, crate::profile::Action)>,
     },
+    /// Import a Firecracker custom CPU template (JSON): its `msr_modifiers`
+    /// become `[[template]]` entries (the guest reads the host's value with
+    /// the bitmap's 0/1 bits forced); `cpuid_modifiers` and the other
+    /// sections are out of scope and reported as ignored. Prints a
+    /// manifest (or, with --manifest, that manifest with the templates
+    /// added), checked as `run` would load it.
+    ImportTemplate {
+        template: PathBuf,
+        /// Add the templates to this manifest (its plugins, unhandled,
+        /// firewall); printed, the file is not changed.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
     /// Compare two footprints (two guest versions, or two hosts): MSRs
     /// only in one, and changes in who answered, #GP and the last value.
     /// Exits 1 when they differ.
@@ -1019,6 +1032,27 @@ fn policy(args: PolicyArgs) -> Result<i32> {
                 profile.rows.len(),
                 out.join("manifest.toml").display()
             );
+            Ok(0)
+        }
+        PolicyCommand::ImportTemplate { template, manifest } => {
+            let (templates, ignored) = crate::profile::import_firecracker(&template)?;
+            for what in ignored {
+                err!("{}: {what}", template.display());
+            }
+            if !templates.contains("[[template]]") {
+                err!("{}: no msr_modifiers: the policy gets no template", template.display());
+            }
+            let (text, as_file) = match &manifest {
+                Some(m) => {
+                    let bytes =
+                        msrwasm::tools::read_regular(m, 1 << 20).with_context(|| format!("reading {}", m.display()))?;
+                    let base = String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8", m.display()))?;
+                    (format!("{}\n{templates}", base.trim_end()), m.clone())
+                }
+                None => (templates, std::path::PathBuf::from("template.toml")),
+            };
+            PolicySpec::parse(&as_file, &text).context("the imported template does not load")?;
+            out!("{text}");
             Ok(0)
         }
         PolicyCommand::Diff { a, b } => {

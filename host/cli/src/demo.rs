@@ -21,6 +21,8 @@ pub const GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
 pub const RAPL_WAT: &str = include_str!("../../../plugins/synthetic_rapl.wat");
 /// MSR_CORE_THREAD_COUNT.
 pub const TOPOLOGY_WAT: &str = include_str!("../../../plugins/topology.wat");
+/// The Windows guest profile (plugins/profiles/windows/).
+pub const WINDOWS_PROFILE_WAT: &str = include_str!("../../../plugins/profiles/windows/windows.wat");
 /// The topology version swapped in midway: SMT hidden.
 pub const TOPOLOGY_NOSMT_WAT: &str = include_str!("demo_topology_nosmt.wat");
 /// The gate the guest waits at until the host opened it (state key 0), and
@@ -65,6 +67,14 @@ tdp_watts = 95
 [[plugin]]
 name = "gate"
 path = "gate.wat"
+
+# The Windows guest profile (plugins/profiles/windows/): the MSRs Windows
+# touches that KVM does not model, here VM_IGNNE (0xc0010115) on AMD.
+[[plugin]]
+name = "windows"
+path = "windows.wat"
+[plugin.config]
+vendor = 0
 "#;
 
 /// Why the demo could not be set up.
@@ -95,11 +105,12 @@ impl Demo {
                 dir: std::env::temp_dir(),
                 source,
             })?;
-        let files: [(&str, &[u8]); 5] = [
+        let files: [(&str, &[u8]); 6] = [
             ("demo.elf", GUEST),
             ("synthetic_rapl.wat", RAPL_WAT.as_bytes()),
             ("topology.wat", TOPOLOGY_WAT.as_bytes()),
             ("gate.wat", GATE_WAT.as_bytes()),
+            ("windows.wat", WINDOWS_PROFILE_WAT.as_bytes()),
             ("demo.toml", MANIFEST.as_bytes()),
         ];
         for (name, bytes) in files {

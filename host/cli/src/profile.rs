@@ -755,3 +755,79 @@ pub fn diff(
     let _ = writeln!(out, "{changes} difference(s)");
     (out, changes)
 }
+
+/// Firecracker's custom CPU template (its documented JSON): only
+/// `msr_modifiers` is imported; the other sections are reported as ignored.
+#[derive(Deserialize)]
+struct FirecrackerTemplate {
+    #[serde(default)]
+    msr_modifiers: Vec<FirecrackerMsr>,
+    #[serde(flatten)]
+    other: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FirecrackerMsr {
+    addr: serde_json::Value,
+    bitmap: String,
+}
+
+/// Imports a Firecracker custom CPU template: `[[template]]` entries for
+/// a manifest, and what was ignored (sections other than `msr_modifiers`).
+pub fn import_firecracker(file: &Path) -> Result<(String, Vec<String>)> {
+    let bytes = msrwasm::tools::read_regular(file, MAX_PROFILE_BYTES)
+        .with_context(|| format!("{}: cannot read the template", file.display()))?;
+    let template: FirecrackerTemplate = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: not a Firecracker CPU template", file.display()))?;
+    if template.msr_modifiers.len() > msrwasm::MAX_TEMPLATES {
+        bail!(
+            "{}: {} msr_modifiers, at most {}",
+            file.display(),
+            template.msr_modifiers.len(),
+            msrwasm::MAX_TEMPLATES
+        );
+    }
+    let ignored: Vec<String> = template
+        .other
+        .iter()
+        .filter(|(_, value)| value.as_array().is_none_or(|list| !list.is_empty()))
+        .map(|(key, value)| match value.as_array() {
+            Some(list) => format!("{key} ({} entries): out of scope, not imported", list.len()),
+            None => format!("{key}: out of scope, not imported"),
+        })
+        .collect();
+    let mut out = format!(
+        "# CPU template imported from {} by `msrwasm policy import-template`:\n\
+         # the guest reads each MSR below with the bitmap's 0/1 bits forced over the\n\
+         # host's value (x keeps the host's bit). docs/manifest.md, \"CPU templates\".\n",
+        file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+    );
+    let mut seen = BTreeSet::new();
+    for (n, m) in template.msr_modifiers.iter().enumerate() {
+        let index = match &m.addr {
+            serde_json::Value::String(s) => msrwasm::tools::parse_number(s),
+            serde_json::Value::Number(v) => v.as_u64(),
+            _ => None,
+        }
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: msr_modifiers[{n}].addr {}: not a 32-bit MSR",
+                file.display(),
+                m.addr
+            )
+        })?;
+        let parsed = msrwasm::MsrTemplate::parse(index, &m.bitmap)
+            .map_err(|e| anyhow::anyhow!("{}: msr_modifiers[{n}] (MSR {index:#x}): {e}", file.display()))?;
+        if !seen.insert(index) {
+            bail!("{}: msr_modifiers[{n}]: MSR {index:#x} appears twice", file.display());
+        }
+        let _ = write!(
+            out,
+            "\n[[template]]\nmsr = \"{index:#x}\"\nbitmap = \"{}\"\n",
+            parsed.bitmap()
+        );
+    }
+    Ok((out, ignored))
+}

@@ -134,7 +134,10 @@ fn demo_runs_by_itself_and_summarises() {
         assert_eq!(rounds, ["smt", "smt", "nosmt", "nosmt"], "{out}");
         let gp = format!("{vcpu}: WRMSR MSR_PKG_POWER_LIMIT (0x610) -> #GP count 0x0000000000000001");
         assert!(out.contains(&gp), "{out}");
+        let profile = format!("{vcpu}: VM_IGNNE (0xc0010115) written and read back, #GP count 0x0000000000000000");
+        assert!(out.contains(&profile), "{out}");
     }
+    assert!(err.contains("plugin windows: 4 handled, 0 fault"), "{err}");
     assert!(
         err.contains("all vCPUs halted") && err.contains("plugin rapl: 8 handled, 2 fault"),
         "{err}"
@@ -143,7 +146,7 @@ fn demo_runs_by_itself_and_summarises() {
     assert!(err.contains("new version in force"), "{err}");
     let trace = std::fs::read_to_string(&trace).unwrap();
     let lines = trace.lines().filter(|l| !l.contains("\"0x4d530002\"")).count();
-    assert_eq!(lines, 20, "2 vCPUs x (4 rounds x 2 + 1 + 1) accesses besides the gate");
+    assert_eq!(lines, 24, "2 vCPUs x (4 rounds x 2 + 1 + 2 + 1) accesses besides the gate");
 }
 
 #[test]

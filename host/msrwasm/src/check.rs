@@ -109,6 +109,14 @@ pub fn check_cached(settings: PluginSettings, cache: &ModuleCache) -> CheckRepor
     if plugin.claims().is_none() {
         report.warnings.extend(catch_all_warnings(&plugin));
     }
+    report.warnings.extend(crate::policy::exit_storm_warnings(
+        plugin
+            .claims()
+            .unwrap_or_default()
+            .iter()
+            .map(|&r| (plugin.name(), plugin.settings().hot_msrs, r)),
+        &[],
+    ));
     if crate::plugin::imports_energy(&report.imports) {
         report.warnings.push(
             "imports host energy: a VM's manifest must grant it (grants = [\"energy\"], docs/energy.md); outside a VM its calls trap".into(),

@@ -142,6 +142,7 @@ impl Live {
 enum Who {
     Plugin { position: usize, error: bool },
     Kvm,
+    Template,
     Unhandled,
     Firewall,
 }
@@ -269,6 +270,7 @@ impl Dispatcher {
                     error,
                 },
                 Who::Kvm => AnsweredBy::Kvm,
+                Who::Template => AnsweredBy::Template,
                 Who::Unhandled => AnsweredBy::Unhandled(policy.unhandled()),
                 Who::Firewall => AnsweredBy::Firewall(policy.unhandled()),
             },
@@ -326,7 +328,8 @@ impl Dispatcher {
                 Ok(Answer::Handled(value)) => {
                     event(position, CallResult::Handled, took);
                     let reply = match access.op {
-                        Op::Read => Reply::Read(value),
+                        // A template's bits win over a plugin's answer too.
+                        Op::Read => Reply::Read(policy.template(access.index).map_or(value, |t| t.apply(value))),
                         Op::Write(_) => Reply::Written,
                     };
                     return (reply, Who::Plugin { position, error: false });
@@ -352,6 +355,25 @@ impl Dispatcher {
                         return (Reply::Gp, Who::Plugin { position, error: true });
                     }
                 }
+            }
+        }
+        // A CPU template: the host's value (KVM's own) with its bits; a
+        // write to a read-only MSR it took over faults, as on hardware.
+        if let Some(template) = self.policy.template(access.index).copied() {
+            match access.op {
+                Op::Read => {
+                    if let Some(base) = kvm.get(access.index) {
+                        return (Reply::Read(template.apply(base)), Who::Template);
+                    }
+                }
+                Op::Write(_)
+                    if crate::policy::TEMPLATE_READ_ONLY
+                        .iter()
+                        .any(|&(i, _)| i == access.index) =>
+                {
+                    return (Reply::Gp, Who::Template);
+                }
+                Op::Write(_) => {}
             }
         }
         // A filtered access the firewall denied never falls back to KVM.

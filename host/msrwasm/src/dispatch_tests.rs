@@ -84,6 +84,7 @@ fn by_name(outcome: &Outcome<'_>) -> String {
     match outcome.by {
         AnsweredBy::Plugin { plugin, error, .. } => format!("{}{}", plugin.name, if error { "!" } else { "" }),
         AnsweredBy::Kvm => "kvm".into(),
+        AnsweredBy::Template => "template".into(),
         AnsweredBy::Unhandled(u) => format!("unhandled:{u}"),
         AnsweredBy::Firewall(u) => format!("firewall:{u}"),
     }
@@ -346,4 +347,62 @@ fn a_change_is_validated_on_every_vcpu_before_it_goes_live() {
         "{reloads:?}"
     );
     assert_eq!(engine.generation(), 1);
+}
+
+/// CPU templates: the host's value with the bits forced, a plugin's
+/// answer with the bits forced, writes to a read-only MSR taken over
+/// fault, an MSR nobody can give a value for goes to `unhandled`, and a
+/// revised template is in force at the next exit.
+#[test]
+fn templates_force_bits_over_kvm_and_plugins_and_follow_updates() {
+    let template = |index: u32, bitmap: &str| crate::policy::MsrTemplate::parse(index, bitmap).unwrap();
+    let mut s = Setup::new(Unhandled::Gp).plugin("p", ANSWER_7, Some(vec![(0x4d53_0001, 0x4d53_0001)]), OnError::Fault);
+    s.spec.templates = vec![
+        template(0x10a, "0b10x0"),
+        template(0x4d53_0001, "0b1000"),
+        template(0x4d53_0002, "0b1"),
+    ];
+    let engine = s.engine();
+    let mut d = engine.dispatcher(0);
+    let mut kvm = FakeKvm::default();
+    kvm.msrs.insert(0x10a, 0b0111);
+    let o = d.handle(read(0x10a, ExitReason::Filter), &mut kvm);
+    assert_eq!((o.reply, by_name(&o)), (Reply::Read(0b1010), "template".into()));
+    let o = d.handle(read(0x4d53_0001, ExitReason::Filter), &mut kvm);
+    assert_eq!((o.reply, by_name(&o)), (Reply::Read(0b1000), "p".into()));
+    let o = d.handle(Access::write(0x10a, 0, ExitReason::Filter), &mut kvm);
+    assert_eq!((o.reply, by_name(&o)), (Reply::Gp, "template".into()));
+    // No host value and no plugin: `unhandled` decides.
+    let o = d.handle(read(0x4d53_0002, ExitReason::Unknown), &mut kvm);
+    assert_eq!((o.reply, by_name(&o)), (Reply::Gp, "unhandled:gp".into()));
+    // Template MSRs are deflected through the filter.
+    assert!(
+        engine
+            .policy()
+            .filter()
+            .deflect
+            .iter()
+            .any(|&(f, l)| f <= 0x10a && 0x10a <= l)
+    );
+    // A revised template (a hot reload) is in force at the next exit.
+    let mut revised = s.spec.clone();
+    revised.templates = vec![template(0x10a, "0b0000")];
+    engine.update(revised).unwrap();
+    let o = d.handle(read(0x10a, ExitReason::Filter), &mut kvm);
+    assert_eq!(o.reply, Reply::Read(0));
+    // Claims on IA32_ARCH_CAPABILITIES are refused without a template.
+    let mut claims = Setup::new(Unhandled::Gp).plugin("q", PASS, Some(vec![(0x10a, 0x10a)]), OnError::Fault);
+    assert!(
+        Engine::builder()
+            .filter(RecordingFilter::default())
+            .build(claims.spec.clone())
+            .is_err()
+    );
+    claims.spec.templates = vec![template(0x10a, "0bx")];
+    assert!(
+        Engine::builder()
+            .filter(RecordingFilter::default())
+            .build(claims.spec)
+            .is_ok()
+    );
 }

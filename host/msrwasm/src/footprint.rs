@@ -170,6 +170,7 @@ impl VcpuEvents for FootprintSink {
         let who: &str = match &outcome.by {
             AnsweredBy::Plugin { plugin, .. } => &plugin.name,
             AnsweredBy::Kvm => "kvm",
+            AnsweredBy::Template => "template",
             AnsweredBy::Unhandled(_) => "unhandled",
             AnsweredBy::Firewall(_) => "firewall",
         };

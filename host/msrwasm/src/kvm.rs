@@ -145,6 +145,84 @@ impl Dispatcher {
 pub struct KvmFilter {
     vm: VmFd,
     vmm: Vec<VmmRange>,
+    /// What KVM can give a CPU template: the MSRs it knows, and the values
+    /// of its feature MSRs (what it can offer guests at most).
+    host: HostMsrs,
+}
+
+/// The MSRs KVM knows (`KVM_GET_MSR_INDEX_LIST`, sorted) and its feature
+/// MSRs with their supported values (`KVM_GET_MSR_FEATURE_INDEX_LIST`,
+/// system `KVM_GET_MSRS`).
+#[derive(Debug, Default)]
+struct HostMsrs {
+    known: Vec<u32>,
+    features: Vec<(u32, u64)>,
+}
+
+impl HostMsrs {
+    fn read(kvm: &Kvm) -> Result<Self, KvmError> {
+        let ioctl = |what| move |source| KvmError::Ioctl { what, source };
+        let mut known = kvm
+            .get_msr_index_list()
+            .map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
+        let feature_list = kvm
+            .get_msr_feature_index_list()
+            .map_err(ioctl("KVM_GET_MSR_FEATURE_INDEX_LIST"))?;
+        let entries: Vec<kvm_msr_entry> = feature_list
+            .as_slice()
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut features = Vec::new();
+        if !entries.is_empty() {
+            let mut msrs = Msrs::from_entries(&entries).map_err(|_| KvmError::Ioctl {
+                what: "KVM_GET_MSRS (features)",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+            let read = kvm.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS (features)"))?;
+            features = msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)).collect();
+        }
+        known.extend(feature_list.as_slice());
+        known.sort_unstable();
+        known.dedup();
+        Ok(Self { known, features })
+    }
+
+    /// Refuses a template this host cannot honour: bits set to 1 that KVM
+    /// cannot offer in a feature MSR, or an MSR that neither KVM nor a
+    /// plugin of the plan answers.
+    fn check(&self, plan: &FilterPlan) -> Result<(), FilterError> {
+        for t in &plan.templates {
+            if let Some(&(_, supported)) = self.features.iter().find(|(i, _)| *i == t.index) {
+                let missing = t.value & !supported;
+                if missing != 0 {
+                    return Err(FilterError::Template {
+                        index: t.index,
+                        why: format!(
+                            "asks for bits {missing:#x} (bit{} {}) that this host's KVM cannot provide (it supports {supported:#x})",
+                            if missing.count_ones() == 1 { "" } else { "s" },
+                            (0..64)
+                                .filter(|b| missing >> b & 1 == 1)
+                                .map(|b| b.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    });
+                }
+            } else if self.known.binary_search(&t.index).is_err() && !plan.plugin_claims(t.index) {
+                return Err(FilterError::Template {
+                    index: t.index,
+                    why: "cannot be modelled: KVM does not know this MSR (no host value to keep the `x` bits of) and no plugin claims it".into(),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for KvmFilter {
@@ -162,12 +240,14 @@ impl KvmFilter {
     /// VMM's seccomp filter forbids `fcntl(F_DUPFD_CLOEXEC)`.
     pub fn new(kvm: &Kvm, vm: &VmFd, vmm: Vec<VmmRange>) -> Result<Self, KvmError> {
         let vm = crate::sys::dup_vm(kvm, vm).map_err(KvmError::Dup)?;
-        Ok(Self { vm, vmm })
+        let host = HostMsrs::read(kvm)?;
+        Ok(Self { vm, vmm, host })
     }
 }
 
 impl FilterSink for KvmFilter {
     fn apply(&self, plan: &FilterPlan) -> Result<(), FilterError> {
+        self.host.check(plan)?;
         let ranges = plan.ranges(&self.vmm)?;
         let flags = |r: bool, w: bool| match (r, w) {
             (true, true) => MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,

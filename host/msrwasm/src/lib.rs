@@ -115,7 +115,7 @@ pub use msr::{Access, AnsweredBy, ExitReason, Flavour, KvmMsrs, NoKvm, Op, Outco
 pub use plugin::clock::{Clock, GuestClock};
 pub use plugin::state::{StateSnapshot, StoreFull};
 pub use plugin::{CallError, LoadError, OnError, PluginSettings, RuntimeError};
-pub use policy::{FilterDefault, ManifestError, Policy, PolicyError, PolicySpec};
+pub use policy::{FilterDefault, MAX_TEMPLATES, ManifestError, MsrTemplate, Policy, PolicyError, PolicySpec};
 pub use stats::{PluginStats, StatsSnapshot, VcpuStats};
 pub use trace::{Trace, TraceError, TraceReport};
 

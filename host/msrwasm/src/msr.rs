@@ -119,6 +119,9 @@ pub enum AnsweredBy<'a> {
     },
     /// Every plugin passed on a claimed MSR and KVM's own handling decided.
     Kvm,
+    /// A CPU template (`[[template]]`) decided: the host's value with the
+    /// template's bits, or #GP for a write to a read-only MSR it covers.
+    Template,
     /// Nobody answered; the VM's `unhandled` policy decided.
     Unhandled(Unhandled),
     /// Nobody answered an access the default-deny MSR firewall denied
@@ -128,12 +131,13 @@ pub enum AnsweredBy<'a> {
 }
 
 impl AnsweredBy<'_> {
-    /// `plugin`, `kvm`, `unhandled` or `firewall`, as traces and metrics
+    /// `plugin`, `kvm`, `template`, `unhandled` or `firewall`, as traces and metrics
     /// name it.
     pub fn kind(&self) -> &'static str {
         match self {
             AnsweredBy::Plugin { .. } => "plugin",
             AnsweredBy::Kvm => "kvm",
+            AnsweredBy::Template => "template",
             AnsweredBy::Unhandled(_) => "unhandled",
             AnsweredBy::Firewall(_) => "firewall",
         }

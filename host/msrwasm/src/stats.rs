@@ -320,7 +320,8 @@ impl VcpuEvents for StatsSink {
         bump(if access.is_write() { &c.wrmsr } else { &c.rdmsr });
         let by = match outcome.by {
             AnsweredBy::Plugin { .. } => 0,
-            AnsweredBy::Kvm => 1,
+            // A template answers from KVM's value: counted with KVM's.
+            AnsweredBy::Kvm | AnsweredBy::Template => 1,
             AnsweredBy::Unhandled(_) | AnsweredBy::Firewall(_) => 2,
         };
         bump(&c.by[by][dir]);

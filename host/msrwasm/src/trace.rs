@@ -73,6 +73,7 @@ impl TraceRecord {
                 )
             }
             AnsweredBy::Kvm => ("kvm", None, None, "kvm".to_owned()),
+            AnsweredBy::Template => ("template", None, None, "template".to_owned()),
             AnsweredBy::Unhandled(policy) => ("unhandled", None, None, policy.name().to_owned()),
             AnsweredBy::Firewall(policy) => ("firewall", None, None, policy.name().to_owned()),
         };

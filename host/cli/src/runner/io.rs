@@ -39,6 +39,11 @@ pub enum PortEffect {
 /// Bytes of serial output held while standard output is slow; past this,
 /// output is dropped (and counted) rather than stalling a vCPU.
 pub const SERIAL_BUFFER: usize = 1 << 20;
+/// How long a partial serial line waits for its newline before it is
+/// written anyway (a prompt, a progress dot).
+const PARTIAL_LINE_WAIT: Duration = Duration::from_millis(100);
+/// A partial serial line this long is written without waiting.
+const PARTIAL_LINE_MAX: usize = 4096;
 
 #[derive(Default)]
 struct Pipe {
@@ -88,13 +93,38 @@ impl IoBus {
                 loop {
                     let chunk: Vec<u8> = {
                         let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
-                        while p.bytes.is_empty() && !p.closed {
-                            p = cvar.wait(p).unwrap_or_else(|e| e.into_inner());
-                        }
-                        if p.bytes.is_empty() {
+                        // Whole lines only, so that msrwasm's own messages on
+                        // standard error land between guest lines, never in
+                        // one; a partial line goes out once it has waited
+                        // PARTIAL_LINE_WAIT, grown past PARTIAL_LINE_MAX, or
+                        // the guest is done.
+                        let mut waited = Duration::ZERO;
+                        let take = loop {
+                            let whole = p.bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1);
+                            match whole {
+                                Some(n) => break n,
+                                None if p.closed
+                                    || p.bytes.len() >= PARTIAL_LINE_MAX
+                                    || (!p.bytes.is_empty() && waited >= PARTIAL_LINE_WAIT) =>
+                                {
+                                    break p.bytes.len();
+                                }
+                                None => {
+                                    let started = std::time::Instant::now();
+                                    p = cvar
+                                        .wait_timeout(p, PARTIAL_LINE_WAIT)
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .0;
+                                    if !p.bytes.is_empty() {
+                                        waited += started.elapsed();
+                                    }
+                                }
+                            }
+                        };
+                        if take == 0 {
                             break;
                         }
-                        p.bytes.drain(..).collect()
+                        p.bytes.drain(..take).collect()
                     };
                     // A failing sink (closed pipe) must not stop the guest.
                     if out.write_all(&chunk).and_then(|_| out.flush()).is_err() {
@@ -187,6 +217,43 @@ mod tests {
         assert_ne!(lsr[0] & 0x20, 0);
         assert_eq!(bus.finish(Duration::from_secs(1)), 0);
         assert_eq!(&*out.0.lock().unwrap(), b"h\n");
+    }
+
+    /// Serial output goes out in whole lines (so that host messages never
+    /// split a guest line); a partial line still goes out after a short
+    /// wait, and at the end.
+    #[test]
+    fn serial_output_goes_out_in_whole_lines() {
+        #[derive(Clone, Default)]
+        struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+        impl Write for Writes {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().push(buf.to_vec());
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Writes::default();
+        let bus = IoBus::new(Box::new(out.clone()));
+        for b in b"one\ntw" {
+            bus.write(0x3f8, &[*b]);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        bus.write(0x3f8, b"o");
+        // The partial line waits for its newline, then goes out anyway.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while out.0.lock().unwrap().concat() != b"one\ntwo" {
+            assert!(std::time::Instant::now() < deadline, "{:?}", out.0.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for w in out.0.lock().unwrap().iter() {
+            assert!(w.ends_with(b"\n") || w == b"two" || w == b"tw" || w == b"o", "{w:?}");
+        }
+        bus.write(0x3f8, b"!");
+        assert_eq!(bus.finish(Duration::from_secs(1)), 0);
+        assert_eq!(out.0.lock().unwrap().concat(), b"one\ntwo!");
     }
 
     /// A sink that never returns, like a pipe whose reader stopped.

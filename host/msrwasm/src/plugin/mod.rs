@@ -71,6 +71,9 @@ pub struct PluginSettings {
     /// may import `msr_energy_v1` (core) or `msrwasm:plugin/energy`
     /// (component), and the host samples energy while it is loaded.
     pub energy: bool,
+    /// The manifest confirms claims on MSRs guests read at high rates
+    /// (`hot_msrs = true`): no exit-storm warning for this plugin.
+    pub hot_msrs: bool,
 }
 
 impl PluginSettings {
@@ -93,6 +96,7 @@ impl PluginSettings {
             config: BTreeMap::new(),
             source: None,
             energy: false,
+            hot_msrs: false,
         }
     }
 

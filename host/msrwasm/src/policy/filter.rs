@@ -50,6 +50,15 @@ pub enum FilterError {
     /// KVM refused the filter.
     #[error("KVM refused the MSR filter")]
     Kvm(#[source] std::io::Error),
+    /// A CPU template this host cannot honour.
+    #[error("template for MSR {index:#x}: {why}")]
+    Template {
+        /// The MSR.
+        index: u32,
+        /// Why: the bits the host cannot provide, or why the MSR cannot be
+        /// modelled.
+        why: String,
+    },
 }
 
 /// MSRs a VMM wants deflected to itself (denied in the filter), for the
@@ -111,6 +120,9 @@ impl FilterRanges {
 /// Which directions a set of windows is for, and the MSRs it covers.
 type Direction<'a> = (bool, bool, &'a Vec<(u32, u32)>);
 
+/// How templates appear among the claimants (in messages).
+pub(crate) const TEMPLATE_CLAIMANT: &str = "[[template]]";
+
 /// What a policy needs of the filter.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FilterPlan {
@@ -120,6 +132,9 @@ pub struct FilterPlan {
     pub allow: Vec<(u32, u32)>,
     /// MSRs plugins claimed: always deflected (sorted, disjoint).
     pub deflect: Vec<(u32, u32)>,
+    /// CPU templates (sorted by MSR): a sink may refuse bits its host
+    /// cannot provide.
+    pub templates: Vec<crate::policy::MsrTemplate>,
     /// Who claimed what, for messages.
     claimants: Vec<(String, u32, u32)>,
 }
@@ -159,10 +174,24 @@ impl FilterPlan {
             default,
             allow,
             deflect,
+            templates: Vec::new(),
             claimants,
         };
         plan.ranges(&[])?;
         Ok(plan)
+    }
+
+    /// The plan with CPU templates for the sink to check.
+    pub(crate) fn with_templates(mut self, templates: Vec<crate::policy::MsrTemplate>) -> Self {
+        self.templates = templates;
+        self
+    }
+
+    /// Whether `index` is claimed by a plugin (not only by a template).
+    pub fn plugin_claims(&self, index: u32) -> bool {
+        self.claimants
+            .iter()
+            .any(|(who, f, l)| who != TEMPLATE_CLAIMANT && (*f..=*l).contains(&index))
     }
 
     /// Whether the plan asks KVM to deflect nothing (no filter needed).

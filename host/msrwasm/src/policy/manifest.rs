@@ -37,6 +37,8 @@ pub struct PolicySpec {
     pub allow: Vec<(u32, u32)>,
     /// The plugins, in chain order.
     pub plugins: Vec<PluginSettings>,
+    /// CPU templates: MSRs whose bits the guest reads forced (`[[template]]`).
+    pub templates: Vec<MsrTemplate>,
     /// The manifest file this came from: only [`PolicySpec::from_manifest`]
     /// sets it, and the engine follows that file (see
     /// [`crate::Engine::update`]).
@@ -68,7 +70,79 @@ struct RawManifest {
     allow: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     plugin: Vec<RawPlugin>,
+    #[serde(default)]
+    template: Vec<RawTemplate>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTemplate {
+    msr: Spanned<String>,
+    bitmap: Spanned<String>,
+}
+
+/// One MSR of a CPU template (Firecracker's `msr_modifiers`): the guest
+/// reads the host's value (KVM's, or a plugin's answer) with the bits of
+/// `mask` forced to those of `value`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MsrTemplate {
+    /// The MSR.
+    pub index: u32,
+    /// The bits the template sets (`0` or `1` in the bitmap).
+    pub mask: u64,
+    /// Their values (bits outside `mask` are 0).
+    pub value: u64,
+}
+
+impl MsrTemplate {
+    /// Parses a bitmap as Firecracker's templates write it: `0b` and up to
+    /// 64 characters `0`, `1` or `x` (keep the host's bit), most
+    /// significant first; a shorter bitmap covers the low bits (the rest
+    /// are `x`). `_` separators are ignored.
+    pub fn parse(index: u32, bitmap: &str) -> Result<Self, String> {
+        let bits = bitmap
+            .strip_prefix("0b")
+            .ok_or_else(|| format!("bitmap {bitmap:?} must start with 0b"))?;
+        let bits: Vec<u8> = bits.bytes().filter(|&b| b != b'_').collect();
+        if bits.is_empty() || bits.len() > 64 {
+            return Err(format!("bitmap has {} bits, give 1 to 64", bits.len()));
+        }
+        let (mut mask, mut value) = (0u64, 0u64);
+        for (i, b) in bits.iter().rev().enumerate() {
+            match b {
+                b'0' => mask |= 1 << i,
+                b'1' => {
+                    mask |= 1 << i;
+                    value |= 1 << i;
+                }
+                b'x' | b'X' => {}
+                other => return Err(format!("bitmap character {:?}: only 0, 1 and x", *other as char)),
+            }
+        }
+        Ok(Self { index, mask, value })
+    }
+
+    /// The value the guest reads, from the host's `base`.
+    pub fn apply(&self, base: u64) -> u64 {
+        (base & !self.mask) | self.value
+    }
+
+    /// The bitmap, 64 characters after `0b`.
+    pub fn bitmap(&self) -> String {
+        let mut s = String::from("0b");
+        for i in (0..64).rev() {
+            s.push(match (self.mask >> i & 1, self.value >> i & 1) {
+                (0, _) => 'x',
+                (_, 1) => '1',
+                _ => '0',
+            });
+        }
+        s
+    }
+}
+
+/// Most `[[template]]` entries in one manifest.
+pub const MAX_TEMPLATES: usize = 256;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,6 +159,8 @@ struct RawPlugin {
     pull_policy: Option<Spanned<crate::oci::PullPolicy>>,
     poll_s: Option<Spanned<i64>>,
     grants: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    hot_msrs: bool,
     #[serde(default)]
     config: BTreeMap<String, i64>,
 }
@@ -324,13 +400,56 @@ impl PolicySpec {
                 config: p.config,
                 source,
                 energy,
+                hot_msrs: p.hot_msrs,
             });
+        }
+        if raw.template.len() > MAX_TEMPLATES {
+            return Err(err(
+                Some(raw.template[MAX_TEMPLATES].msr.span()),
+                format!(
+                    "key `template`: {} entries, at most {MAX_TEMPLATES}",
+                    raw.template.len()
+                ),
+            ));
+        }
+        let mut templates: Vec<MsrTemplate> = Vec::new();
+        for t in &raw.template {
+            let (index, last) = parse_msr_range(t.msr.get_ref())
+                .map_err(|m| err(Some(t.msr.span()), format!("key `template.msr`: {m}")))?;
+            if index != last {
+                return Err(err(
+                    Some(t.msr.span()),
+                    "key `template.msr`: one MSR, not a range".into(),
+                ));
+            }
+            if (0x800..=0x8ff).contains(&index) {
+                return Err(err(
+                    Some(t.msr.span()),
+                    format!(
+                        "key `template.msr`: MSR {index:#x} cannot be modelled: KVM cannot filter the x2APIC range 0x800-0x8ff"
+                    ),
+                ));
+            }
+            if templates.iter().any(|o| o.index == index) {
+                return Err(err(
+                    Some(t.msr.span()),
+                    format!("key `template.msr`: MSR {index:#x} has two templates"),
+                ));
+            }
+            let template = MsrTemplate::parse(index, t.bitmap.get_ref()).map_err(|m| {
+                err(
+                    Some(t.bitmap.span()),
+                    format!("key `template.bitmap` of MSR {index:#x}: {m}"),
+                )
+            })?;
+            templates.push(template);
         }
         Ok(Self {
             unhandled: raw.unhandled,
             filter_default: raw.filter_default,
             allow,
             plugins,
+            templates,
             manifest: Some(file.to_owned()),
         })
     }

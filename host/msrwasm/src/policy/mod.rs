@@ -13,7 +13,55 @@ use crate::msr::PluginInfo;
 use crate::plugin::{LoadError, Plugin, PluginInstance};
 use claims::ClaimTable;
 use filter::{FilterError, FilterPlan};
-pub use manifest::{FilterDefault, ManifestError, PolicySpec, Unhandled};
+pub use manifest::{FilterDefault, MAX_TEMPLATES, ManifestError, MsrTemplate, PolicySpec, Unhandled};
+
+/// MSRs guests read at high rates: deflecting one costs an exit per access
+/// (`docs/manifest.md`, "Exit storms").
+pub(crate) const HOT_MSRS: &[(u32, u32, &str)] = &[
+    (0x10, 0x10, "IA32_TSC"),
+    (0xc1, 0xc8, "IA32_PMCx"),
+    (0xe7, 0xe8, "IA32_MPERF/APERF"),
+    (0x186, 0x18d, "IA32_PERFEVTSELx"),
+    (0x309, 0x30b, "IA32_FIXED_CTRx"),
+    (0x38d, 0x390, "IA32_PERF_GLOBAL_*"),
+    (0x6e0, 0x6e0, "IA32_TSC_DEADLINE"),
+    (0xc001_0000, 0xc001_0007, "AMD PERF_EVTSEL/PERF_CTR"),
+    (0xc001_0200, 0xc001_020b, "AMD PERF_CTL/PERF_CTR"),
+];
+
+/// Warnings for claims (of plugins that did not confirm `hot_msrs`) and
+/// templates covering MSRs guests read at high rates.
+pub(crate) fn exit_storm_warnings<'a>(
+    claims: impl IntoIterator<Item = (&'a str, bool, (u32, u32))>,
+    templates: &[MsrTemplate],
+) -> Vec<String> {
+    let hot = |first: u32, last: u32| {
+        HOT_MSRS
+            .iter()
+            .filter(move |h| h.0 <= last && h.1 >= first)
+            .map(move |h| format!("{:#x} ({})", h.0.max(first), h.2))
+    };
+    let mut out = Vec::new();
+    for (plugin, confirmed, (first, last)) in claims {
+        if !confirmed {
+            out.extend(hot(first, last).map(|m| {
+                format!("plugin `{plugin}` claims {m}, which guests read at high rates: an exit per read (docs/manifest.md, \"Exit storms\"); set hot_msrs = true in its [[plugin]] table if that is intended")
+            }));
+        }
+    }
+    for t in templates {
+        out.extend(hot(t.index, t.index).map(|m| {
+            format!("a template covers {m}, which guests read at high rates: an exit per read (docs/manifest.md, \"Exit storms\")")
+        }));
+    }
+    out
+}
+
+/// Read-only MSRs whose KVM handling a template may take over although a
+/// plugin could not claim them: hardware faults every guest write, so the
+/// template answers reads (the host value with its bits) and writes #GP.
+pub(crate) const TEMPLATE_READ_ONLY: &[(u32, &str)] =
+    &[(0x10a, "IA32_ARCH_CAPABILITIES"), (0x345, "IA32_PERF_CAPABILITIES")];
 
 /// Why a policy cannot be put in force.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +90,18 @@ pub enum PolicyError {
     UnsafeFallback {
         /// The claiming plugin.
         plugin: String,
+        /// The MSR.
+        index: u32,
+        /// Its name.
+        name: &'static str,
+        /// What KVM does differently for the guest.
+        why: &'static str,
+    },
+    /// A template names an MSR whose guest handling msrwasm cannot model.
+    #[error(
+        "template for MSR {index:#x} ({name}): cannot be modelled: KVM handles it with checks only guest accesses get ({why}), and msrwasm cannot reproduce them"
+    )]
+    TemplateUnmodelled {
         /// The MSR.
         index: u32,
         /// Its name.
@@ -91,6 +151,8 @@ pub struct Policy {
     table: ClaimTable,
     filter: FilterPlan,
     unhandled: Unhandled,
+    /// CPU templates, sorted by MSR.
+    templates: Vec<MsrTemplate>,
     /// Instances of new plugin versions made off the vCPU threads, taken by
     /// each vCPU at its switch: `(vcpu, chain position, instance)`.
     prepared: Mutex<Vec<(u32, usize, PluginInstance)>>,
@@ -123,21 +185,61 @@ impl Policy {
         let claims = plugins
             .iter()
             .flat_map(|p| p.claims().unwrap_or_default().iter().map(move |&r| (p.name(), r)));
+        let mut templates = spec.templates.clone();
+        templates.sort_by_key(|t| t.index);
+        // A read-only MSR a template took over has no KVM fallback to
+        // protect: the template answers what every plugin passes on.
+        let taken_over = |index: u32| {
+            TEMPLATE_READ_ONLY.iter().any(|&(i, _)| i == index) && templates.iter().any(|t| t.index == index)
+        };
         for (plugin, (first, last)) in claims.clone() {
-            if let Some((index, name, why)) = fallback::first_unsafe(first, last) {
-                return Err(PolicyError::UnsafeFallback {
-                    plugin: plugin.to_owned(),
-                    index,
-                    name,
-                    why,
-                });
+            let mut from = first;
+            while let Some((index, name, why)) = fallback::first_unsafe(from, last) {
+                if !taken_over(index) {
+                    return Err(PolicyError::UnsafeFallback {
+                        plugin: plugin.to_owned(),
+                        index,
+                        name,
+                        why,
+                    });
+                }
+                match index.checked_add(1) {
+                    Some(next) if next <= last => from = next,
+                    _ => break,
+                }
             }
         }
-        let filter =
-            FilterPlan::build(claims, spec.filter_default, &spec.allow).map_err(|source| PolicyError::Filter {
+        for t in &templates {
+            if TEMPLATE_READ_ONLY.iter().any(|&(i, _)| i == t.index) {
+                continue;
+            }
+            if let Some((index, name, why)) = fallback::first_unsafe(t.index, t.index) {
+                return Err(PolicyError::TemplateUnmodelled { index, name, why });
+            }
+        }
+        // Template MSRs are deflected like claims, so that every guest read
+        // gets the template's bits whoever else answers.
+        let template_claims = templates
+            .iter()
+            .map(|t| (filter::TEMPLATE_CLAIMANT, (t.index, t.index)));
+        let filter = FilterPlan::build(claims.chain(template_claims), spec.filter_default, &spec.allow)
+            .map_err(|source| PolicyError::Filter {
                 manifest: spec.manifest.clone(),
                 source,
-            })?;
+            })?
+            .with_templates(templates.clone());
+        for warning in exit_storm_warnings(
+            plugins.iter().flat_map(|p| {
+                let confirmed = p.settings().hot_msrs;
+                p.claims()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(move |&r| (p.name(), confirmed, r))
+            }),
+            &templates,
+        ) {
+            tracing::warn!(event = "exit_storm", "{warning}");
+        }
         let claim_lists: Vec<_> = plugins.iter().map(|p| p.claims()).collect();
         Ok(Self {
             generation,
@@ -145,6 +247,7 @@ impl Policy {
             plugins,
             filter,
             unhandled: spec.unhandled,
+            templates,
             prepared: Mutex::default(),
         })
     }
@@ -173,6 +276,14 @@ impl Policy {
     /// What happens to accesses nobody answers.
     pub fn unhandled(&self) -> Unhandled {
         self.unhandled
+    }
+
+    /// The CPU template of MSR `index`, if any.
+    pub(crate) fn template(&self, index: u32) -> Option<&MsrTemplate> {
+        match self.templates.binary_search_by_key(&index, |t| t.index) {
+            Ok(i) => Some(&self.templates[i]),
+            Err(_) => None,
+        }
     }
 
     /// Chain positions of the plugins to ask about `index`, in order.

@@ -86,3 +86,52 @@ fn filter_errors_name_the_manifest_and_the_claiming_plugin() {
     assert!(e.contains(&format!("manifest {}", manifest.display())), "{e}");
     assert!(e.contains("plugin `q` claims 0x60000000"), "{e}");
 }
+
+#[test]
+fn claims_and_templates_on_hot_msrs_warn_unless_confirmed() {
+    let warnings = exit_storm_warnings(
+        [
+            ("aperf", false, (0xe0, 0xe8)),
+            ("ok", true, (0x6e0, 0x6e0)),
+            ("cold", false, (0x35, 0x35)),
+        ],
+        &[MsrTemplate::parse(0x6e0, "0b1").unwrap()],
+    );
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("plugin `aperf` claims 0xe7 (IA32_MPERF/APERF)")
+            && warnings[0].contains("hot_msrs = true")
+    );
+    assert!(warnings[1].contains("a template covers 0x6e0 (IA32_TSC_DEADLINE)"));
+    // `check` says the same, and the manifest key confirms it.
+    #[cfg(feature = "tools")]
+    check_warns_unless_confirmed();
+    let text = "[[plugin]]\nname = \"a\"\npath = \"Cargo.toml\"\nhot_msrs = true\n";
+    let spec = PolicySpec::parse(std::path::Path::new("vm.toml"), text).unwrap();
+    assert!(spec.plugins[0].hot_msrs);
+}
+
+#[cfg(feature = "tools")]
+fn check_warns_unless_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.wat");
+    std::fs::write(
+        &path,
+        r#"(module (func (export "msrwasm_abi_version") (result i32) i32.const 1)
+            (func (export "rdmsr") (param i32) (result i32) i32.const 2))"#,
+    )
+    .unwrap();
+    let check = |confirmed: bool| {
+        let mut settings = PluginSettings::new("p", &path);
+        settings.msrs = Some(vec![(0xe7, 0xe8)]);
+        settings.hot_msrs = confirmed;
+        crate::check::check(settings)
+    };
+    let report = check(false);
+    assert!(
+        report.ok && report.warnings.iter().any(|w| w.contains("0xe7")),
+        "{report:?}"
+    );
+    let report = check(true);
+    assert!(!report.warnings.iter().any(|w| w.contains("0xe7")), "{report:?}");
+}
