@@ -484,3 +484,66 @@ fn hostile_registries_are_refused_or_cut_off() {
         "nothing refused was cached"
     );
 }
+
+/// A CPU template carried by a plugin (`policy import-template --plugin`):
+/// moving its tag rolls the revised template out to a running VM, whose
+/// next reads get the new bits.
+#[test]
+fn a_moved_tag_rolls_a_revised_cpu_template_out() {
+    if !kvm_available() {
+        return;
+    }
+    let registry = Registry::start(&[]);
+    let cache = tempfile::tempdir().unwrap();
+    let store = store(cache.path());
+    let reference = registry.reference("fleet/template:stable");
+    // A bit KVM offers in IA32_ARCH_CAPABILITIES, forced to 0, then to 1.
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: 0x10a,
+        ..Default::default()
+    }])
+    .unwrap();
+    kvm.get_msrs(&mut msrs).unwrap();
+    let bit = msrs.as_slice()[0].data.trailing_zeros();
+    assert!(bit < 64, "KVM offers no ARCH_CAPABILITIES bit");
+    let version = |forced: char| {
+        let mut bits = vec!['x'; 64];
+        bits[63 - bit as usize] = forced;
+        let t = msrwasm::MsrTemplate::parse(0x10a, &format!("0b{}", bits.iter().collect::<String>())).unwrap();
+        let wat = msrwasm_cli::profile::templates_plugin(&[t], "template", "test");
+        store
+            .push(&wat::parse_str(&wat).unwrap(), BTreeMap::new(), &oci_ref(&reference))
+            .unwrap();
+        t
+    };
+    let v1 = version('0');
+    let dir = tempfile::tempdir().unwrap();
+    let spec = manifest(
+        dir.path(),
+        &format!(
+            "[[plugin]]\nname = \"template\"\npath = \"{reference}\"\npull_policy = \"always\"\npoll_s = 1\nmsrs = []\n"
+        ),
+    );
+    let vm = start_with(&guest("template_forever.elf"), 1, spec, |c| c.oci = Some(store.clone())).unwrap();
+    let generation = vm.engine.generation();
+    std::thread::sleep(Duration::from_millis(200));
+    let v2 = version('1');
+    wait_until("the revised template is in force", || {
+        vm.engine.generation() > generation
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let run = vm.finish();
+    let reads: Vec<u64> = run
+        .trace
+        .iter()
+        .filter(|t| t.by == "template")
+        .filter_map(value)
+        .collect();
+    assert!(reads.len() > 10, "{}", reads.len());
+    let (first, last) = (reads[0], reads[reads.len() - 1]);
+    assert_eq!(first >> bit & 1, 0, "{first:#x}");
+    assert_eq!(last >> bit & 1, 1, "{last:#x}");
+    assert_eq!(v1.apply(first), first);
+    assert_eq!(v2.apply(last), last);
+}

@@ -160,11 +160,25 @@ fn manifest_and_import_refusals_name_the_msr() {
         .err()
         .unwrap();
     assert!(format!("{e:#}").contains("cannot be modelled"), "{e:#}");
-    // The published-style templates of this repository import.
+    // The published-style templates of this repository import: as
+    // manifest entries, and as a plugin that carries them.
+    let mut imported = Vec::new();
     for t in ["t2s", "t2cl", "t2a"] {
-        let (text, _) =
+        let (templates, ignored) =
             msrwasm_cli::profile::import_firecracker(&repo().join(format!("plugins/templates/{t}-style.json")))
                 .unwrap();
-        PolicySpec::parse("t.toml".as_ref(), &text).unwrap();
+        let text = msrwasm_cli::profile::templates_manifest(&templates, t);
+        assert_eq!(
+            PolicySpec::parse("t.toml".as_ref(), &text).unwrap().templates,
+            templates
+        );
+        let wat = msrwasm_cli::profile::templates_plugin(&templates, t, t);
+        let meta = msrwasm::tools::meta::read(wat.as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            meta.keys().filter(|k| k.starts_with("template.")).count(),
+            templates.len()
+        );
+        imported.push((t, templates.len(), ignored.len()));
     }
+    assert_eq!(imported, [("t2s", 1, 1), ("t2cl", 1, 0), ("t2a", 0, 1)]);
 }

@@ -250,8 +250,13 @@ enum PolicyCommand {
         template: PathBuf,
         /// Add the templates to this manifest (its plugins, unhandled,
         /// firewall); printed, the file is not changed.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "plugin")]
         manifest: Option<PathBuf>,
+        /// Write a plugin (WAT) carrying the templates in its metadata
+        /// instead: push it to a registry and follow its tag, and moving
+        /// the tag rolls a revised template out to running VMs.
+        #[arg(long)]
+        plugin: Option<PathBuf>,
     },
     /// Compare two footprints (two guest versions, or two hosts): MSRs
     /// only in one, and changes in who answered, #GP and the last value.
@@ -1034,14 +1039,40 @@ fn policy(args: PolicyArgs) -> Result<i32> {
             );
             Ok(0)
         }
-        PolicyCommand::ImportTemplate { template, manifest } => {
+        PolicyCommand::ImportTemplate {
+            template,
+            manifest,
+            plugin,
+        } => {
             let (templates, ignored) = crate::profile::import_firecracker(&template)?;
             for what in ignored {
                 err!("{}: {what}", template.display());
             }
-            if !templates.contains("[[template]]") {
+            if templates.is_empty() {
                 err!("{}: no msr_modifiers: the policy gets no template", template.display());
             }
+            let source = template
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let Some(out) = plugin {
+                let name = out
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "template".into());
+                let wat = crate::profile::templates_plugin(&templates, &name, &source);
+                msrwasm::tools::write_atomic_mode(&out, wat.as_bytes(), 0o644)
+                    .with_context(|| format!("writing {}", out.display()))?;
+                let mut settings = PluginSettings::new(name, &out);
+                settings.msrs = None;
+                let report = msrwasm::tools::check(settings);
+                if !report.ok {
+                    bail!("{}: {}", out.display(), report.error.unwrap_or_default());
+                }
+                out!("{}\n", out.display());
+                return Ok(0);
+            }
+            let templates = crate::profile::templates_manifest(&templates, &source);
             let (text, as_file) = match &manifest {
                 Some(m) => {
                     let bytes =

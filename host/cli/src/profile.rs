@@ -773,9 +773,9 @@ struct FirecrackerMsr {
     bitmap: String,
 }
 
-/// Imports a Firecracker custom CPU template: `[[template]]` entries for
-/// a manifest, and what was ignored (sections other than `msr_modifiers`).
-pub fn import_firecracker(file: &Path) -> Result<(String, Vec<String>)> {
+/// Imports a Firecracker custom CPU template: its MSR templates, and what
+/// was ignored (sections other than `msr_modifiers`).
+pub fn import_firecracker(file: &Path) -> Result<(Vec<msrwasm::MsrTemplate>, Vec<String>)> {
     let bytes = msrwasm::tools::read_regular(file, MAX_PROFILE_BYTES)
         .with_context(|| format!("{}: cannot read the template", file.display()))?;
     let template: FirecrackerTemplate = serde_json::from_slice(&bytes)
@@ -797,13 +797,7 @@ pub fn import_firecracker(file: &Path) -> Result<(String, Vec<String>)> {
             None => format!("{key}: out of scope, not imported"),
         })
         .collect();
-    let mut out = format!(
-        "# CPU template imported from {} by `msrwasm policy import-template`:\n\
-         # the guest reads each MSR below with the bitmap's 0/1 bits forced over the\n\
-         # host's value (x keeps the host's bit). docs/manifest.md, \"CPU templates\".\n",
-        file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
-    );
-    let mut seen = BTreeSet::new();
+    let mut templates: Vec<msrwasm::MsrTemplate> = Vec::new();
     for (n, m) in template.msr_modifiers.iter().enumerate() {
         let index = match &m.addr {
             serde_json::Value::String(s) => msrwasm::tools::parse_number(s),
@@ -820,14 +814,51 @@ pub fn import_firecracker(file: &Path) -> Result<(String, Vec<String>)> {
         })?;
         let parsed = msrwasm::MsrTemplate::parse(index, &m.bitmap)
             .map_err(|e| anyhow::anyhow!("{}: msr_modifiers[{n}] (MSR {index:#x}): {e}", file.display()))?;
-        if !seen.insert(index) {
+        if templates.iter().any(|t| t.index == index) {
             bail!("{}: msr_modifiers[{n}]: MSR {index:#x} appears twice", file.display());
         }
+        templates.push(parsed);
+    }
+    Ok((templates, ignored))
+}
+
+/// `[[template]]` entries for a manifest.
+pub fn templates_manifest(templates: &[msrwasm::MsrTemplate], source: &str) -> String {
+    let mut out = format!(
+        "# CPU template imported from {source} by `msrwasm policy import-template`:\n\
+         # the guest reads each MSR below with the bitmap's 0/1 bits forced over the\n\
+         # host's value (x keeps the host's bit). docs/manifest.md, \"CPU templates\".\n"
+    );
+    for t in templates {
         let _ = write!(
             out,
-            "\n[[template]]\nmsr = \"{index:#x}\"\nbitmap = \"{}\"\n",
-            parsed.bitmap()
+            "\n[[template]]\nmsr = \"{:#x}\"\nbitmap = \"{}\"\n",
+            t.index,
+            t.bitmap()
         );
     }
-    Ok((out, ignored))
+    out
+}
+
+/// A plugin carrying `templates` in its metadata and answering nothing:
+/// pushed to a registry and followed by tag, it rolls a template out.
+pub fn templates_plugin(templates: &[msrwasm::MsrTemplate], name: &str, source: &str) -> String {
+    let mut meta = format!(
+        "name = \"{name}\"\nversion = \"1.0.0\"\ndescription = \"CPU template imported from {}\"\nauthor = \"msrwasm policy import-template\"\n",
+        toml_escape(source)
+    );
+    for t in templates {
+        let _ = writeln!(meta, "\"template.{:#x}\" = \"{}\"", t.index, t.bitmap());
+    }
+    format!(
+        ";; {name}.wat: CPU template imported from {source} by `msrwasm policy\n\
+         ;; import-template --plugin`. It answers no MSR: the host applies the\n\
+         ;; templates in its metadata (docs/manifest.md, \"CPU templates\").\n\
+         (module\n  (@custom \"msrwasm.meta\" \"{}\")\n\
+         \x20 (func (export \"msrwasm_abi_version\") (result i32) (i32.const 1))\n\
+         \x20 ;; no claims: asked about nothing\n\
+         \x20 (func (export \"claim\") (param i32) (result i64) (i64.const -1))\n\
+         \x20 (func (export \"rdmsr\") (param i32) (result i32) (i32.const 2)))\n",
+        wat_escape(&meta)
+    )
 }

@@ -146,7 +146,10 @@ fn demo_runs_by_itself_and_summarises() {
     assert!(err.contains("new version in force"), "{err}");
     let trace = std::fs::read_to_string(&trace).unwrap();
     let lines = trace.lines().filter(|l| !l.contains("\"0x4d530002\"")).count();
-    assert_eq!(lines, 24, "2 vCPUs x (4 rounds x 2 + 1 + 2 + 1) accesses besides the gate");
+    assert_eq!(
+        lines, 24,
+        "2 vCPUs x (4 rounds x 2 + 1 + 2 + 1) accesses besides the gate"
+    );
 }
 
 #[test]

@@ -10,6 +10,40 @@ pub const SECTION: &str = "msrwasm.meta";
 /// Metadata fields, as written (numbers and booleans as text).
 pub type Meta = BTreeMap<String, String>;
 
+/// Metadata keys `template.<MSR>` carry CPU templates (`docs/manifest.md`).
+pub const TEMPLATE_PREFIX: &str = "template.";
+
+/// The CPU templates in `meta` (`template.0x10a = "0b..."`): sorted by MSR;
+/// refused with the key for a bad MSR or bitmap, or more than
+/// [`crate::policy::MAX_TEMPLATES`].
+pub fn templates(meta: Option<&Meta>) -> Result<Vec<crate::policy::MsrTemplate>, String> {
+    let mut out = Vec::new();
+    for (key, bitmap) in meta.into_iter().flatten() {
+        let Some(msr) = key.strip_prefix(TEMPLATE_PREFIX) else {
+            continue;
+        };
+        let index = crate::util::parse_number(msr)
+            .and_then(|i| u32::try_from(i).ok())
+            .filter(|i| !(0x800..=0x8ff).contains(i))
+            .ok_or_else(|| format!("metadata `{key}`: not an MSR outside the x2APIC range"))?;
+        let template =
+            crate::policy::MsrTemplate::parse(index, bitmap).map_err(|e| format!("metadata `{key}`: {e}"))?;
+        if out.iter().any(|t: &crate::policy::MsrTemplate| t.index == index) {
+            return Err(format!("metadata `{key}`: MSR {index:#x} has two templates"));
+        }
+        out.push(template);
+    }
+    if out.len() > crate::policy::MAX_TEMPLATES {
+        return Err(format!(
+            "{} templates in the metadata, at most {}",
+            out.len(),
+            crate::policy::MAX_TEMPLATES
+        ));
+    }
+    out.sort_by_key(|t| t.index);
+    Ok(out)
+}
+
 /// Reads the metadata of a module or component given as wasm binary or
 /// WAT text. A component's own (top-level) section wins over one inside its
 /// core modules (where some toolchains put it).

@@ -238,6 +238,9 @@ pub struct Plugin {
     meta: Option<meta::Meta>,
     /// The energy sampler, for a plugin granted it.
     energy: Option<Arc<crate::energy::EnergyHub>>,
+    /// CPU templates the plugin carries in its metadata
+    /// (`template.0x10a = "0b..."`), so that an OCI tag rolls them out.
+    templates: Vec<crate::policy::MsrTemplate>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -366,6 +369,7 @@ impl Plugin {
             ),
         };
         let meta = meta::read(&binary).map_err(abi_err)?;
+        let templates = meta::templates(meta.as_ref()).map_err(abi_err)?;
         let not_granted = |capability| LoadError::NotGranted {
             path: path.clone(),
             name: settings.name.clone(),
@@ -451,6 +455,7 @@ impl Plugin {
             limiter: runtime.log_limiter(),
             health: health::Health::new(health::QuarantinePolicy::default()),
             meta,
+            templates,
         };
         plugin.probe()?;
         if let Some(cache) = cache {
@@ -781,6 +786,11 @@ impl Plugin {
     /// Error history and quarantine of this version.
     pub fn health(&self) -> &health::Health {
         &self.health
+    }
+
+    /// The CPU templates this plugin carries (in its metadata).
+    pub fn templates(&self) -> &[crate::policy::MsrTemplate] {
+        &self.templates
     }
 
     /// The claim list in force (`None`: a catch-all).

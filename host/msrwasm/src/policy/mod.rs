@@ -109,6 +109,15 @@ pub enum PolicyError {
         /// What KVM does differently for the guest.
         why: &'static str,
     },
+    /// Two templates for one MSR (the manifest's and a plugin's, or two
+    /// plugins').
+    #[error("plugin `{plugin}` carries a template for MSR {index:#x}, which already has one")]
+    DuplicateTemplate {
+        /// The MSR.
+        index: u32,
+        /// The plugin whose template came second.
+        plugin: String,
+    },
     /// More plugins than one policy may chain.
     #[error("{count} plugins: at most {} may be chained in one VM", manifest::MAX_PLUGINS)]
     TooManyPlugins {
@@ -185,7 +194,19 @@ impl Policy {
         let claims = plugins
             .iter()
             .flat_map(|p| p.claims().unwrap_or_default().iter().map(move |&r| (p.name(), r)));
+        // The manifest's templates, then those plugins carry: one per MSR.
         let mut templates = spec.templates.clone();
+        for p in &plugins {
+            for t in p.templates() {
+                if templates.iter().any(|o| o.index == t.index) {
+                    return Err(PolicyError::DuplicateTemplate {
+                        index: t.index,
+                        plugin: p.name().to_owned(),
+                    });
+                }
+                templates.push(*t);
+            }
+        }
         templates.sort_by_key(|t| t.index);
         // A read-only MSR a template took over has no KVM fallback to
         // protect: the template answers what every plugin passes on.

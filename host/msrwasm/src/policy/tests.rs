@@ -135,3 +135,31 @@ fn check_warns_unless_confirmed() {
     let report = check(true);
     assert!(!report.warnings.iter().any(|w| w.contains("0xe7")), "{report:?}");
 }
+
+#[test]
+fn templates_carried_by_plugins_join_the_manifests_once_per_msr() {
+    let carrying = |name: &str, meta: &str| {
+        let wat = format!(
+            r#"(module (@custom "msrwasm.meta" "{meta}") (func (export "msrwasm_abi_version") (result i32) i32.const 1)
+            (func (export "rdmsr") (param i32) (result i32) i32.const 2))"#
+        );
+        let mut settings = PluginSettings::new(name, format!("{name}.wat"));
+        settings.msrs = Some(vec![]);
+        Plugin::from_bytes(&Runtime::shared(), settings, wat.as_bytes(), &StateStore::default()).map(Arc::new)
+    };
+    let t = carrying("t", r#"\"template.0x10a\" = \"0b1\""#).unwrap();
+    assert_eq!(t.templates(), &[MsrTemplate::parse(0x10a, "0b1").unwrap()]);
+    let policy = Policy::compose(vec![t.clone()], &PolicySpec::default(), 1).unwrap();
+    assert_eq!(policy.template(0x10a).map(|t| t.apply(0)), Some(1));
+    assert!(policy.filter().deflect.contains(&(0x10a, 0x10a)));
+    let mut spec = PolicySpec::default();
+    spec.templates.push(MsrTemplate::parse(0x10a, "0b0").unwrap());
+    let e = Policy::compose(vec![t], &spec, 1).unwrap_err().to_string();
+    assert!(e.contains("plugin `t` carries a template for MSR 0x10a"), "{e}");
+    let e = carrying("bad", r#"\"template.0x830\" = \"0b1\""#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("template.0x830"), "{e}");
+    let e = carrying("bad", r#"\"template.0x10a\" = \"0b2\""#).unwrap_err();
+    assert!(crate::util::error_chain(&e).contains("bitmap character '2'"), "{e}");
+}
