@@ -522,7 +522,7 @@ fn a_moved_tag_rolls_a_revised_cpu_template_out() {
     let spec = manifest(
         dir.path(),
         &format!(
-            "[[plugin]]\nname = \"template\"\npath = \"{reference}\"\npull_policy = \"always\"\npoll_s = 1\nmsrs = []\n"
+            "[[plugin]]\nname = \"template\"\npath = \"{reference}\"\npull_policy = \"always\"\npoll_s = 1\nmsrs = []\ngrants = [\"templates\"]\n"
         ),
     );
     let vm = start_with(&guest("template_forever.elf"), 1, spec, |c| c.oci = Some(store.clone())).unwrap();

@@ -62,6 +62,47 @@ fn every_row_passes_its_script_and_check() {
     }
 }
 
+/// Vendor rows: with `vendor = 2` only AMD rows (and `any`) answer, and an
+/// index with a row per vendor answers each vendor's way.
+#[test]
+fn vendor_config_selects_the_rows() {
+    let text = "name = \"v\"\n\
+        [[msr]]\nindex = \"0x4d530001\"\nname = \"i\"\nvendor = \"intel\"\nread = \"0x1\"\nwrite = \"gp\"\nwhy = \"w\"\n\
+        [[msr]]\nindex = \"0x4d530001\"\nname = \"a\"\nvendor = \"amd\"\nread = \"0x2\"\nwrite = \"ignore\"\nwhy = \"w\"\n\
+        [[msr]]\nindex = \"0x4d530002\"\nname = \"i2\"\nvendor = \"intel\"\nread = \"0x3\"\nwrite = \"gp\"\nwhy = \"w\"\n";
+    let profile = Profile::parse("p.toml".as_ref(), text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    profile.write(dir.path()).unwrap();
+    let settings = PolicySpec::from_manifest(&dir.path().join("manifest.toml"))
+        .unwrap()
+        .plugins[0]
+        .clone();
+    for (vendor, script) in [
+        (
+            0,
+            "rdmsr 0x4d530001 -> 0x1\nwrmsr 0x4d530001 0 -> fault\nrdmsr 0x4d530002 -> 0x3\n",
+        ),
+        (1, "rdmsr 0x4d530001 -> 0x1\nrdmsr 0x4d530002 -> 0x3\n"),
+        (
+            2,
+            "rdmsr 0x4d530001 -> 0x2\nwrmsr 0x4d530001 0 -> handled\nrdmsr 0x4d530002 -> pass\n",
+        ),
+    ] {
+        let case = dir.path().join(format!("v{vendor}.test"));
+        std::fs::write(&case, format!("config vendor {vendor}\n{script}")).unwrap();
+        let report = msrwasm::tools::run_script(settings.clone(), &case).unwrap();
+        assert!(report.failures.is_empty(), "vendor {vendor}: {:#?}", report.failures);
+    }
+    // The generated script checks vendor 0 and lists the shadowed row.
+    let report = msrwasm::tools::run_script(settings, &dir.path().join("v.test")).unwrap();
+    assert!(report.failures.is_empty(), "{:#?}", report.failures);
+    assert!(
+        profile
+            .to_script()
+            .contains("(Amd row): under vendor = 0 the row above answers")
+    );
+}
+
 #[test]
 fn profile_errors_name_the_line_and_key() {
     let bad = [
@@ -175,7 +216,15 @@ fn a_recorded_footprint_becomes_a_working_profile() {
     let entries = run(&guest("linux_replay.elf"), 1, bare).unwrap().footprint;
     assert!(!entries.is_empty());
     let overrides = BTreeMap::from([(0x1ad, Action::Gp)]);
-    let profile = record(&entries, "recorded", "linux-replay.json", Action::Zero, &overrides).unwrap();
+    let profile = record(
+        &entries,
+        None,
+        "recorded",
+        "linux-replay.json",
+        Action::Zero,
+        &overrides,
+    )
+    .unwrap();
     assert!(
         profile
             .rows
@@ -195,11 +244,26 @@ fn a_recorded_footprint_becomes_a_working_profile() {
     assert_eq!(again.report.exit_status(), 1, "only the MSR recorded as #GP faults");
     assert!(again.trace.iter().all(|t| t.by != "unhandled"), "{:#?}", again.trace);
     // A diff of the two footprints names what changed.
-    let (text, changes) = msrwasm_cli::profile::diff(&entries, &again.footprint, "before", "after");
+    let (text, changes) = msrwasm_cli::profile::diff(&entries, &again.footprint, "before", "after").unwrap();
     assert!(
         changes > 0 && text.contains("~ rdmsr 0x4e: answered by unhandled -> plugin:recorded"),
         "{text}"
     );
-    let (_, none) = msrwasm_cli::profile::diff(&entries, &entries, "a", "a");
+    let (_, none) = msrwasm_cli::profile::diff(&entries, &entries, "a", "a").unwrap();
     assert_eq!(none, 0);
+    // A crafted footprint with a repeated entry is refused, not merged.
+    let doubled: Vec<_> = entries.iter().chain(&entries[..1]).cloned().collect();
+    assert!(msrwasm_cli::profile::diff(&doubled, &entries, "x", "y").is_err());
+    // `recorded` takes the values another footprint shows answered.
+    let mut answered = entries.clone();
+    for e in &mut answered {
+        e.answered_by = BTreeMap::from([("kvm".to_string(), e.count)]);
+        e.gp = 0;
+        e.last_value = Some("0x1234".into());
+    }
+    let recorded = record(&entries, Some(&answered), "r", "fp", Action::Recorded, &BTreeMap::new()).unwrap();
+    assert!(
+        recorded.rows.iter().all(|row| row.read == Read::Value(0x1234)),
+        "{recorded:?}"
+    );
 }

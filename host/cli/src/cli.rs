@@ -223,15 +223,16 @@ enum PolicyCommand {
     /// in --out).
     ///
     /// Actions: `zero` (reads 0 and log the first access per vCPU, writes
-    /// dropped), `recorded` (reads return the last value the footprint
-    /// saw), `value=N`, `gp` (#GP both ways).
+    /// dropped), `recorded` (reads return the value --values shows the
+    /// guest read where the MSR was answered, else the last value it wrote,
+    /// else 0), `value=N`, `gp` (#GP both ways).
     Record {
         footprint: PathBuf,
         /// Directory to write to (created if missing).
         #[arg(long, short)]
         out: PathBuf,
-        /// The profile's (and plugin's) name.
-        #[arg(long, default_value = "recorded", value_parser = parse_name)]
+        /// The profile's (and plugin's) name: letters, digits, `_`, `-`.
+        #[arg(long, default_value = "recorded", value_parser = parse_profile_name)]
         name: String,
         /// The answer for every unhandled MSR.
         #[arg(long, default_value = "zero")]
@@ -239,13 +240,19 @@ enum PolicyCommand {
         /// A different answer for one MSR, as INDEX=ACTION; repeatable.
         #[arg(long = "msr", value_parser = parse_msr_action)]
         msrs: Vec<(u32, crate::profile::Action)>,
+        /// For `recorded`: a footprint of the same guest where these MSRs
+        /// were answered (another host, another policy), whose values the
+        /// profile gives.
+        #[arg(long)]
+        values: Option<PathBuf>,
     },
     /// Import a Firecracker custom CPU template (JSON): its `msr_modifiers`
     /// become `[[template]]` entries (the guest reads the host's value with
     /// the bitmap's 0/1 bits forced); `cpuid_modifiers` and the other
     /// sections are out of scope and reported as ignored. Prints a
     /// manifest (or, with --manifest, that manifest with the templates
-    /// added), checked as `run` would load it.
+    /// added) that parses as `run` parses it; whether this host's KVM can
+    /// provide the bits is checked when a VM loads it.
     ImportTemplate {
         template: PathBuf,
         /// Add the templates to this manifest (its plugins, unhandled,
@@ -262,6 +269,13 @@ enum PolicyCommand {
     /// only in one, and changes in who answered, #GP and the last value.
     /// Exits 1 when they differ.
     Diff { a: PathBuf, b: PathBuf },
+}
+
+fn parse_profile_name(s: &str) -> Result<String, String> {
+    match !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        true => Ok(s.to_owned()),
+        false => Err(format!("`{s}`: 1 to 64 letters, digits, `_` or `-`")),
+    }
 }
 
 fn parse_msr_action(s: &str) -> Result<(u32, crate::profile::Action), String> {
@@ -983,6 +997,20 @@ fn ctl(args: CtlArgs) -> Result<i32> {
     Ok(if (200..300).contains(&status) { 0 } else { 1 })
 }
 
+/// Refuses a generated profile plugin `run` would refuse.
+fn check_generated(profile: &crate::profile::Profile, dir: &std::path::Path) -> Result<()> {
+    let wat = dir.join(format!("{}.wat", profile.name));
+    let report = msrwasm::tools::check(PluginSettings::new(profile.name.clone(), &wat));
+    match report.ok {
+        true => Ok(()),
+        false => bail!(
+            "{}: the generated plugin is refused: {}",
+            wat.display(),
+            report.error.unwrap_or_default()
+        ),
+    }
+}
+
 fn read_footprint(footprint: &std::path::Path) -> Result<Vec<msrwasm::FootprintEntry>> {
     let bytes = msrwasm::tools::read_regular(footprint, 256 << 20)
         .with_context(|| format!("reading {}", footprint.display()))?;
@@ -1011,6 +1039,7 @@ fn policy(args: PolicyArgs) -> Result<i32> {
             for path in parsed.write(&dir)? {
                 out!("{}\n", path.display());
             }
+            check_generated(&parsed, &dir)?;
             Ok(0)
         }
         PolicyCommand::Record {
@@ -1019,11 +1048,19 @@ fn policy(args: PolicyArgs) -> Result<i32> {
             name,
             action,
             msrs,
+            values,
         } => {
             let entries = read_footprint(&footprint)?;
             let overrides = msrs.into_iter().collect();
-            let profile =
-                crate::profile::record(&entries, &name, &footprint.display().to_string(), action, &overrides)?;
+            let values = values.as_deref().map(read_footprint).transpose()?;
+            let profile = crate::profile::record(
+                &entries,
+                values.as_deref(),
+                &name,
+                &footprint.display().to_string(),
+                action,
+                &overrides,
+            )?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let toml = out.join("profile.toml");
             msrwasm::tools::write_atomic_mode(&toml, profile.to_toml().as_bytes(), 0o644)
@@ -1032,6 +1069,7 @@ fn policy(args: PolicyArgs) -> Result<i32> {
             for path in profile.write(&out)? {
                 out!("{}\n", path.display());
             }
+            check_generated(&profile, &out)?;
             err!(
                 "{} MSR(s) answered; try it: msrwasm run --manifest {} GUEST",
                 profile.rows.len(),
@@ -1056,10 +1094,12 @@ fn policy(args: PolicyArgs) -> Result<i32> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             if let Some(out) = plugin {
-                let name = out
+                let stem = out
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "template".into());
+                    .unwrap_or_default();
+                let name = parse_profile_name(&stem)
+                    .map_err(|e| anyhow::anyhow!("--plugin {}: the file name {e}", out.display()))?;
                 let wat = crate::profile::templates_plugin(&templates, &name, &source);
                 msrwasm::tools::write_atomic_mode(&out, wat.as_bytes(), 0o644)
                     .with_context(|| format!("writing {}", out.display()))?;
@@ -1070,6 +1110,11 @@ fn policy(args: PolicyArgs) -> Result<i32> {
                     bail!("{}: {}", out.display(), report.error.unwrap_or_default());
                 }
                 out!("{}\n", out.display());
+                err!(
+                    "push it (msrwasm push {} oci://REGISTRY/REPO:TAG) and follow the tag from each VM's manifest: \
+                     [[plugin]] path = \"oci://...\", pull_policy = \"always\", grants = [\"templates\"], msrs = []",
+                    out.display()
+                );
                 return Ok(0);
             }
             let templates = crate::profile::templates_manifest(&templates, &source);
@@ -1088,7 +1133,7 @@ fn policy(args: PolicyArgs) -> Result<i32> {
         }
         PolicyCommand::Diff { a, b } => {
             let (x, y) = (read_footprint(&a)?, read_footprint(&b)?);
-            let (text, changes) = crate::profile::diff(&x, &y, &a.display().to_string(), &b.display().to_string());
+            let (text, changes) = crate::profile::diff(&x, &y, &a.display().to_string(), &b.display().to_string())?;
             out!("{text}");
             Ok(i32::from(changes > 0))
         }

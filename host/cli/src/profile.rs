@@ -86,8 +86,7 @@ pub struct Profile {
 #[serde(deny_unknown_fields)]
 struct RawProfile {
     name: Spanned<String>,
-    #[serde(default)]
-    description: String,
+    description: Option<Spanned<String>>,
     unhandled: Option<Spanned<String>>,
     #[serde(default)]
     msr: Vec<RawRow>,
@@ -106,12 +105,22 @@ struct RawRow {
     #[serde(default)]
     log: bool,
     why: Spanned<String>,
-    #[serde(default)]
-    source: String,
+    source: Option<Spanned<String>>,
 }
 
 fn any() -> Vendor {
     Vendor::Any
+}
+
+/// Longest `name` of a row.
+const MAX_NAME: usize = 64;
+/// Longest `description`, `why` or `source`.
+const MAX_TEXT: usize = 512;
+
+/// `text` with control characters (newlines included) replaced: what goes
+/// into generated comments, metadata and manifests stays on its line.
+pub fn one_line(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -146,6 +155,19 @@ impl Profile {
                 raw.name.span(),
                 format!("`name` {name:?}: 1 to 64 letters, digits, `_` or `-`"),
             ));
+        }
+        let check_text = |value: &Spanned<String>, key: &str, max: usize| {
+            let v = value.get_ref();
+            if v.len() > max || v.chars().any(char::is_control) {
+                return Err(at(
+                    value.span(),
+                    format!("`{key}`: at most {max} bytes on one line, without control characters"),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(d) = &raw.description {
+            check_text(d, "description", MAX_TEXT)?;
         }
         let unhandled = match &raw.unhandled {
             None => "log".to_owned(),
@@ -212,6 +234,11 @@ impl Profile {
                     format!("`read` {v:#x} sets reserved bits {:#x}", v & reserved),
                 ));
             }
+            check_text(&r.name, "name", MAX_NAME)?;
+            check_text(&r.why, "why", MAX_TEXT)?;
+            if let Some(source) = &r.source {
+                check_text(source, "source", MAX_TEXT)?;
+            }
             if r.why.get_ref().trim().is_empty() {
                 return Err(at(
                     r.why.span(),
@@ -239,12 +266,12 @@ impl Profile {
                 reserved,
                 log: r.log,
                 why: r.why.into_inner(),
-                source: r.source,
+                source: r.source.map(Spanned::into_inner).unwrap_or_default(),
             });
         }
         Ok(Self {
             name,
-            description: raw.description,
+            description: raw.description.map(Spanned::into_inner).unwrap_or_default(),
             unhandled,
             rows,
         })
@@ -298,17 +325,20 @@ impl Profile {
         if !logged.is_empty() {
             w += "  (import \"msr\" \"log\" (func $log (param i32 i32 i32)))\n";
         }
-        w += "  (memory (export \"memory\") 1)\n";
-        w += "  (data (i32.const 0) \"vendor\")\n  (data (i32.const 8) \"cores\")\n  (data (i32.const 16) \"threads\")\n";
-        // Log messages from offset 64, one per logged row.
+        // Config names at 0, 8, 16; log messages from 64, one per logged row.
+        let mut data = String::from(
+            "  (data (i32.const 0) \"vendor\")\n  (data (i32.const 8) \"cores\")\n  (data (i32.const 16) \"threads\")\n",
+        );
         let mut messages = Vec::new();
         let mut offset = 64usize;
         for r in &logged {
             let text = format!("profile {name}: {:#x} {} answered as recorded", r.index, r.name);
-            let _ = writeln!(w, "  (data (i32.const {offset}) \"{}\")", wat_escape(&text));
+            let _ = writeln!(data, "  (data (i32.const {offset}) \"{}\")", wat_escape(&text));
             messages.push((offset, text.len()));
             offset += text.len().next_multiple_of(8);
         }
+        let _ = writeln!(w, "  (memory (export \"memory\") {})", offset.div_ceil(65536).max(1));
+        w += &data;
         w += "  (global $vendor (mut i64) (i64.const 0))\n  (global $topology (mut i64) (i64.const 0))\n";
         for k in 0..logged.len() {
             let _ = writeln!(w, "  (global $logged{k} (mut i32) (i32.const 0))");
@@ -434,9 +464,9 @@ impl Profile {
         m
     }
 
-    /// A `msrwasm test` script that checks every row (vendor 0: both
-    /// vendors' rows; for an index with a row per vendor, each under its
-    /// vendor).
+    /// A `msrwasm test` script that checks every row under `vendor = 0`
+    /// (where both vendors' rows answer): for an index with a row per
+    /// vendor, the first row answers and the second is only listed.
     pub fn to_script(&self) -> String {
         let mut s = format!(
             "# Every row of profile \"{}\", through the plugin (msrwasm test --manifest manifest.toml --case {}.test {}.wat).\n",
@@ -446,7 +476,18 @@ impl Profile {
         if topology {
             s += "config cores 4\nconfig threads 8\n";
         }
+        let mut seen = BTreeSet::new();
         for r in &self.rows {
+            if !seen.insert(r.index) {
+                let _ = writeln!(
+                    s,
+                    "# {} {} ({:?} row): under vendor = 0 the row above answers; set vendor to check it",
+                    format_index(r.index),
+                    r.name,
+                    r.vendor
+                );
+                continue;
+            }
             let read = match r.read {
                 Read::Value(v) => format!("{v:#x}"),
                 Read::Topology => format!("{:#x}", (4u64 << 16) | 8),
@@ -623,30 +664,41 @@ impl std::str::FromStr for Action {
 }
 
 /// A profile answering every MSR a footprint shows unhandled, with
-/// `default`, or the action `overrides` gives for that MSR.
+/// `default`, or the action `overrides` gives for that MSR. `Recorded`
+/// reads return the value a guest read where the MSR *was* answered (in
+/// `values`: a footprint of the same guest on a host whose KVM, or whose
+/// policy, knows the MSR), else the last value the guest wrote, else 0.
 pub fn record(
     entries: &[msrwasm::FootprintEntry],
+    values: Option<&[msrwasm::FootprintEntry]>,
     name: &str,
     source: &str,
     default: Action,
     overrides: &BTreeMap<u32, Action>,
 ) -> Result<Profile> {
+    let source = one_line(source);
+    let source = source.chars().take(MAX_TEXT - 64).collect::<String>();
+    let index_of =
+        |e: &msrwasm::FootprintEntry| msrwasm::tools::parse_number(&e.index).and_then(|i| u32::try_from(i).ok());
+    let value_of = |e: &msrwasm::FootprintEntry| e.last_value.as_deref().and_then(msrwasm::tools::parse_number);
+    let answered: BTreeMap<u32, u64> = values
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e.op == "rdmsr" && !e.answered_by.contains_key("unhandled") && e.gp == 0)
+        .filter_map(|e| Some((index_of(e)?, value_of(e)?)))
+        .collect();
     let mut seen: BTreeMap<u32, Option<u64>> = BTreeMap::new();
     for e in entries {
         if !e.answered_by.contains_key("unhandled") {
             continue;
         }
-        let Some(index) = msrwasm::tools::parse_number(&e.index).and_then(|i| u32::try_from(i).ok()) else {
+        let Some(index) = index_of(e) else {
             continue;
         };
-        let value = if e.op == "rdmsr" {
-            e.last_value.as_deref().and_then(msrwasm::tools::parse_number)
-        } else {
-            None
-        };
+        let written = if e.op == "wrmsr" { value_of(e) } else { None };
         let slot = seen.entry(index).or_default();
-        if value.is_some() {
-            *slot = value;
+        if let Some(v) = answered.get(&index).copied().or(written) {
+            *slot = Some(v);
         }
     }
     for index in overrides.keys() {
@@ -674,7 +726,7 @@ pub fn record(
                 reserved: 0,
                 log,
                 why: format!("unhandled in the recorded footprint {source}"),
-                source: source.to_owned(),
+                source: source.clone(),
             }
         })
         .collect();
@@ -693,19 +745,35 @@ pub fn record(
 /// What changed between two footprints (two guest versions, or two hosts):
 /// accesses only in one, and, for the ones in both, who answered, #GPs
 /// and the last value. Returns the text and the number of differences.
-pub fn diff(
-    a: &[msrwasm::FootprintEntry],
-    b: &[msrwasm::FootprintEntry],
+pub fn diff<'a>(
+    a: &'a [msrwasm::FootprintEntry],
+    b: &'a [msrwasm::FootprintEntry],
     a_name: &str,
     b_name: &str,
-) -> (String, usize) {
-    let key = |e: &msrwasm::FootprintEntry| (msrwasm::tools::parse_number(&e.index).unwrap_or(u64::MAX), e.op.clone());
-    let a: BTreeMap<_, _> = a.iter().map(|e| (key(e), e)).collect();
-    let b: BTreeMap<_, _> = b.iter().map(|e| (key(e), e)).collect();
+) -> Result<(String, usize)> {
+    // A footprint msrwasm wrote has one entry per (op, index) and hex
+    // indexes: anything else is refused rather than merged.
+    let keyed = |entries: &'a [msrwasm::FootprintEntry],
+                 name: &str|
+     -> Result<BTreeMap<(u64, String), &'a msrwasm::FootprintEntry>> {
+        let mut out = BTreeMap::new();
+        for e in entries {
+            let index = msrwasm::tools::parse_number(&e.index)
+                .ok_or_else(|| anyhow::anyhow!("{name}: index {:?} is not a number", one_line(&e.index)))?;
+            if out.insert((index, one_line(&e.op)), e).is_some() {
+                bail!(
+                    "{name}: {} {index:#x} appears twice: not a footprint msrwasm wrote",
+                    one_line(&e.op)
+                );
+            }
+        }
+        Ok(out)
+    };
+    let (a, b) = (keyed(a, a_name)?, keyed(b, b_name)?);
     let keys: BTreeSet<_> = a.keys().chain(b.keys()).cloned().collect();
     let mut out = format!("--- {a_name}\n+++ {b_name}\n");
     let mut changes = 0;
-    let who = |e: &msrwasm::FootprintEntry| e.answered_by.keys().cloned().collect::<Vec<_>>().join(",");
+    let who = |e: &msrwasm::FootprintEntry| one_line(&e.answered_by.keys().cloned().collect::<Vec<_>>().join(","));
     for k in keys {
         let label = format!("{} {:#x}", k.1, k.0);
         match (a.get(&k), b.get(&k)) {
@@ -740,8 +808,8 @@ pub fn diff(
                 if x.last_value != y.last_value {
                     what.push(format!(
                         "last value {} -> {}",
-                        x.last_value.as_deref().unwrap_or("-"),
-                        y.last_value.as_deref().unwrap_or("-")
+                        one_line(x.last_value.as_deref().unwrap_or("-")),
+                        one_line(y.last_value.as_deref().unwrap_or("-"))
                     ));
                 }
                 if !what.is_empty() {
@@ -753,7 +821,7 @@ pub fn diff(
         }
     }
     let _ = writeln!(out, "{changes} difference(s)");
-    (out, changes)
+    Ok((out, changes))
 }
 
 /// Firecracker's custom CPU template (its documented JSON): only
@@ -824,6 +892,7 @@ pub fn import_firecracker(file: &Path) -> Result<(Vec<msrwasm::MsrTemplate>, Vec
 
 /// `[[template]]` entries for a manifest.
 pub fn templates_manifest(templates: &[msrwasm::MsrTemplate], source: &str) -> String {
+    let source = one_line(source);
     let mut out = format!(
         "# CPU template imported from {source} by `msrwasm policy import-template`:\n\
          # the guest reads each MSR below with the bitmap's 0/1 bits forced over the\n\
@@ -843,9 +912,11 @@ pub fn templates_manifest(templates: &[msrwasm::MsrTemplate], source: &str) -> S
 /// A plugin carrying `templates` in its metadata and answering nothing:
 /// pushed to a registry and followed by tag, it rolls a template out.
 pub fn templates_plugin(templates: &[msrwasm::MsrTemplate], name: &str, source: &str) -> String {
+    let (name, source) = (one_line(name), one_line(source));
     let mut meta = format!(
-        "name = \"{name}\"\nversion = \"1.0.0\"\ndescription = \"CPU template imported from {}\"\nauthor = \"msrwasm policy import-template\"\n",
-        toml_escape(source)
+        "name = \"{}\"\nversion = \"1.0.0\"\ndescription = \"CPU template imported from {}\"\nauthor = \"msrwasm policy import-template\"\n",
+        toml_escape(&name),
+        toml_escape(&source)
     );
     for t in templates {
         let _ = writeln!(meta, "\"template.{:#x}\" = \"{}\"", t.index, t.bitmap());

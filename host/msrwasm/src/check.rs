@@ -102,7 +102,7 @@ pub fn check_cached(settings: PluginSettings, cache: &ModuleCache) -> CheckRepor
         .map(|c| c.iter().map(|&r| crate::util::format_range(r)).collect());
     report.init = Some(if plugin.shape().init { "ok" } else { "none" }.into());
     report.meta = plugin.meta().cloned();
-    if let Err(e) = Policy::compose(vec![plugin.clone()], &PolicySpec::default(), 1) {
+    if let Err(e) = Policy::compose_with(vec![plugin.clone()], &PolicySpec::default(), 1, false) {
         report.error = Some(crate::util::error_chain(&e));
         return report;
     }
@@ -115,8 +115,13 @@ pub fn check_cached(settings: PluginSettings, cache: &ModuleCache) -> CheckRepor
             .unwrap_or_default()
             .iter()
             .map(|&r| (plugin.name(), plugin.settings().hot_msrs, r)),
-        &[],
+        plugin.templates(),
     ));
+    if !plugin.templates().is_empty() && !plugin.settings().templates {
+        report.warnings.push(
+            "carries CPU templates (metadata `template.*`): a VM's manifest must grant them (grants = [\"templates\"], docs/manifest.md)".into(),
+        );
+    }
     if crate::plugin::imports_energy(&report.imports) {
         report.warnings.push(
             "imports host energy: a VM's manifest must grant it (grants = [\"energy\"], docs/energy.md); outside a VM its calls trap".into(),

@@ -359,21 +359,18 @@ impl Dispatcher {
         }
         // A CPU template: the host's value (KVM's own) with its bits; a
         // write to a read-only MSR it took over faults, as on hardware.
+        // (Which MSRs may take a template is decided when the policy is
+        // composed: read-only ones, or ones a plugin claims.)
         if let Some(template) = self.policy.template(access.index).copied() {
+            let read_only = crate::policy::template_read_only(access.index);
             match access.op {
-                Op::Read => {
+                Op::Read if read_only || fallback::rule(access.index, false) == Some(fallback::Rule::Kvm) => {
                     if let Some(base) = kvm.get(access.index) {
                         return (Reply::Read(template.apply(base)), Who::Template);
                     }
                 }
-                Op::Write(_)
-                    if crate::policy::TEMPLATE_READ_ONLY
-                        .iter()
-                        .any(|&(i, _)| i == access.index) =>
-                {
-                    return (Reply::Gp, Who::Template);
-                }
-                Op::Write(_) => {}
+                Op::Write(_) if read_only => return (Reply::Gp, Who::Template),
+                _ => {}
             }
         }
         // A filtered access the firewall denied never falls back to KVM.

@@ -356,7 +356,9 @@ fn a_change_is_validated_on_every_vcpu_before_it_goes_live() {
 #[test]
 fn templates_force_bits_over_kvm_and_plugins_and_follow_updates() {
     let template = |index: u32, bitmap: &str| crate::policy::MsrTemplate::parse(index, bitmap).unwrap();
-    let mut s = Setup::new(Unhandled::Gp).plugin("p", ANSWER_7, Some(vec![(0x4d53_0001, 0x4d53_0001)]), OnError::Fault);
+    let mut s = Setup::new(Unhandled::Gp)
+        .plugin("p", ANSWER_7, Some(vec![(0x4d53_0001, 0x4d53_0001)]), OnError::Fault)
+        .plugin("q", PASS, Some(vec![(0x4d53_0002, 0x4d53_0002)]), OnError::Fault);
     s.spec.templates = vec![
         template(0x10a, "0b10x0"),
         template(0x4d53_0001, "0b1000"),
@@ -372,7 +374,7 @@ fn templates_force_bits_over_kvm_and_plugins_and_follow_updates() {
     assert_eq!((o.reply, by_name(&o)), (Reply::Read(0b1000), "p".into()));
     let o = d.handle(Access::write(0x10a, 0, ExitReason::Filter), &mut kvm);
     assert_eq!((o.reply, by_name(&o)), (Reply::Gp, "template".into()));
-    // No host value and no plugin: `unhandled` decides.
+    // The plugin passes and KVM's value is not the guest's: `unhandled` decides.
     let o = d.handle(read(0x4d53_0002, ExitReason::Unknown), &mut kvm);
     assert_eq!((o.reply, by_name(&o)), (Reply::Gp, "unhandled:gp".into()));
     // Template MSRs are deflected through the filter.
@@ -390,6 +392,21 @@ fn templates_force_bits_over_kvm_and_plugins_and_follow_updates() {
     engine.update(revised).unwrap();
     let o = d.handle(read(0x10a, ExitReason::Filter), &mut kvm);
     assert_eq!(o.reply, Reply::Read(0));
+    // A writable MSR (IA32_PAT) takes no template unless a plugin models
+    // it; under a deny firewall, a template MSR must be allowed.
+    for (extra, why) in [("", "guests may write it"), ("deny", "firewall")] {
+        let mut spec = Setup::new(Unhandled::Gp).spec;
+        spec.templates = vec![template(if extra.is_empty() { 0x277 } else { 0x10a }, "0b1")];
+        if !extra.is_empty() {
+            spec.filter_default = FilterDefault::Deny;
+        }
+        let e = Engine::builder()
+            .filter(RecordingFilter::default())
+            .build(spec)
+            .err()
+            .unwrap();
+        assert!(crate::util::error_chain(&e).contains(why), "{e:?}");
+    }
     // Claims on IA32_ARCH_CAPABILITIES are refused without a template.
     let mut claims = Setup::new(Unhandled::Gp).plugin("q", PASS, Some(vec![(0x10a, 0x10a)]), OnError::Fault);
     assert!(

@@ -161,33 +161,37 @@ struct HostMsrs {
 
 impl HostMsrs {
     fn read(kvm: &Kvm) -> Result<Self, KvmError> {
-        let ioctl = |what| move |source| KvmError::Ioctl { what, source };
         let mut known = kvm
             .get_msr_index_list()
-            .map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?
+            .map_err(|source| KvmError::Ioctl {
+                what: "KVM_GET_MSR_INDEX_LIST",
+                source,
+            })?
             .as_slice()
             .to_vec();
-        let feature_list = kvm
+        // A KVM without feature MSRs (or whose system KVM_GET_MSRS stops
+        // early) offers none: templates asking for bits there are refused.
+        let entries: Vec<kvm_msr_entry> = kvm
             .get_msr_feature_index_list()
-            .map_err(ioctl("KVM_GET_MSR_FEATURE_INDEX_LIST"))?;
-        let entries: Vec<kvm_msr_entry> = feature_list
-            .as_slice()
-            .iter()
-            .map(|&index| kvm_msr_entry {
+            .map(|list| list.as_slice().to_vec())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|index| kvm_msr_entry {
                 index,
                 ..Default::default()
             })
             .collect();
         let mut features = Vec::new();
-        if !entries.is_empty() {
-            let mut msrs = Msrs::from_entries(&entries).map_err(|_| KvmError::Ioctl {
-                what: "KVM_GET_MSRS (features)",
-                source: kvm_ioctls::Error::new(libc::E2BIG),
-            })?;
-            let read = kvm.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS (features)"))?;
-            features = msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)).collect();
+        if let Ok(mut msrs) = Msrs::from_entries(&entries)
+            && !entries.is_empty()
+            && let Ok(read) = kvm.get_msrs(&mut msrs)
+        {
+            features = msrs.as_slice()[..read.min(entries.len())]
+                .iter()
+                .map(|e| (e.index, e.data))
+                .collect();
         }
-        known.extend(feature_list.as_slice());
+        known.extend(features.iter().map(|f| f.0));
         known.sort_unstable();
         known.dedup();
         Ok(Self { known, features })
@@ -198,7 +202,11 @@ impl HostMsrs {
     /// plugin of the plan answers.
     fn check(&self, plan: &FilterPlan) -> Result<(), FilterError> {
         for t in &plan.templates {
-            if let Some(&(_, supported)) = self.features.iter().find(|(i, _)| *i == t.index) {
+            let feature = self.features.iter().find(|(i, _)| *i == t.index).map(|f| f.1);
+            // The read-only MSRs a template takes over are KVM feature MSRs:
+            // one KVM does not report offers nothing.
+            let feature = feature.or(crate::policy::template_read_only(t.index).then_some(0));
+            if let Some(supported) = feature {
                 let missing = t.value & !supported;
                 if missing != 0 {
                     return Err(FilterError::Template {

@@ -44,7 +44,7 @@ pub struct VcpuStats {
     pub wrmsr: u64,
     /// Decided by a plugin, `[reads, writes]`.
     pub by_plugin: [u64; 2],
-    /// Decided by KVM's own MSR (the fallback), `[reads, writes]`.
+    /// Decided by KVM's own MSR (the fallback) or a CPU template, `[reads, writes]`.
     pub by_kvm: [u64; 2],
     /// Decided by the `unhandled` policy, `[reads, writes]`.
     pub by_unhandled: [u64; 2],
@@ -58,7 +58,8 @@ pub struct VcpuStats {
 }
 
 impl VcpuStats {
-    /// Accesses decided by KVM's fallback.
+    /// Accesses decided by KVM's fallback, or by a CPU template (which
+    /// starts from KVM's value).
     pub fn kvm_fallback(&self) -> u64 {
         self.by_kvm[0] + self.by_kvm[1]
     }

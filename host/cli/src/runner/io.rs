@@ -100,25 +100,24 @@ impl IoBus {
                         // the guest is done.
                         let mut waited = Duration::ZERO;
                         let take = loop {
-                            let whole = p.bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1);
-                            match whole {
-                                Some(n) => break n,
-                                None if p.closed
-                                    || p.bytes.len() >= PARTIAL_LINE_MAX
-                                    || (!p.bytes.is_empty() && waited >= PARTIAL_LINE_WAIT) =>
-                                {
-                                    break p.bytes.len();
-                                }
-                                None => {
-                                    let started = std::time::Instant::now();
-                                    p = cvar
-                                        .wait_timeout(p, PARTIAL_LINE_WAIT)
-                                        .unwrap_or_else(|e| e.into_inner())
-                                        .0;
-                                    if !p.bytes.is_empty() {
-                                        waited += started.elapsed();
-                                    }
-                                }
+                            if p.closed || p.bytes.len() >= PARTIAL_LINE_MAX {
+                                break p.bytes.len();
+                            }
+                            if let Some(end) = p.bytes.iter().rposition(|&b| b == b'\n') {
+                                break end + 1;
+                            }
+                            if p.bytes.is_empty() {
+                                waited = Duration::ZERO;
+                                p = cvar.wait(p).unwrap_or_else(|e| e.into_inner());
+                            } else if waited >= PARTIAL_LINE_WAIT {
+                                break p.bytes.len();
+                            } else {
+                                let started = std::time::Instant::now();
+                                p = cvar
+                                    .wait_timeout(p, PARTIAL_LINE_WAIT - waited)
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .0;
+                                waited += started.elapsed();
                             }
                         };
                         if take == 0 {
@@ -220,15 +219,16 @@ mod tests {
     }
 
     /// Serial output goes out in whole lines (so that host messages never
-    /// split a guest line); a partial line still goes out after a short
-    /// wait, and at the end.
+    /// split a guest line); a partial line goes out after waiting for its
+    /// newline, never at once, and at the end.
     #[test]
     fn serial_output_goes_out_in_whole_lines() {
+        type Log = Arc<Mutex<Vec<(std::time::Instant, Vec<u8>)>>>;
         #[derive(Clone, Default)]
-        struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+        struct Writes(Log);
         impl Write for Writes {
             fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().push(buf.to_vec());
+                self.0.lock().unwrap().push((std::time::Instant::now(), buf.to_vec()));
                 Ok(buf.len())
             }
             fn flush(&mut self) -> std::io::Result<()> {
@@ -237,23 +237,33 @@ mod tests {
         }
         let out = Writes::default();
         let bus = IoBus::new(Box::new(out.clone()));
-        for b in b"one\ntw" {
+        let queued = std::time::Instant::now();
+        for b in b"one\ntwo" {
             bus.write(0x3f8, &[*b]);
         }
-        std::thread::sleep(Duration::from_millis(20));
-        bus.write(0x3f8, b"o");
-        // The partial line waits for its newline, then goes out anyway.
+        let text = || {
+            out.0
+                .lock()
+                .unwrap()
+                .iter()
+                .flat_map(|w| w.1.clone())
+                .collect::<Vec<u8>>()
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while out.0.lock().unwrap().concat() != b"one\ntwo" {
-            assert!(std::time::Instant::now() < deadline, "{:?}", out.0.lock().unwrap());
+        while text() != b"one\ntwo" {
+            assert!(std::time::Instant::now() < deadline, "{:?}", text());
             std::thread::sleep(Duration::from_millis(10));
         }
-        for w in out.0.lock().unwrap().iter() {
-            assert!(w.ends_with(b"\n") || w == b"two" || w == b"tw" || w == b"o", "{w:?}");
-        }
+        // Every write but the partial line's ends a line; the partial line
+        // went out only after PARTIAL_LINE_WAIT.
+        let writes = out.0.lock().unwrap().clone();
+        let (last, partial) = writes.split_last().unwrap();
+        assert!(partial.iter().all(|w| w.1.ends_with(b"\n")), "{writes:?}");
+        assert!(last.1.ends_with(b"two") && !last.1.contains(&b'\n'), "{writes:?}");
+        assert!(last.0 - queued >= PARTIAL_LINE_WAIT, "{:?}", last.0 - queued);
         bus.write(0x3f8, b"!");
         assert_eq!(bus.finish(Duration::from_secs(1)), 0);
-        assert_eq!(out.0.lock().unwrap().concat(), b"one\ntwo!");
+        assert_eq!(text(), b"one\ntwo!");
     }
 
     /// A sink that never returns, like a pipe whose reader stopped.

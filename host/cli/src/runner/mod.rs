@@ -255,7 +255,7 @@ impl VmReport {
         };
         let secs = self.elapsed.as_secs_f64();
         let mut s = format!(
-            "msrwasm: {end} after {secs:.2}s\nmsrwasm: {} exits, {} rdmsr + {} wrmsr deflected ({:.0}/s), {} #GP, {} KVM fallback, {} unhandled, {} port I/O ({} unknown), {} MMIO, {} unexpected\n",
+            "msrwasm: {end} after {secs:.2}s\nmsrwasm: {} exits, {} rdmsr + {} wrmsr deflected ({:.0}/s), {} #GP, {} KVM fallback or template, {} unhandled, {} port I/O ({} unknown), {} MMIO, {} unexpected\n",
             t.exits,
             m.rdmsr,
             m.wrmsr,

@@ -71,6 +71,9 @@ pub struct PluginSettings {
     /// may import `msr_energy_v1` (core) or `msrwasm:plugin/energy`
     /// (component), and the host samples energy while it is loaded.
     pub energy: bool,
+    /// The manifest grants CPU templates (`grants = ["templates"]`): the
+    /// templates in the plugin's metadata apply to the VM.
+    pub templates: bool,
     /// The manifest confirms claims on MSRs guests read at high rates
     /// (`hot_msrs = true`): no exit-storm warning for this plugin.
     pub hot_msrs: bool,
@@ -96,6 +99,7 @@ impl PluginSettings {
             config: BTreeMap::new(),
             source: None,
             energy: false,
+            templates: false,
             hot_msrs: false,
         }
     }

@@ -120,9 +120,6 @@ impl FilterRanges {
 /// Which directions a set of windows is for, and the MSRs it covers.
 type Direction<'a> = (bool, bool, &'a Vec<(u32, u32)>);
 
-/// How templates appear among the claimants (in messages).
-pub(crate) const TEMPLATE_CLAIMANT: &str = "[[template]]";
-
 /// What a policy needs of the filter.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FilterPlan {
@@ -181,17 +178,21 @@ impl FilterPlan {
         Ok(plan)
     }
 
-    /// The plan with CPU templates for the sink to check.
-    pub(crate) fn with_templates(mut self, templates: Vec<crate::policy::MsrTemplate>) -> Self {
+    /// The plan with CPU templates: their MSRs are deflected like claims
+    /// (so that every guest read gets the template's bits), and the sink
+    /// may refuse bits its host cannot provide.
+    pub(crate) fn with_templates(mut self, templates: Vec<crate::policy::MsrTemplate>) -> Result<Self, FilterError> {
+        let mut deflect = std::mem::take(&mut self.deflect);
+        deflect.extend(templates.iter().map(|t| (t.index, t.index)));
+        self.deflect = merge(deflect);
         self.templates = templates;
-        self
+        self.ranges(&[])?;
+        Ok(self)
     }
 
     /// Whether `index` is claimed by a plugin (not only by a template).
     pub fn plugin_claims(&self, index: u32) -> bool {
-        self.claimants
-            .iter()
-            .any(|(who, f, l)| who != TEMPLATE_CLAIMANT && (*f..=*l).contains(&index))
+        self.claimants.iter().any(|(_, f, l)| (*f..=*l).contains(&index))
     }
 
     /// Whether the plan asks KVM to deflect nothing (no filter needed).

@@ -369,15 +369,16 @@ impl PolicySpec {
                 crate::oci::MAX_POLL_S as i64,
                 crate::oci::DEFAULT_POLL_S,
             )?;
-            let mut energy = false;
+            let (mut energy, mut templates) = (false, false);
             for g in p.grants.iter().flat_map(|g| g.get_ref()) {
                 match g.get_ref().as_str() {
                     "energy" => energy = true,
+                    "templates" => templates = true,
                     other => {
                         return Err(err(
                             Some(g.span()),
                             format!(
-                                "key `plugin.grants` of plugin `{name}`: unknown grant `{other}` (known: `energy`)"
+                                "key `plugin.grants` of plugin `{name}`: unknown grant `{other}` (known: `energy`, `templates`)"
                             ),
                         ));
                     }
@@ -400,6 +401,7 @@ impl PolicySpec {
                 config: p.config,
                 source,
                 energy,
+                templates,
                 hot_msrs: p.hot_msrs,
             });
         }

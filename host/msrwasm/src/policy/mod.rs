@@ -57,6 +57,11 @@ pub(crate) fn exit_storm_warnings<'a>(
     out
 }
 
+/// Whether a template on `index` takes the MSR over entirely.
+pub(crate) fn template_read_only(index: u32) -> bool {
+    TEMPLATE_READ_ONLY.iter().any(|&(i, _)| i == index)
+}
+
 /// Read-only MSRs whose KVM handling a template may take over although a
 /// plugin could not claim them: hardware faults every guest write, so the
 /// template answers reads (the host value with its bits) and writes #GP.
@@ -98,16 +103,20 @@ pub enum PolicyError {
         why: &'static str,
     },
     /// A template names an MSR whose guest handling msrwasm cannot model.
-    #[error(
-        "template for MSR {index:#x} ({name}): cannot be modelled: KVM handles it with checks only guest accesses get ({why}), and msrwasm cannot reproduce them"
-    )]
+    #[error("template for MSR {index:#x}: cannot be modelled: {why}")]
     TemplateUnmodelled {
         /// The MSR.
         index: u32,
-        /// Its name.
-        name: &'static str,
-        /// What KVM does differently for the guest.
-        why: &'static str,
+        /// Why.
+        why: String,
+    },
+    /// A plugin carries templates in its metadata without the grant.
+    #[error(
+        "plugin `{plugin}` carries CPU templates (metadata `template.*`): its [[plugin]] table must grant them (grants = [\"templates\"])"
+    )]
+    TemplatesNotGranted {
+        /// The plugin.
+        plugin: String,
     },
     /// Two templates for one MSR (the manifest's and a plugin's, or two
     /// plugins').
@@ -182,6 +191,17 @@ impl Policy {
     /// Composes loaded plugins (in chain order) under `spec`'s unhandled
     /// policy and firewall.
     pub(crate) fn compose(plugins: Vec<Arc<Plugin>>, spec: &PolicySpec, generation: u64) -> Result<Self, PolicyError> {
+        Self::compose_with(plugins, spec, generation, true)
+    }
+
+    /// As [`Policy::compose`]; `enforce_grants = false` (for `check`, which
+    /// warns instead) lets plugins carry templates without their grant.
+    pub(crate) fn compose_with(
+        plugins: Vec<Arc<Plugin>>,
+        spec: &PolicySpec,
+        generation: u64,
+        enforce_grants: bool,
+    ) -> Result<Self, PolicyError> {
         if plugins.len() > manifest::MAX_PLUGINS {
             return Err(PolicyError::TooManyPlugins { count: plugins.len() });
         }
@@ -197,6 +217,11 @@ impl Policy {
         // The manifest's templates, then those plugins carry: one per MSR.
         let mut templates = spec.templates.clone();
         for p in &plugins {
+            if !p.templates().is_empty() && !p.settings().templates && enforce_grants {
+                return Err(PolicyError::TemplatesNotGranted {
+                    plugin: p.name().to_owned(),
+                });
+            }
             for t in p.templates() {
                 if templates.iter().any(|o| o.index == t.index) {
                     return Err(PolicyError::DuplicateTemplate {
@@ -210,9 +235,7 @@ impl Policy {
         templates.sort_by_key(|t| t.index);
         // A read-only MSR a template took over has no KVM fallback to
         // protect: the template answers what every plugin passes on.
-        let taken_over = |index: u32| {
-            TEMPLATE_READ_ONLY.iter().any(|&(i, _)| i == index) && templates.iter().any(|t| t.index == index)
-        };
+        let taken_over = |index: u32| template_read_only(index) && templates.iter().any(|t| t.index == index);
         for (plugin, (first, last)) in claims.clone() {
             let mut from = first;
             while let Some((index, name, why)) = fallback::first_unsafe(from, last) {
@@ -230,25 +253,41 @@ impl Policy {
                 }
             }
         }
+        let claimed = |index: u32| claims.clone().any(|(_, (f, l))| (f..=l).contains(&index));
         for t in &templates {
-            if TEMPLATE_READ_ONLY.iter().any(|&(i, _)| i == t.index) {
-                continue;
+            let refused = |why: String| PolicyError::TemplateUnmodelled { index: t.index, why };
+            if let Some((_, name, why)) = fallback::first_unsafe(t.index, t.index)
+                && !template_read_only(t.index)
+            {
+                return Err(refused(format!(
+                    "{name}: KVM handles it with checks only guest accesses get ({why})"
+                )));
             }
-            if let Some((index, name, why)) = fallback::first_unsafe(t.index, t.index) {
-                return Err(PolicyError::TemplateUnmodelled { index, name, why });
+            let kvm_base = template_read_only(t.index)
+                || (fallback::rule(t.index, false) == Some(fallback::Rule::Kvm)
+                    && fallback::rule(t.index, true) == Some(fallback::Rule::Gp));
+            if !kvm_base && !claimed(t.index) {
+                return Err(refused(
+                    "guests may write it, or msrwasm cannot read KVM's value the way the guest would (docs/security.md): \
+                     a template covers read-only MSRs, or MSRs a plugin claims (and models)"
+                        .into(),
+                ));
+            }
+            let denied = spec.filter_default == FilterDefault::Deny
+                && !spec.allow.iter().any(|&(f, l)| (f..=l).contains(&t.index));
+            if denied && !claimed(t.index) {
+                return Err(refused(
+                    "the firewall (filter_default = \"deny\") denies it: add it to `allow`, or claim it by a plugin"
+                        .into(),
+                ));
             }
         }
-        // Template MSRs are deflected like claims, so that every guest read
-        // gets the template's bits whoever else answers.
-        let template_claims = templates
-            .iter()
-            .map(|t| (filter::TEMPLATE_CLAIMANT, (t.index, t.index)));
-        let filter = FilterPlan::build(claims.chain(template_claims), spec.filter_default, &spec.allow)
+        let filter = FilterPlan::build(claims, spec.filter_default, &spec.allow)
+            .and_then(|plan| plan.with_templates(templates.clone()))
             .map_err(|source| PolicyError::Filter {
                 manifest: spec.manifest.clone(),
                 source,
-            })?
-            .with_templates(templates.clone());
+            })?;
         for warning in exit_storm_warnings(
             plugins.iter().flat_map(|p| {
                 let confirmed = p.settings().hot_msrs;

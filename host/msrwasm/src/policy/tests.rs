@@ -145,6 +145,7 @@ fn templates_carried_by_plugins_join_the_manifests_once_per_msr() {
         );
         let mut settings = PluginSettings::new(name, format!("{name}.wat"));
         settings.msrs = Some(vec![]);
+        settings.templates = name != "ungranted";
         Plugin::from_bytes(&Runtime::shared(), settings, wat.as_bytes(), &StateStore::default()).map(Arc::new)
     };
     let t = carrying("t", r#"\"template.0x10a\" = \"0b1\""#).unwrap();
@@ -156,6 +157,12 @@ fn templates_carried_by_plugins_join_the_manifests_once_per_msr() {
     spec.templates.push(MsrTemplate::parse(0x10a, "0b0").unwrap());
     let e = Policy::compose(vec![t], &spec, 1).unwrap_err().to_string();
     assert!(e.contains("plugin `t` carries a template for MSR 0x10a"), "{e}");
+    // Without the grant, a plugin's templates are refused.
+    let ungranted = carrying("ungranted", r#"\"template.0x10a\" = \"0b1\""#).unwrap();
+    let e = Policy::compose(vec![ungranted], &PolicySpec::default(), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("grants = [\"templates\"]"), "{e}");
     let e = carrying("bad", r#"\"template.0x830\" = \"0b1\""#)
         .unwrap_err()
         .to_string();
