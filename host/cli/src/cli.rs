@@ -205,7 +205,10 @@ struct PolicyArgs {
 enum PolicyCommand {
     /// Print a manifest skeleton from a footprint: an `allow` list for a
     /// default-deny firewall and the MSRs that went unhandled, with counts.
-    Suggest { footprint: PathBuf },
+    Suggest {
+        /// The footprint (`run --footprint FILE` or `GET /v1/footprint`).
+        footprint: PathBuf,
+    },
     /// Compile a guest profile (profile.toml: a table of MSRs, their
     /// values and write rules) into NAME.wat (the plugin), manifest.toml
     /// (loads it: `run --manifest`) and NAME.test (`msrwasm test`
@@ -227,6 +230,7 @@ enum PolicyCommand {
     /// guest read where the MSR was answered, else the last value it wrote,
     /// else 0), `value=N`, `gp` (#GP both ways).
     Record {
+        /// The footprint (`run --footprint FILE` or `GET /v1/footprint`).
         footprint: PathBuf,
         /// Directory to write to (created if missing).
         #[arg(long, short)]
@@ -254,6 +258,7 @@ enum PolicyCommand {
     /// added) that parses as `run` parses it; whether this host's KVM can
     /// provide the bits is checked when a VM loads it.
     ImportTemplate {
+        /// The template: Firecracker's custom CPU template JSON.
         template: PathBuf,
         /// Add the templates to this manifest (its plugins, unhandled,
         /// firewall); printed, the file is not changed.
@@ -268,7 +273,12 @@ enum PolicyCommand {
     /// Compare two footprints (two guest versions, or two hosts): MSRs
     /// only in one, and changes in who answered, #GP and the last value.
     /// Exits 1 when they differ.
-    Diff { a: PathBuf, b: PathBuf },
+    Diff {
+        /// The first footprint (`-` lines).
+        a: PathBuf,
+        /// The second footprint (`+` lines).
+        b: PathBuf,
+    },
 }
 
 fn parse_profile_name(s: &str) -> Result<String, String> {
