@@ -1007,10 +1007,9 @@ fn ctl(args: CtlArgs) -> Result<i32> {
     Ok(if (200..300).contains(&status) { 0 } else { 1 })
 }
 
-/// Refuses a generated profile plugin `run` would refuse.
-fn check_generated(profile: &crate::profile::Profile, dir: &std::path::Path) -> Result<()> {
-    let wat = dir.join(format!("{}.wat", profile.name));
-    let report = msrwasm::tools::check(PluginSettings::new(profile.name.clone(), &wat));
+/// Refuses a generated plugin (a profile's, or one carrying templates) that `run` would refuse.
+fn check_generated(name: &str, wat: &std::path::Path) -> Result<()> {
+    let report = msrwasm::tools::check(PluginSettings::new(name, wat));
     match report.ok {
         true => Ok(()),
         false => bail!(
@@ -1049,7 +1048,7 @@ fn policy(args: PolicyArgs) -> Result<i32> {
             for path in parsed.write(&dir)? {
                 out!("{}\n", path.display());
             }
-            check_generated(&parsed, &dir)?;
+            check_generated(&parsed.name, &dir.join(format!("{}.wat", parsed.name)))?;
             Ok(0)
         }
         PolicyCommand::Record {
@@ -1079,7 +1078,7 @@ fn policy(args: PolicyArgs) -> Result<i32> {
             for path in profile.write(&out)? {
                 out!("{}\n", path.display());
             }
-            check_generated(&profile, &out)?;
+            check_generated(&profile.name, &out.join(format!("{}.wat", profile.name)))?;
             err!(
                 "{} MSR(s) answered; try it: msrwasm run --manifest {} GUEST",
                 profile.rows.len(),
@@ -1113,12 +1112,7 @@ fn policy(args: PolicyArgs) -> Result<i32> {
                 let wat = crate::profile::templates_plugin(&templates, &name, &source);
                 msrwasm::tools::write_atomic_mode(&out, wat.as_bytes(), 0o644)
                     .with_context(|| format!("writing {}", out.display()))?;
-                let mut settings = PluginSettings::new(name, &out);
-                settings.msrs = None;
-                let report = msrwasm::tools::check(settings);
-                if !report.ok {
-                    bail!("{}: {}", out.display(), report.error.unwrap_or_default());
-                }
+                check_generated(&name, &out)?;
                 out!("{}\n", out.display());
                 err!(
                     "push it (msrwasm push {} oci://REGISTRY/REPO:TAG) and follow the tag from each VM's manifest: \

@@ -368,23 +368,19 @@ impl Profile {
         w += "  ;; 1: this row's vendor is the configured one (or vendor = 0)\n";
         w += "  (func $vendor_ok (param $want i64) (result i32)\n";
         w += "    (i32.or (i64.eqz (global.get $vendor)) (i64.eq (global.get $vendor) (local.get $want))))\n\n";
-        let cond = |r: &Row| {
+        // A row's comment and test: its index, and its vendor when it has one.
+        let row_if = |r: &Row| {
             let index = format!("(i32.eq (local.get $i) (i32.const {:#x}))", r.index);
-            match r.vendor {
+            let cond = match r.vendor {
                 Vendor::Any => index,
                 v => format!("(i32.and {index} (call $vendor_ok (i64.const {})))", v as u8),
-            }
+            };
+            format!("    ;; {:#x} {}\n    (if {cond} (then\n", r.index, r.name)
         };
         w += "  (func (export \"rdmsr\") (param $i i32) (result i32)\n";
         let mut k = 0;
         for r in &self.rows {
-            let _ = writeln!(
-                w,
-                "    ;; {} {}\n    (if {} (then",
-                format_index(r.index),
-                r.name,
-                cond(r)
-            );
+            w += &row_if(r);
             if r.log {
                 let (off, len) = messages[k];
                 let _ = writeln!(
@@ -416,13 +412,7 @@ impl Profile {
         w += "    (i32.const 2))\n\n";
         w += "  (func (export \"wrmsr\") (param $i i32) (param $v i64) (result i32)\n";
         for r in &self.rows {
-            let _ = writeln!(
-                w,
-                "    ;; {} {}\n    (if {} (then",
-                format_index(r.index),
-                r.name,
-                cond(r)
-            );
+            w += &row_if(r);
             if r.reserved != 0 {
                 let _ = writeln!(
                     w,
@@ -481,10 +471,8 @@ impl Profile {
             if !seen.insert(r.index) {
                 let _ = writeln!(
                     s,
-                    "# {} {} ({:?} row): under vendor = 0 the row above answers; set vendor to check it",
-                    format_index(r.index),
-                    r.name,
-                    r.vendor
+                    "# {:#x} {} ({:?} row): under vendor = 0 the row above answers; set vendor to check it",
+                    r.index, r.name, r.vendor
                 );
                 continue;
             }
@@ -493,13 +481,7 @@ impl Profile {
                 Read::Topology => format!("{:#x}", (4u64 << 16) | 8),
                 Read::Gp => "fault".into(),
             };
-            let _ = writeln!(
-                s,
-                "# {} {}\nrdmsr {:#x} -> {read}",
-                format_index(r.index),
-                r.name,
-                r.index
-            );
+            let _ = writeln!(s, "# {:#x} {}\nrdmsr {:#x} -> {read}", r.index, r.name, r.index);
             match r.write {
                 Write::Gp => {
                     let _ = writeln!(s, "wrmsr {:#x} 0 -> fault", r.index);
@@ -600,10 +582,6 @@ impl Profile {
 
 fn first_bit(mask: u64) -> u64 {
     if mask == 0 { 0 } else { 1 << mask.trailing_zeros() }
-}
-
-fn format_index(index: u32) -> String {
-    format!("{index:#x}")
 }
 
 fn toml_escape(s: &str) -> String {

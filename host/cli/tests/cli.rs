@@ -201,6 +201,22 @@ fn guest_exit_port_sets_the_status() {
     assert_eq!(o.status.code(), Some(42), "{}", stderr(&o));
 }
 
+/// Assembles the raw guest `src` into `elf` with only what `msrwasm guests`
+/// wrote into `guests` (guest.inc, elf.ld), as docs/guest-conventions.md says.
+fn assemble(guests: &std::path::Path, src: &std::path::Path, elf: &std::path::Path) {
+    let o = Command::new("cc")
+        .args(["-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none", "-I"])
+        .arg(guests)
+        .arg("-T")
+        .arg(guests.join("elf.ld"))
+        .arg("-o")
+        .arg(elf)
+        .arg(src)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}: {}", src.display(), stderr(&o));
+}
+
 #[test]
 fn guests_writes_the_built_in_images() {
     let dir = tempfile::tempdir().unwrap();
@@ -214,23 +230,14 @@ fn guests_writes_the_built_in_images() {
     // What it writes is enough to write a guest: the example, and a
     // profile's replay guest, build with it alone and run as documented.
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    let build = |src: &str, elf: &std::path::Path| {
-        let o = Command::new("cc")
-            .args(["-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none", "-I"])
-            .arg(&out_dir)
-            .arg("-T")
-            .arg(out_dir.join("elf.ld"))
-            .arg("-o")
-            .arg(elf)
-            .arg(src)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{src}: {}", stderr(&o));
-    };
     let example = dir.path().join("example.elf");
-    build(out_dir.join("example.S").to_str().unwrap(), &example);
+    assemble(&out_dir, &out_dir.join("example.S"), &example);
     let replay = dir.path().join("replay.elf");
-    build(&format!("{root}/plugins/profiles/linux/linux_replay.S"), &replay);
+    assemble(
+        &out_dir,
+        format!("{root}/plugins/profiles/linux/linux_replay.S").as_ref(),
+        &replay,
+    );
     if !kvm_available() {
         return;
     }
@@ -259,22 +266,11 @@ fn policy_record_turns_a_footprint_into_a_working_policy() {
     let d = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
     let o = msrwasm(&["guests", &d("g")]);
     assert!(o.status.success());
-    let o = Command::new("cc")
-        .args([
-            "-nostdlib",
-            "-static",
-            "-no-pie",
-            "-I",
-            &d("g"),
-            "-T",
-            &d("g/elf.ld"),
-            "-o",
-            &d("replay.elf"),
-        ])
-        .arg(format!("{root}/plugins/profiles/windows/windows_replay.S"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    assemble(
+        dir.path().join("g").as_ref(),
+        format!("{root}/plugins/profiles/windows/windows_replay.S").as_ref(),
+        dir.path().join("replay.elf").as_ref(),
+    );
     let o = msrwasm(&[
         "run",
         "--unhandled",

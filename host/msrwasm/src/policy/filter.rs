@@ -200,7 +200,8 @@ impl FilterPlan {
         self.default == FilterDefault::Allow && self.deflect.is_empty()
     }
 
-    /// Whether `index` is claimed by a plugin.
+    /// Whether `index` is deflected: a plugin claims it, or a CPU template
+    /// covers it.
     pub fn claims(&self, index: u32) -> bool {
         contains(&self.deflect, index)
     }

@@ -253,7 +253,11 @@ impl Policy {
                 }
             }
         }
-        let claimed = |index: u32| claims.clone().any(|(_, (f, l))| (f..=l).contains(&index));
+        let filter_error = |source| PolicyError::Filter {
+            manifest: spec.manifest.clone(),
+            source,
+        };
+        let plan = FilterPlan::build(claims, spec.filter_default, &spec.allow).map_err(filter_error)?;
         for t in &templates {
             let refused = |why: String| PolicyError::TemplateUnmodelled { index: t.index, why };
             if let Some((_, name, why)) = fallback::first_unsafe(t.index, t.index)
@@ -266,28 +270,21 @@ impl Policy {
             let kvm_base = template_read_only(t.index)
                 || (fallback::rule(t.index, false) == Some(fallback::Rule::Kvm)
                     && fallback::rule(t.index, true) == Some(fallback::Rule::Gp));
-            if !kvm_base && !claimed(t.index) {
+            if !kvm_base && !plan.plugin_claims(t.index) {
                 return Err(refused(
                     "guests may write it, or msrwasm cannot read KVM's value the way the guest would (docs/security.md): \
                      a template covers read-only MSRs, or MSRs a plugin claims (and models)"
                         .into(),
                 ));
             }
-            let denied = spec.filter_default == FilterDefault::Deny
-                && !spec.allow.iter().any(|&(f, l)| (f..=l).contains(&t.index));
-            if denied && !claimed(t.index) {
+            if plan.firewall_denies(t.index) && !plan.plugin_claims(t.index) {
                 return Err(refused(
                     "the firewall (filter_default = \"deny\") denies it: add it to `allow`, or claim it by a plugin"
                         .into(),
                 ));
             }
         }
-        let filter = FilterPlan::build(claims, spec.filter_default, &spec.allow)
-            .and_then(|plan| plan.with_templates(templates.clone()))
-            .map_err(|source| PolicyError::Filter {
-                manifest: spec.manifest.clone(),
-                source,
-            })?;
+        let filter = plan.with_templates(templates.clone()).map_err(filter_error)?;
         for warning in exit_storm_warnings(
             plugins.iter().flat_map(|p| {
                 let confirmed = p.settings().hot_msrs;
