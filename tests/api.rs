@@ -117,19 +117,23 @@ fn status_policy_reload_state_footprint_and_metrics() {
     // State: export, then import changed values.
     let (code, state) = get(sock, "/v1/state");
     assert_eq!((code, state["p"]["1"].as_str()), (200, Some("2")));
-    let (code, _) = request(
+    // A store for a plugin the VM does not run is refused, naming it, and
+    // nothing of the request is restored.
+    let (code, body) = request(
         sock,
         "PUT",
         "/v1/state",
         Some(br#"{"p": {"7": "-5"}, "other": {"1": "9"}}"#.to_vec()),
     )
     .unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("no plugin named `other`"), "{body}");
+    let (_, state) = get(sock, "/v1/state");
+    assert_eq!((state["p"].get("7"), state.get("other")), (None, None));
+    let (code, _) = request(sock, "PUT", "/v1/state", Some(br#"{"p": {"7": "-5"}}"#.to_vec())).unwrap();
     assert_eq!(code, 200);
     let (_, state) = get(sock, "/v1/state");
-    assert_eq!(
-        (state["p"]["7"].as_str(), state["other"]["1"].as_str()),
-        (Some("-5"), Some("9"))
-    );
+    assert_eq!(state["p"]["7"].as_str(), Some("-5"));
     assert_eq!(
         request(sock, "PUT", "/v1/state", Some(b"{\"p\": {\"x\": 1}}".to_vec()))
             .unwrap()
@@ -274,6 +278,130 @@ fn oversized_malformed_and_slow_requests_get_errors_and_block_nobody() {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(silent);
+    api.stop.stop();
+    assert_eq!(api.thread.join().unwrap().end, VmEnd::Signal(15));
+}
+
+/// A plugin whose `init` spins `ms` milliseconds (by `msr.now_ns`) and
+/// that answers 3: a policy change to it takes a while.
+fn slow_init(ms: u64) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+          (import "msr" "reply" (func $reply (param i64)))
+          (import "msr" "now_ns" (func $now (result i64)))
+          (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
+          (func (export "init") (result i32) (local $end i64)
+            (local.set $end (i64.add (call $now) (i64.const {ns})))
+            (block $done (loop $spin
+              (br_if $done (i64.ge_s (call $now) (local.get $end)))
+              (br $spin)))
+            (i32.const 0))
+          (func (export "rdmsr") (param i32) (result i32)
+            (call $reply (i64.const 3))
+            (i32.const 0)))"#,
+        ns = ms * 1_000_000
+    ))
+    .unwrap()
+}
+
+/// A complete `PUT /v1/policy` request.
+fn put_policy(manifest: &str) -> Vec<u8> {
+    format!(
+        "PUT /v1/policy HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{manifest}",
+        manifest.len()
+    )
+    .into_bytes()
+}
+
+/// Policy changes queued without bound on the blocking pool and ran even
+/// after their clients had hung up: 100 abandoned PUTs kept the operator's
+/// PUT unanswered for minutes. Now one change runs, MAX_WAITING_CHANGES
+/// wait, more get 503 at once, and a waiting change whose client hung up
+/// is dropped, never applied.
+#[test]
+fn policy_changes_queue_boundedly_and_abandoned_ones_never_apply() {
+    if !kvm_available() {
+        return;
+    }
+    let api = start_with_api();
+    let sock = api.sock.clone();
+    std::fs::write(api.dir.path().join("slow.wasm"), slow_init(400)).unwrap();
+    // Each a new version (its config differs), so each runs `init` again.
+    let slow = |n: u32| {
+        format!(
+            "[[plugin]]\nname = \"p\"\npath = \"slow.wasm\"\ninit_timeout_us = 10000000\n[plugin.config]\nn = {n}\n"
+        )
+    };
+    let fast = "[[plugin]]\nname = \"p\"\npath = \"v2.wasm\"\n";
+    let put = |manifest: String| {
+        let sock = sock.clone();
+        std::thread::spawn(move || request(&sock, "PUT", "/v1/policy", Some(manifest.into_bytes())).unwrap())
+    };
+    // How long a slow change takes here.
+    let started = std::time::Instant::now();
+    assert_eq!(put(slow(0)).join().unwrap().0, 200);
+    let slow_change = started.elapsed();
+    assert!(slow_change > Duration::from_millis(500), "{slow_change:?}");
+
+    // One slow change runs; 100 more are sent and their clients hang up at
+    // once; then the operator's change.
+    let generation = api.engine.generation();
+    let running = put(slow(1));
+    std::thread::sleep(slow_change / 4);
+    for n in 0..100 {
+        let mut abandoned = UnixStream::connect(&sock).unwrap();
+        let _ = abandoned.write_all(&put_policy(&slow(100 + n)));
+    }
+    // (Retried while the server still holds connections it has not yet
+    // seen end: those get 503 at once.)
+    let started = std::time::Instant::now();
+    let (code, body) = loop {
+        let answer = request(&sock, "PUT", "/v1/policy", Some(fast.as_bytes().to_vec()));
+        match answer {
+            Ok((503, _)) if started.elapsed() < slow_change + Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Ok(answer) => break answer,
+            Err(e) => panic!("the operator's change, after {:?}: {e}", started.elapsed()),
+        }
+    };
+    let waited = started.elapsed();
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        waited < slow_change + Duration::from_secs(5),
+        "the operator's change waited {waited:?} (one slow change takes {slow_change:?})"
+    );
+    assert_eq!(running.join().unwrap().0, 200);
+    std::thread::sleep(slow_change + Duration::from_secs(1));
+    assert_eq!(
+        api.engine.generation(),
+        generation + 2,
+        "only the running change and the operator's were applied"
+    );
+
+    // The queue is bounded: with one change running and MAX_WAITING_CHANGES
+    // waiting, another change (or a reload) is refused at once.
+    let running = put(slow(2));
+    std::thread::sleep(slow_change / 4);
+    let waiting: Vec<_> = (0..msrwasm::api::MAX_WAITING_CHANGES as u32)
+        .map(|n| {
+            let waiting = put(slow(3 + n));
+            std::thread::sleep(Duration::from_millis(50));
+            waiting
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let (code, body) = request(&sock, "PUT", "/v1/policy", Some(fast.as_bytes().to_vec())).unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("a policy change is in progress"), "{body}");
+    let (code, body) = request(&sock, "POST", "/v1/reload", None).unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(1), "refused at once");
+    assert_eq!(running.join().unwrap().0, 200);
+    for w in waiting {
+        let (code, body) = w.join().unwrap();
+        assert_eq!(code, 200, "{body}");
+    }
     api.stop.stop();
     assert_eq!(api.thread.join().unwrap().end, VmEnd::Signal(15));
 }

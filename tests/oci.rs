@@ -1,9 +1,10 @@
 //! Plugins from a real OCI registry (the CNCF distribution registry on
 //! 127.0.0.1, started here) answering real guests: push then run, a moved
 //! tag rolled out to a running VM, the registry down, wrong digests,
-//! htpasswd authentication, truncated and corrupt blobs; and a hostile
-//! fake registry (huge manifest, silent and trickling peers, an oversized
-//! layer).
+//! htpasswd authentication, truncated and corrupt blobs; and hostile fake
+//! registries (huge manifest, silent and trickling peers, an oversized
+//! layer, token realms and redirects to plain HTTP off loopback, 32 plugins
+//! on a registry that never answers).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -482,6 +483,351 @@ fn hostile_registries_are_refused_or_cut_off() {
         std::fs::read_dir(cache.path().join("blobs/sha256")).map_or(0, |d| d.count()),
         0,
         "nothing refused was cached"
+    );
+}
+
+/// A tiny HTTP/1.1 server on `bind` (port 0 there): answers each request
+/// (one per connection) with what `answer(method, path, head)` returns, and
+/// records every byte it receives. Returns its port and that record.
+fn fake_http(
+    bind: &str,
+    answer: impl Fn(&str, &str, &str) -> Vec<u8> + Send + Sync + 'static,
+) -> (u16, Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(bind).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (answer, record) = (Arc::new(answer), received.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let (answer, record) = (answer.clone(), record.clone());
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The head, then the body its Content-Length gives.
+                let head_end = loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            record.lock().unwrap().extend_from_slice(&request);
+                            return;
+                        }
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                    if let Some(i) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&request[..head_end]).into_owned();
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_owned())
+                    })
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                while request.len() < head_end + length {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                record.lock().unwrap().extend_from_slice(&request);
+                let mut words = head.split_whitespace();
+                let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                let _ = stream.write_all(&answer(method, path, &head));
+            });
+        }
+    });
+    (port, received)
+}
+
+/// An HTTP answer (the connection is closed after it).
+fn http_answer(status: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        out += &format!("{name}: {value}\r\n");
+    }
+    out += "\r\n";
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A name or address of this machine that the transport rule does not
+/// count as loopback (only `localhost`, 127.0.0.0/8 and ::1 written out
+/// are): an address of a non-loopback interface (found by routing a UDP
+/// socket; nothing is sent), else the host name, when it resolves here.
+/// `port` is a server bound to 0.0.0.0 that must be reachable through it.
+fn off_loopback_host(port: u16) -> String {
+    use std::net::ToSocketAddrs;
+    let mut candidates = Vec::new();
+    if let Ok(socket) = std::net::UdpSocket::bind("0.0.0.0:0")
+        && socket.connect("192.0.2.1:9").is_ok()
+        && let Ok(address) = socket.local_addr()
+        && !address.ip().is_loopback()
+        && !address.ip().is_unspecified()
+    {
+        candidates.push(address.ip().to_string());
+    }
+    if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        candidates.push(name.trim().to_owned());
+    }
+    candidates
+        .into_iter()
+        .filter(|host| !host.is_empty() && !oci_ref(&format!("oci://{host}/probe")).is_loopback())
+        .find(|host| {
+            (host.as_str(), port).to_socket_addrs().is_ok_and(|mut addresses| {
+                addresses.any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok())
+            })
+        })
+        .expect("this machine has no address or name off loopback that reaches itself")
+}
+
+/// What the fake token-authenticated registry does.
+struct Fake {
+    /// The `realm` of its `Bearer` challenge.
+    realm: String,
+    /// Where a layer GET is redirected (`None`: served).
+    blob_redirect: Option<String>,
+    /// The `Location` of a blob upload.
+    upload_location: String,
+}
+
+const FAKE_USER: &str = "ci";
+const FAKE_PASSWORD: &str = "s3cret-Pa55";
+const FAKE_TOKEN: &str = "tok-9f2c";
+
+/// A registry on 127.0.0.1 that wants a token from the realm `fake` names
+/// (for `Bearer tok-9f2c`), holding `team/x:v1` = `layer`. Returns its port.
+fn token_registry(fake: Arc<std::sync::Mutex<Fake>>, layer: Vec<u8>) -> u16 {
+    let layer_digest = format!("sha256:{}", msrwasm::tools::content_hash(&layer));
+    let config_digest = format!("sha256:{}", msrwasm::tools::content_hash(b"{}"));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.wasm.config.v0+json","digest":"{config_digest}","size":2}},"layers":[{{"mediaType":"application/wasm","digest":"{layer_digest}","size":{}}}]}}"#,
+        layer.len()
+    );
+    let (port, _) = fake_http("127.0.0.1:0", move |method, path, head| {
+        let fake = fake.lock().unwrap();
+        let authorized = head.contains(&format!("authorization: Bearer {FAKE_TOKEN}"))
+            || head.contains(&format!("Authorization: Bearer {FAKE_TOKEN}"));
+        let challenge = format!(r#"Bearer realm="{}",service="fake""#, fake.realm);
+        let unauthorized = || http_answer("401 Unauthorized", &[("WWW-Authenticate", &challenge)], b"");
+        match (method, path) {
+            (_, "/v2/") => unauthorized(),
+            _ if !authorized => unauthorized(),
+            ("GET", p) if p.starts_with("/v2/team/x/manifests/") => http_answer(
+                "200 OK",
+                &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+                manifest.as_bytes(),
+            ),
+            ("GET", p) if p.starts_with("/v2/team/x/blobs/") => match &fake.blob_redirect {
+                Some(to) => http_answer("307 Temporary Redirect", &[("Location", to)], b""),
+                None => http_answer("200 OK", &[], &layer),
+            },
+            ("POST", "/v2/team/x/blobs/uploads/") => {
+                http_answer("202 Accepted", &[("Location", &fake.upload_location)], b"")
+            }
+            _ => http_answer("404 Not Found", &[], b""),
+        }
+    });
+    port
+}
+
+/// A token service on 0.0.0.0 (reachable by every address of this machine)
+/// granting `tok-9f2c` to the fake login; records what it receives.
+fn token_service() -> (u16, Arc<std::sync::Mutex<Vec<u8>>>) {
+    fake_http("0.0.0.0:0", |_, _, head| {
+        // base64("ci:s3cret-Pa55")
+        match head.contains("Basic Y2k6czNjcmV0LVBhNTU=") {
+            true => http_answer("200 OK", &[], format!(r#"{{"token":"{FAKE_TOKEN}"}}"#).as_bytes()),
+            false => http_answer("401 Unauthorized", &[], b"{}"),
+        }
+    })
+}
+
+/// A store logging in as the fake registry's user (as
+/// `MSRWASM_REGISTRY_USER`/`MSRWASM_REGISTRY_PASSWORD` do).
+fn logged_in(cache: &Path) -> OciStore {
+    OciStore::open(
+        cache,
+        StoreOptions {
+            credentials: Some((FAKE_USER.into(), FAKE_PASSWORD.into())),
+            deadline: Duration::from_secs(10),
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Whether `bytes` hold the login or the token, in the clear or in base64.
+fn holds_credentials(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    [FAKE_PASSWORD, "Y2k6czNjcmV0LVBhNTU=", FAKE_TOKEN, "uthorization"]
+        .iter()
+        .any(|secret| text.contains(secret))
+}
+
+/// Credentials travel only where docs/oci.md says: a loopback registry's
+/// token realm gets the login over plain HTTP when it is on loopback too;
+/// one on plain HTTP off loopback (here an address or name of this machine
+/// that is not written as loopback) is refused and receives nothing, and
+/// so is a blob redirect or an upload location there. A redirect to
+/// another (loopback) host is followed without the `Authorization` header.
+#[test]
+fn credentials_and_redirects_never_go_to_plain_http_off_loopback() {
+    let layer = answering(4);
+    let (token_port, token_log) = token_service();
+    let (cdn_port, cdn_log) = fake_http("0.0.0.0:0", {
+        let layer = layer.clone();
+        move |_, _, _| http_answer("200 OK", &[], &layer)
+    });
+    let off = off_loopback_host(token_port);
+    eprintln!("off loopback: {off}");
+    let fake = Arc::new(std::sync::Mutex::new(Fake {
+        realm: format!("http://127.0.0.1:{token_port}/token"),
+        blob_redirect: None,
+        upload_location: format!("http://127.0.0.1:{cdn_port}/upload"),
+    }));
+    let registry = token_registry(fake.clone(), layer.clone());
+    let reference = oci_ref(&format!("oci://127.0.0.1:{registry}/team/x:v1"));
+    let taken = |log: &Arc<std::sync::Mutex<Vec<u8>>>| std::mem::take(&mut *log.lock().unwrap());
+
+    // A loopback realm of a loopback registry: the login goes there, the
+    // token to the registry.
+    let cache = tempfile::tempdir().unwrap();
+    let pulled = logged_in(cache.path())
+        .pull(&reference)
+        .unwrap_or_else(|e| panic!("{}", msrwasm::tools::error_chain(&e)));
+    assert_eq!(std::fs::read(&pulled.blob).unwrap(), layer);
+    let seen = String::from_utf8_lossy(&taken(&token_log)).into_owned();
+    assert!(
+        seen.contains("Basic Y2k6czNjcmV0LVBhNTU=") && seen.contains("scope=repository%3Ateam%2Fx%3Apull"),
+        "{seen}"
+    );
+
+    // The realm on plain HTTP off loopback: refused before anything is
+    // sent there (oci-client sent the login there as Basic auth).
+    fake.lock().unwrap().realm = format!("http://{off}:{token_port}/token");
+    let cache = tempfile::tempdir().unwrap();
+    let e = logged_in(cache.path()).pull(&reference).expect_err("refused");
+    let e = msrwasm::tools::error_chain(&e);
+    assert!(
+        e.contains("the token realm") && e.contains("plain HTTP") && e.contains("team/x:v1"),
+        "{e}"
+    );
+    let seen = taken(&token_log);
+    assert!(
+        seen.is_empty(),
+        "the realm off loopback received {:?}",
+        String::from_utf8_lossy(&seen)
+    );
+    // Pushing too.
+    let e = logged_in(cache.path())
+        .push(&answering(5), BTreeMap::new(), &reference)
+        .expect_err("refused");
+    assert!(msrwasm::tools::error_chain(&e).contains("the token realm"), "{e}");
+    assert!(taken(&token_log).is_empty());
+    fake.lock().unwrap().realm = format!("http://127.0.0.1:{token_port}/token");
+
+    // The layer redirected to another loopback host: followed, without the
+    // registry's credentials.
+    fake.lock().unwrap().blob_redirect = Some(format!("http://127.0.0.2:{cdn_port}/blob"));
+    let cache = tempfile::tempdir().unwrap();
+    let pulled = logged_in(cache.path())
+        .pull(&reference)
+        .unwrap_or_else(|e| panic!("{}", msrwasm::tools::error_chain(&e)));
+    assert_eq!(std::fs::read(&pulled.blob).unwrap(), layer);
+    let seen = taken(&cdn_log);
+    assert!(
+        seen.starts_with(b"GET /blob ") && !holds_credentials(&seen),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+
+    // Redirected to plain HTTP off loopback: refused, nothing sent there
+    // (oci-client followed it).
+    fake.lock().unwrap().blob_redirect = Some(format!("http://{off}:{cdn_port}/blob"));
+    let cache = tempfile::tempdir().unwrap();
+    let e = logged_in(cache.path()).pull(&reference).expect_err("refused");
+    let e = msrwasm::tools::error_chain(&e);
+    assert!(e.contains("a redirect to") && e.contains("plain HTTP"), "{e}");
+    let seen = taken(&cdn_log);
+    assert!(
+        seen.is_empty(),
+        "the redirect target received {:?}",
+        String::from_utf8_lossy(&seen)
+    );
+
+    // An upload location on plain HTTP off loopback: refused, the layer is
+    // not sent there (oci-client sent it).
+    fake.lock().unwrap().upload_location = format!("http://{off}:{cdn_port}/upload");
+    let e = logged_in(cache.path())
+        .push(&answering(6), BTreeMap::new(), &reference)
+        .expect_err("refused");
+    let e = msrwasm::tools::error_chain(&e);
+    assert!(e.contains("the upload location") && e.contains("plain HTTP"), "{e}");
+    let seen = taken(&cdn_log);
+    assert!(
+        seen.is_empty(),
+        "the upload location received {:?}",
+        String::from_utf8_lossy(&seen)
+    );
+}
+
+/// The `oci://` plugins of one policy load are fetched together under one
+/// deadline: 32 of them on a registry that accepts connections and never
+/// answers fail the load in about one deadline (2 s here), not 32 in a row
+/// (64 s; 64 minutes at the default 120 s). All are asked at once.
+#[test]
+fn thirty_two_plugins_on_a_silent_registry_cost_one_deadline() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::Mutex::new(Vec::new()));
+    std::thread::spawn({
+        let accepted = accepted.clone();
+        move || {
+            for stream in listener.incoming().flatten() {
+                accepted.lock().unwrap().push(stream); // held open, never answered
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let plugins: String = (0..32)
+        .map(|i| format!("[[plugin]]\nname = \"p{i}\"\npath = \"oci://127.0.0.1:{port}/team/p{i}:v1\"\n"))
+        .collect();
+    let spec = manifest(dir.path(), &plugins);
+    let cache = tempfile::tempdir().unwrap();
+    let deadline = Duration::from_secs(2);
+    let store = OciStore::open(
+        cache.path(),
+        StoreOptions {
+            deadline,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let started = Instant::now();
+    let e = msrwasm::Engine::builder()
+        .oci(Arc::new(store))
+        .build(spec)
+        .expect_err("refused");
+    let took = started.elapsed();
+    let e = msrwasm::tools::error_chain(&e);
+    assert!(e.contains("did not answer within 2 s"), "{e}");
+    eprintln!("32 oci:// plugins on a silent registry, 2 s deadline: the load failed after {took:?}");
+    // A bound, not a benchmark: one deadline plus slack, not 32.
+    assert!(took < deadline * 4, "{took:?}");
+    let connections = accepted.lock().unwrap().len();
+    assert!(
+        (1..=msrwasm::oci::MAX_PARALLEL_FETCHES).contains(&connections),
+        "{connections} connections"
     );
 }
 

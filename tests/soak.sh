@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Soak: 2 vCPUs exiting at full rate, a new plugin version every 200 ms,
-# the trace on (into a FIFO counted by `wc -l`), the control API polled
-# (status and /metrics) every second. Samples RSS, open fds and threads of
+# Soak: 2 vCPUs exiting at full rate, a new plugin version every 200 ms
+# that logs on every call (log-heavy: the host's rate limits and log queue
+# at work), the trace on (into a FIFO counted by `wc -l`), the control API
+# polled (status, /metrics and the footprint) every second. Samples RSS, open fds and threads of
 # the msrwasm process every 10 s, then stops it with SIGTERM and checks that
 # every access is accounted for: trace records written + dropped = accesses
 # deflected (the summary's counters).
@@ -31,8 +32,12 @@ version() {
   cat <<EOF
 (module
   (import "msr" "reply" (func \$reply (param i64)))
+  (import "msr" "log" (func \$log (param i32 i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "soak: a log line per call")
   (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
   (func (export "rdmsr") (param i32) (result i32)
+    (call \$log (i32.const 2) (i32.const 0) (i32.const 25))
     (call \$reply (i64.const $1))
     (i32.const 0)))
 EOF
@@ -41,7 +46,7 @@ version 1 >"$work/p.wat"
 mkfifo "$work/trace.fifo"
 wc -l <"$work/trace.fifo" >"$work/trace.count" &
 wc_pid=$!
-"$bin" --log warn run --vcpus 2 --plugin "$work/p.wat" --trace "$work/trace.fifo" \
+"$bin" --log info run --vcpus 2 --plugin "$work/p.wat" --trace "$work/trace.fifo" \
   --api-sock "$work/api.sock" "$work/msr_forever.elf" >/dev/null 2>"$work/stderr" &
 vm_pid=$!
 for _ in $(seq 100); do [ -S "$work/api.sock" ] && break; sleep 0.1; done
@@ -72,7 +77,8 @@ while :; do
   if [ "$now" -ge "$next_poll" ]; then
     "$bin" ctl --api-sock "$work/api.sock" status >/dev/null
     "$bin" ctl --api-sock "$work/api.sock" metrics >/dev/null
-    polls=$((polls + 2))
+    "$bin" ctl --api-sock "$work/api.sock" footprint >/dev/null
+    polls=$((polls + 3))
     next_poll=$((now + 1))
   fi
   if [ "$now" -ge "$next_sample" ]; then

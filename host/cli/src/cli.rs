@@ -65,8 +65,9 @@ enum Command {
     /// the guest wrote to port 0xf4, 0 when every vCPU halted, 1 when a vCPU
     /// crashed (triple fault, KVM error), 2 for bad arguments or a refused
     /// plugin/manifest, 128+N when stopped by signal N (SIGINT 130, SIGTERM
-    /// 143; also SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM).
-    Run(RunArgs),
+    /// 143; every signal whose default action ends a process, but the ones a
+    /// fault raises, does the same, also during start-up).
+    Run(Box<RunArgs>),
     /// Boot the built-in demo guest on 2 vCPUs, answered by built-in plugins,
     /// and hot-swap one plugin while it runs.
     Demo(DemoArgs),
@@ -485,6 +486,20 @@ struct RunArgs {
     /// energy and CPU times (docs/energy.md).
     #[arg(long = "grant", value_parser = ["energy"], conflicts_with = "manifest")]
     grants: Vec<String>,
+    /// Linear memory cap of every --plugin, KiB (manifest `memory_max_kib`;
+    /// default 1024). Go, Python and JavaScript plugins need more: see
+    /// `msrwasm check`, which names the size a plugin asks for.
+    #[arg(long, conflicts_with = "manifest", value_parser = clap::value_parser!(u64).range(64..=4_194_304))]
+    memory_max_kib: Option<u64>,
+    /// Per-call CPU budget of every --plugin, µs (manifest `timeout_us`;
+    /// default 1000).
+    #[arg(long, conflicts_with = "manifest", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    timeout_us: Option<u64>,
+    /// What the guest gets when a --plugin fails or is quarantined
+    /// (manifest `on_error`): fault (#GP, the default), pass (as if it
+    /// returned PASS), or value=N (reads get N, writes are dropped).
+    #[arg(long, conflicts_with = "manifest")]
+    on_error: Option<msrwasm::OnError>,
     /// Write one JSON line per MSR access to this file (records the disk
     /// or reader cannot keep up with are dropped and counted).
     #[arg(long)]
@@ -583,7 +598,7 @@ pub fn main() -> i32 {
         Command::Demo(_) => "demo".into(),
         _ => String::new(),
     };
-    crate::logs::init(filter, cli.log_format, &vm_name);
+    let logs = crate::logs::init(filter, cli.log_format, &vm_name);
     let cache = match cli.no_cache {
         true => None,
         false => cli.cache_dir.clone().or_else(msrwasm::tools::default_cache_dir),
@@ -594,7 +609,7 @@ pub fn main() -> i32 {
         temp: std::cell::OnceCell::new(),
     };
     let result = match cli.command {
-        Command::Run(args) => run(args, cache, &oci),
+        Command::Run(args) => run(*args, cache, &oci),
         Command::Demo(args) => demo(args, cache),
         Command::Bench(args) => bench(args),
         Command::Guests(args) => guests(args),
@@ -606,10 +621,21 @@ pub fn main() -> i32 {
         Command::Push(args) => push(args, cache, &oci),
         Command::Pull(args) => pull(args, &oci),
     };
-    result.unwrap_or_else(|e| {
+    let status = result.unwrap_or_else(|e| {
         err!("msrwasm: error: {e:#}");
         STATUS_USAGE
-    })
+    });
+    if logs.dropped() > 0 {
+        err!(
+            "msrwasm: {} log lines were dropped: standard error was not read fast enough (at most {} wait)",
+            logs.dropped(),
+            crate::logs::QUEUE_LINES
+        );
+        // Standard error is stuck: the writer's shutdown would wait on it
+        // (and report its failure on standard output). Leave it.
+        std::mem::forget(logs);
+    }
+    status
 }
 
 /// Where plugins pulled from registries are kept: the cache directory, or
@@ -660,6 +686,9 @@ fn reference(text: &str) -> Result<OciRef> {
 }
 
 fn run(args: RunArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
+    // Before any slow start-up work (compiles, fetches, init on every vCPU).
+    runner::install_termination_handlers();
+    runner::signals::watch_start_up();
     let name = args
         .name
         .clone()
@@ -674,7 +703,12 @@ fn run(args: RunArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
         None => {
             let mut spec = PolicySpec::from_paths(&args.plugin, args.unhandled.unwrap_or_default());
             let energy = args.grants.iter().any(|g| g == "energy");
-            spec.plugins.iter_mut().for_each(|p| p.energy = energy);
+            for p in &mut spec.plugins {
+                p.energy = energy;
+                p.memory_max_kib = args.memory_max_kib.unwrap_or(p.memory_max_kib);
+                p.timeout_us = args.timeout_us.unwrap_or(p.timeout_us);
+                p.on_error = args.on_error.unwrap_or(p.on_error);
+            }
             spec
         }
     };
@@ -712,7 +746,6 @@ fn run_vm(vm: runner::Vm, after: Option<&dyn Fn()>) -> Result<i32> {
     for note in vm.engine().policy().filter().notes() {
         err!("msrwasm: note: {note}");
     }
-    runner::install_termination_handlers();
     let report = vm.run()?;
     if let Some(after) = after {
         after();
@@ -725,6 +758,8 @@ fn run_vm(vm: runner::Vm, after: Option<&dyn Fn()>) -> Result<i32> {
 }
 
 fn demo(args: DemoArgs, cache: Option<PathBuf>) -> Result<i32> {
+    runner::install_termination_handlers();
+    runner::signals::watch_start_up();
     let demo = crate::demo::Demo::prepare().context("preparing the demo")?;
     err!("{}", demo.describe());
     let mut config = demo.config(args.trace, Box::new(std::io::stdout()))?;
@@ -793,7 +828,8 @@ fn guests(args: GuestsArgs) -> Result<i32> {
         ("example.S", include_bytes!("../guests/example.S")),
     ] {
         let path = args.dir.join(name);
-        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        msrwasm::tools::write_atomic_mode(&path, bytes, 0o644)
+            .with_context(|| format!("writing {}", path.display()))?;
         out!("{}\n", path.display());
     }
     Ok(0)
@@ -911,10 +947,12 @@ fn push(args: PushArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
 
 fn pull(args: PullArgs, oci: &OciHome) -> Result<i32> {
     let source = reference(&args.reference)?;
-    let pulled = oci.store()?.pull(&source)?;
     let output = args
         .output
         .unwrap_or_else(|| PathBuf::from(format!("{}.wasm", source.name())));
+    // Before the download: a path that cannot take the plugin is refused now.
+    msrwasm::tools::check_output(&output).context("-o")?;
+    let pulled = oci.store()?.pull(&source)?;
     let bytes = msrwasm::tools::read_regular(&pulled.blob, msrwasm::tools::MAX_PLUGIN_BYTES)
         .with_context(|| format!("reading the cached {}", pulled.blob.display()))?;
     if msrwasm::tools::content_hash(&bytes) != pulled.sha256() {
@@ -967,8 +1005,14 @@ fn meta(args: MetaArgs) -> Result<i32> {
         fields.insert(k.trim().to_owned(), v.to_owned());
     }
     let out = meta::write(&bytes, &fields).map_err(|e| anyhow::anyhow!("{}: {e}", args.plugin.display()))?;
-    let target = args.output.as_ref().unwrap_or(&args.plugin);
-    std::fs::write(target, &out).with_context(|| format!("writing {}", target.display()))?;
+    // In place through a symbolic link (`current.wasm -> v3.wasm`): the
+    // file it names is rewritten, the link stays.
+    let target = match &args.output {
+        Some(output) => output.clone(),
+        None => std::fs::canonicalize(&args.plugin).with_context(|| format!("{}", args.plugin.display()))?,
+    };
+    let target = &target;
+    msrwasm::tools::write_atomic_mode(target, &out, 0o644).with_context(|| format!("writing {}", target.display()))?;
     out!(
         "{}: msrwasm.meta set ({}), sha256 {}\n",
         target.display(),

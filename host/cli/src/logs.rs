@@ -14,7 +14,11 @@
 //! that logged, such as `msrwasm.oci`), `message`, and `plugin` and
 //! `version` whenever a plugin is involved; any other field of the event
 //! follows under its own name. One line per event; a closed or full
-//! standard error never stops the VM (the line is dropped). The command's
+//! standard error never stops the VM (the line is dropped). No thread of
+//! the VM ever writes to standard error itself: every line goes through a
+//! queue of [`QUEUE_LINES`] lines to one writer thread; when standard error
+//! is not read (a full pipe) further lines are dropped and counted, and
+//! the run says how many at its end. The command's
 //! own messages (start-up notes, the closing summary) become objects too,
 //! with `event` `msrwasm`, so that standard error is JSON lines throughout.
 
@@ -24,6 +28,7 @@ use std::io::Write as _;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_appender::non_blocking::NonBlocking;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::layer::{Context, Layer};
@@ -40,13 +45,45 @@ pub enum LogFormat {
 /// The VM name of JSON lines, once `--log-format json` is in force.
 static JSON_VM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// Lines waiting for standard error at most; further ones are dropped and
+/// counted.
+pub const QUEUE_LINES: usize = 16_384;
+
+/// The queue to the writer thread, once [`init`] ran.
+static WRITER: std::sync::OnceLock<NonBlocking> = std::sync::OnceLock::new();
+
+/// Where a line goes: the queue once [`init`] ran (never blocks), else
+/// standard error itself.
+fn writer() -> Box<dyn std::io::Write> {
+    match WRITER.get() {
+        Some(w) => Box::new(w.clone()),
+        None => Box::new(std::io::stderr()),
+    }
+}
+
+/// Keeps the writer thread; when dropped, waits a bounded time (about a
+/// second) for queued lines to reach standard error, then gives up.
+pub struct LogGuard {
+    _worker: tracing_appender::non_blocking::WorkerGuard,
+    writer: NonBlocking,
+}
+
+impl LogGuard {
+    /// Lines dropped so far because the queue was full.
+    pub fn dropped(&self) -> usize {
+        self.writer.error_counter().dropped_lines()
+    }
+}
+
 /// Writes one of the command's own messages (possibly several lines) to
-/// standard error, as text or, in JSON mode, one object per line.
+/// standard error, as text or, in JSON mode, one object per line; after
+/// [`init`], through the same queue as the log lines, in order with them.
 pub fn message(text: &str) {
-    let mut stderr = std::io::stderr().lock();
+    let mut stderr = writer();
     match JSON_VM.get() {
         None => {
-            let _ = writeln!(stderr, "{text}");
+            // One write: one queued message, never split by another line.
+            let _ = stderr.write_all(format!("{text}\n").as_bytes());
         }
         Some(vm) => {
             for line in text.lines() {
@@ -58,7 +95,7 @@ pub fn message(text: &str) {
                 let object = serde_json::json!({
                     "time": now(), "level": level, "vm": vm, "event": "msrwasm", "message": line,
                 });
-                let _ = writeln!(stderr, "{object}");
+                let _ = stderr.write_all(format!("{object}\n").as_bytes());
             }
         }
     }
@@ -71,26 +108,41 @@ fn now() -> String {
 }
 
 /// Installs the process's log subscriber: `filter` directives, to standard
-/// error, in `format`, naming the VM `vm` in JSON lines.
-pub fn init(filter: tracing_subscriber::EnvFilter, format: LogFormat, vm: &str) {
+/// error through the bounded queue, in `format`, naming the VM `vm` in JSON
+/// lines. Keep the guard until the command ends.
+pub fn init(filter: tracing_subscriber::EnvFilter, format: LogFormat, vm: &str) -> LogGuard {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
+    let (writer, worker) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUE_LINES)
+        .thread_name("msrwasm-log")
+        .finish(std::io::stderr());
+    let _ = WRITER.set(writer.clone());
     if format == LogFormat::Json {
         let _ = JSON_VM.set(vm.to_owned());
     }
     match format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_target(false)
-            // A closed standard error must not become a panic.
-            .log_internal_errors(false)
-            .init(),
-        LogFormat::Json => tracing_subscriber::registry()
-            .with(filter)
-            .with(JsonLines { vm: vm.to_owned() })
-            .init(),
+        LogFormat::Text => drop(
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(writer.clone())
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_target(false)
+                // A closed standard error must not become a panic.
+                .log_internal_errors(false)
+                .try_init(),
+        ),
+        LogFormat::Json => drop(
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(JsonLines { vm: vm.to_owned() })
+                .try_init(),
+        ),
+    }
+    LogGuard {
+        _worker: worker,
+        writer,
     }
 }
 
@@ -131,8 +183,9 @@ impl<S: Subscriber> Layer<S> for JsonLines {
     fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
         let mut line = self.line(event);
         line.push('\n');
-        // One write per line, so lines from several threads never mix.
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        // One write per line (one queued message), so lines from several
+        // threads never mix.
+        let _ = writer().write_all(line.as_bytes());
     }
 }
 

@@ -373,18 +373,9 @@ fn unhandled_log_logs_a_bounded_number_of_distinct_msrs() {
     if !kvm_available() {
         return;
     }
-    // Real mode: RDMSR 0x4d540000 ..= 0x4d541387 (5000 distinct MSRs), exit 0.
-    let guest: [u8; 23] = [
-        0x66, 0xb9, 0x00, 0x00, 0x54, 0x4d, // mov ecx, 0x4d540000
-        0x0f, 0x32, // rdmsr
-        0x66, 0x41, // inc ecx
-        0x66, 0x81, 0xf9, 0x88, 0x13, 0x54, 0x4d, // cmp ecx, 0x4d541388
-        0x75, 0xf3, // jne rdmsr
-        0xb0, 0x00, 0xe6, 0xf4, // mov al, 0; out 0xf4, al
-    ];
     let dir = tempfile::tempdir().unwrap();
     let g = dir.path().join("distinct.bin");
-    std::fs::write(&g, guest).unwrap();
+    std::fs::write(&g, DISTINCT_MSRS_GUEST).unwrap();
     let o = run(
         &["run", "--unhandled", "log", g.to_str().unwrap()],
         Duration::from_secs(60),
@@ -440,4 +431,256 @@ fn check_refuses_the_claims_run_refuses_and_escapes_metadata() {
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(!out.contains('\u{1b}') && !out.contains("\nsha256:   fake"), "{out:?}");
     assert!(out.contains("\\u{1b}[2J\\nsha256:   fake"), "{out}");
+}
+
+/// Issue #21: SIGXCPU, SIGPWR, SIGVTALRM, SIGPROF, SIGIO and the real-time
+/// signals ended the run without its summary or footprint and left the API
+/// socket behind. Every terminating signal now ends it the same way.
+#[test]
+fn every_terminating_signal_ends_the_run_cleanly_with_socket_and_footprint() {
+    if !kvm_available() {
+        return;
+    }
+    let rt3 = libc::SIGRTMIN() + 3;
+    for sig in [
+        libc::SIGXCPU,
+        libc::SIGPWR,
+        libc::SIGVTALRM,
+        libc::SIGPROF,
+        libc::SIGIO,
+        rt3,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let footprint = dir.path().join("footprint.json");
+        let vm = start_forever(
+            dir.path(),
+            &[
+                "--api-sock",
+                sock.to_str().unwrap(),
+                "--footprint",
+                footprint.to_str().unwrap(),
+            ],
+        );
+        assert!(sock.exists());
+        vm.signal(&sig.to_string());
+        let (status, err) = vm.finish(Duration::from_secs(30));
+        assert_eq!(status, Some(128 + sig), "signal {sig}: {err}");
+        assert!(err.contains(&format!("stopped by signal {sig} (SIG")), "{err}");
+        assert!(err.contains("footprint written to"), "signal {sig}: {err}");
+        let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&footprint).unwrap()).unwrap();
+        assert!(!written.as_array().unwrap().is_empty(), "signal {sig}");
+        assert!(!sock.exists(), "signal {sig}: the API socket was left behind");
+    }
+}
+
+/// Issue #21: a signal during start-up (here a compile of many seconds;
+/// the same holds for `init` on every vCPU) acted only once start-up was
+/// over, or killed the process without a word.
+#[test]
+fn a_signal_during_start_up_ends_it_at_once_with_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let funcs: String = (0..99_000)
+        .map(|i| format!("(func (result i32) (i32.const {i}))"))
+        .collect();
+    let big = wat::parse_str(format!(
+        r#"(module (import "msr" "reply" (func $r (param i64))) (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
+           (func (export "rdmsr") (param i32) (result i32) (call $r (i64.const 8)) (i32.const 0)) {funcs})"#
+    ))
+    .unwrap();
+    let plugin = dir.path().join("big.wasm");
+    std::fs::write(&plugin, big).unwrap();
+    let guest = dir.path().join("exit.bin");
+    std::fs::write(&guest, [0xb0, 0x00, 0xe6, 0xf4]).unwrap();
+    for sig in [libc::SIGTERM, libc::SIGPWR] {
+        let child = bin()
+            .args([
+                "--no-cache",
+                "run",
+                "--plugin",
+                plugin.to_str().unwrap(),
+                guest.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        let started = Instant::now();
+        let killed = Command::new("kill")
+            .args([format!("-{sig}"), child.id().to_string()])
+            .status();
+        assert!(killed.unwrap().success());
+        let o = wait(child, Duration::from_secs(30), "start-up signal");
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(128 + sig), "{err}");
+        assert!(err.contains("during start-up; the guest did not run"), "{err}");
+        // Bound, not benchmark: the compile takes far longer.
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    }
+}
+
+/// Issue #21: log lines were written to standard error from vCPU threads;
+/// with standard error on a pipe nobody reads, a guest touching many
+/// distinct MSRs blocked every vCPU in write(2) for good.
+#[test]
+fn a_standard_error_nobody_reads_never_blocks_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let g = dir.path().join("distinct.bin");
+    std::fs::write(&g, DISTINCT_MSRS_GUEST).unwrap();
+    let mut child = bin()
+        .args(["run", "--unhandled", "log", g.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Hold the pipe open and never read it.
+    let _unread = child.stderr.take();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the guest was blocked by an unread standard error");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+/// Real mode: RDMSR 0x4d540000 ..= 0x4d541387 (5000 distinct MSRs), exit 0.
+const DISTINCT_MSRS_GUEST: [u8; 23] = [
+    0x66, 0xb9, 0x00, 0x00, 0x54, 0x4d, // mov ecx, 0x4d540000
+    0x0f, 0x32, // rdmsr
+    0x66, 0x41, // inc ecx
+    0x66, 0x81, 0xf9, 0x88, 0x13, 0x54, 0x4d, // cmp ecx, 0x4d541388
+    0x75, 0xf3, // jne rdmsr
+    0xb0, 0x00, 0xe6, 0xf4, // mov al, 0; out 0xf4, al
+];
+
+/// Issue #21: `--footprint` and `pull -o` replaced FIFOs, devices and
+/// symbolic links, and a footprint in a missing directory was lost at the
+/// end of the run. Both are refused at start now.
+#[test]
+fn outputs_that_are_not_regular_files_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("out.fifo");
+    mkfifo(&fifo);
+    let link = dir.path().join("stdout");
+    std::os::unix::fs::symlink("/proc/self/fd/1", &link).unwrap();
+    let missing = dir.path().join("missing/footprint.json");
+    let guest = dir.path().join("exit.bin");
+    std::fs::write(&guest, [0xb0, 0x00, 0xe6, 0xf4]).unwrap();
+    for (path, words) in [
+        (&fifo, "FIFO, device or socket"),
+        (&link, "symbolic link"),
+        (&missing, "cannot be used"),
+    ] {
+        let o = run(
+            &["run", "--footprint", path.to_str().unwrap(), guest.to_str().unwrap()],
+            Duration::from_secs(20),
+        );
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(words), "{}", stderr(&o));
+        let o = run(
+            &["pull", "oci://127.0.0.1:9/x/y:1", "-o", path.to_str().unwrap()],
+            Duration::from_secs(20),
+        );
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(words), "{}", stderr(&o));
+    }
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+}
+
+/// Issue #21: `run --plugin` had no way to raise `memory_max_kib`, so Go,
+/// Python and JavaScript plugins could not run without a manifest.
+#[test]
+fn run_plugin_takes_the_limits_a_manifest_would_set() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("big_memory.wat");
+    std::fs::write(
+        &plugin,
+        r#"(module (import "msr" "reply" (func $r (param i64))) (memory 32)
+  (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
+  (func (export "rdmsr") (param i32) (result i32) (call $r (i64.const 7)) (i32.const 0)))"#,
+    )
+    .unwrap();
+    let guest = dir.path().join("exit.bin");
+    std::fs::write(&guest, [0xb0, 0x00, 0xe6, 0xf4]).unwrap();
+    let args = |extra: &[&str]| {
+        let mut a = vec!["run", "--plugin", plugin.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        a.push(guest.to_str().unwrap());
+        run(&a, Duration::from_secs(30))
+    };
+    let o = args(&[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("memory_max_kib = 2048"), "{}", stderr(&o));
+    let o = args(&[
+        "--memory-max-kib",
+        "4096",
+        "--timeout-us",
+        "5000",
+        "--on-error",
+        "value=0x5",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = args(&["--on-error", "skip"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("value=N"), "{}", stderr(&o));
+}
+
+/// Issue #21: the reload log said `cached=false` even when the disk cache
+/// (filled by `msrwasm check`) served the plugin.
+#[test]
+fn the_version_log_says_where_the_compiled_code_came_from() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let plugin = dir.path().join("answer.wat");
+    std::fs::write(&plugin, ANSWER).unwrap();
+    let guest = dir.path().join("exit.bin");
+    std::fs::write(&guest, [0xb0, 0x00, 0xe6, 0xf4]).unwrap();
+    let o = run(
+        &[
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "check",
+            plugin.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(
+        &[
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--log",
+            "info",
+            "run",
+            "--plugin",
+            plugin.to_str().unwrap(),
+            guest.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("plugin version validated"))
+        .unwrap_or_default();
+    assert!(line.contains("disk cache"), "{err}");
 }

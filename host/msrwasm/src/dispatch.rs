@@ -316,8 +316,14 @@ impl Dispatcher {
         for &position in policy.askers(access.index) {
             let plugin = &policy.chain()[position];
             if plugin.health().quarantined() {
+                // Not called, and its own failure policy answers: a
+                // quarantine never turns into something the plugin did not
+                // choose (`on_error`).
                 event(position, CallResult::Skipped, None);
-                continue;
+                match failed(policy, position, access) {
+                    Some(decided) => return decided,
+                    None => continue,
+                }
             }
             *calls = calls.wrapping_add(1);
             let started = (time_calls && *calls % TIMING_SAMPLE == 0).then(Instant::now);
@@ -351,8 +357,8 @@ impl Dispatcher {
                         },
                         took,
                     );
-                    if plugin.settings().on_error == OnError::Fault {
-                        return (Reply::Gp, Who::Plugin { position, error: true });
+                    if let Some(decided) = failed(policy, position, access) {
+                        return decided;
                     }
                 }
             }
@@ -430,6 +436,20 @@ impl Dispatcher {
     }
 }
 
+/// What a failed or quarantined plugin's `on_error` gives `access`;
+/// `None` for `pass` (the chain goes on).
+fn failed(policy: &Policy, position: usize, access: Access) -> Option<(Reply, Who)> {
+    let reply = match (policy.chain()[position].settings().on_error, access.op) {
+        (OnError::Pass, _) => return None,
+        (OnError::Fault, _) => Reply::Gp,
+        (OnError::Value(value), Op::Read) => {
+            Reply::Read(policy.template(access.index).map_or(value, |t| t.apply(value)))
+        }
+        (OnError::Value(_), Op::Write(_)) => Reply::Written,
+    };
+    Some((reply, Who::Plugin { position, error: true }))
+}
+
 fn plugin_failed(
     live: &Live,
     vcpu: u32,
@@ -440,13 +460,13 @@ fn plugin_failed(
 ) {
     tracing::warn!(
         event = "plugin_error", plugin = plugin.name(), version = plugin.info().short_version(), vcpu,
-        index = format_args!("{:#x}", access.index), on_error = ?plugin.settings().on_error,
+        index = format_args!("{:#x}", access.index), on_error = %plugin.settings().on_error,
         "plugin error: {error}"
     );
     if let Some(backoff) = quarantined {
         tracing::warn!(
             event = "plugin_quarantined", plugin = plugin.name(), version = plugin.info().short_version(), file = %plugin.path().display(),
-            "plugin quarantined for {backoff:?} after repeated errors: skipped (as PASS) until its file changes or the backoff expires"
+            "plugin quarantined for {backoff:?} after repeated errors: not called, its accesses answered by on_error = {}, until its file changes or the backoff expires", plugin.settings().on_error
         );
         live.events.quarantine(plugin.info(), backoff);
     }

@@ -288,6 +288,57 @@ fn on_error_decides_and_a_fresh_instance_follows() {
     }
 }
 
+/// Issue #21: a quarantined plugin used to be skipped "as PASS" whatever
+/// its `on_error`, so the guest read KVM's value of an MSR the plugin
+/// modelled. Now its own failure policy answers while it is quarantined.
+#[test]
+fn a_quarantined_plugin_answers_with_its_on_error_never_kvms_value() {
+    const PLATFORM_INFO: u32 = 0xce;
+    let mut kvm = FakeKvm::default();
+    kvm.msrs.insert(PLATFORM_INFO, 0x8000_0000);
+    for (on_error, expected) in [
+        (OnError::Fault, Reply::Gp),
+        (OnError::Value(0x1234), Reply::Read(0x1234)),
+        (OnError::Pass, Reply::Read(0x8000_0000)),
+    ] {
+        let engine = Setup::new(Unhandled::Gp)
+            .plugin(
+                "model",
+                "unreachable",
+                Some(vec![(PLATFORM_INFO, PLATFORM_INFO)]),
+                on_error,
+            )
+            .engine();
+        let mut d = engine.dispatcher(0);
+        let access = read(PLATFORM_INFO, ExitReason::Filter);
+        // Five errors quarantine it; every later access is skipped, not called.
+        for _ in 0..8 {
+            assert_eq!(d.handle(access, &mut kvm).reply, expected, "{on_error}");
+        }
+        let c = &engine.stats().plugins["model"];
+        assert_eq!((c.errors, c.quarantines, c.skipped), (5, 1, 3), "{on_error}");
+        let write = d.handle(Access::write(PLATFORM_INFO, 1, ExitReason::Filter), &mut kvm);
+        match on_error {
+            OnError::Value(_) => assert_eq!(write.reply, Reply::Written),
+            OnError::Fault => assert_eq!(write.reply, Reply::Gp),
+            OnError::Pass => {}
+        }
+    }
+}
+
+#[test]
+fn on_error_parses_its_three_forms_and_names_what_is_wrong() {
+    assert_eq!("fault".parse::<OnError>(), Ok(OnError::Fault));
+    assert_eq!("pass".parse::<OnError>(), Ok(OnError::Pass));
+    assert_eq!("value=0x10".parse::<OnError>(), Ok(OnError::Value(16)));
+    assert_eq!("value=7".parse::<OnError>(), Ok(OnError::Value(7)));
+    for bad in ["Fault", "value=", "value=0xg", "skip"] {
+        let e = bad.parse::<OnError>().unwrap_err();
+        assert!(e.contains("value=N") && e.contains(bad), "{e}");
+    }
+    assert_eq!(OnError::Value(16).to_string(), "value=0x10");
+}
+
 #[test]
 fn a_dispatcher_follows_updates_by_itself() {
     let s = Setup::new(Unhandled::Gp).plugin("p", ANSWER_7, None, OnError::Fault);

@@ -17,8 +17,8 @@ use std::time::Instant;
 use crate::dispatch::{Dispatcher, Live};
 use crate::events::{Cause, Events, Fanout, Reload};
 use crate::files::FileStamp;
-use crate::oci::{Fetch, OciError};
-use crate::plugin::state::{StateSnapshot, StateStore, StoreFull};
+use crate::oci::Fetch;
+use crate::plugin::state::{RestoreError, StateSnapshot, StateStore};
 use crate::plugin::{
     ModuleCache, Plugin, PluginSettings, Runtime, RuntimeError, RuntimeOptions, content_hash, read_plugin_file,
 };
@@ -422,9 +422,13 @@ impl Engine {
         self.shared.state.snapshot()
     }
 
-    /// Restores plugin state (see [`StateStore::restore`]).
-    pub fn restore_state(&self, snapshot: &StateSnapshot) -> Result<(), StoreFull> {
-        self.shared.state.restore(snapshot)
+    /// Restores plugin state (see [`StateStore::restore`]): only stores of
+    /// plugins in the running policy (or kept from lately removed ones),
+    /// each bounded; all or nothing.
+    pub fn restore_state(&self, snapshot: &StateSnapshot) -> Result<(), RestoreError> {
+        let policy = self.shared.current();
+        let running: Vec<&str> = policy.chain().iter().map(|p| p.name()).collect();
+        self.shared.state.restore(snapshot, &running)
     }
 
     /// The wasm runtime.
@@ -531,18 +535,14 @@ impl Shared {
     }
 
     /// Makes every `oci://` plugin of `spec` local: its path becomes the
-    /// fetched file and fixed content is pinned by sha256.
+    /// fetched file and fixed content is pinned by sha256. All of them are
+    /// fetched at once, under one deadline ([`Fetch::fetch_all`]).
     fn fetch(&self, spec: &mut PolicySpec) -> Result<(), Vec<PolicyError>> {
-        let errors: Vec<PolicyError> = spec
-            .plugins
-            .iter_mut()
-            .filter_map(|settings| {
-                localize(self.oci.as_deref(), settings)
-                    .err()
-                    .map(|source| PolicyError::Oci {
-                        plugin: settings.name.clone(),
-                        source: Box::new(source),
-                    })
+        let errors: Vec<PolicyError> = crate::oci::localize_all(self.oci.as_deref(), &mut spec.plugins)
+            .into_iter()
+            .map(|(plugin, source)| PolicyError::Oci {
+                plugin,
+                source: Box::new(source),
             })
             .collect();
         match errors.is_empty() {
@@ -593,7 +593,6 @@ impl Shared {
             return Ok((p.clone(), seen));
         }
         let started = Instant::now();
-        let cached = self.cache.contains(&sha256);
         // The bytes just hashed, not a second read that may see newer content.
         let result = Plugin::build(
             &self.runtime,
@@ -607,9 +606,10 @@ impl Shared {
         let old = running.map_or("-", |p| p.info().short_version());
         let took_ms = started.elapsed().as_secs_f64() * 1e3;
         match &result {
-            Ok(_) => tracing::info!(
+            Ok(p) => tracing::info!(
                 event = "plugin_version", plugin = settings.name.as_str(), version = &sha256[..16],
-                file = %settings.path.display(), old, new = &sha256[..16], compile_ms = took_ms, cached,
+                file = %settings.path.display(), old, new = &sha256[..16], compile_ms = took_ms,
+                compiled = p.compiled_from().name(),
                 "plugin version validated"
             ),
             Err(e) => tracing::warn!(
@@ -842,30 +842,12 @@ impl Owner {
 /// fetched file, and fixed content is pinned by sha256 (a manifest
 /// `sha256` that disagrees with the registry's layer is refused here).
 /// Plugins that are files, or already fetched, are left alone.
-pub fn localize(fetch: Option<&dyn Fetch>, settings: &mut PluginSettings) -> Result<(), OciError> {
-    if !settings.is_unfetched() {
-        return Ok(());
+#[cfg(any(test, feature = "tools"))]
+pub fn localize(fetch: Option<&dyn Fetch>, settings: &mut PluginSettings) -> Result<(), crate::oci::OciError> {
+    match crate::oci::localize_all(fetch, std::slice::from_mut(settings)).pop() {
+        Some((_, e)) => Err(e),
+        None => Ok(()),
     }
-    let Some(source) = settings.source.clone() else {
-        return Ok(());
-    };
-    let fetch = fetch.ok_or_else(|| OciError::NoStore(source.reference.to_string()))?;
-    let fetched = fetch.fetch(&source)?;
-    if let (Some(pin), Some(actual)) = (&settings.sha256, &fetched.sha256)
-        && !pin.eq_ignore_ascii_case(actual)
-    {
-        return Err(OciError::Digest {
-            reference: source.reference.to_string(),
-            what: "the wasm layer (against plugin.sha256)".into(),
-            expected: format!("sha256:{pin}"),
-            actual: format!("sha256:{actual}"),
-        });
-    }
-    settings.path = fetched.path;
-    if settings.sha256.is_none() {
-        settings.sha256 = fetched.sha256;
-    }
-    Ok(())
 }
 
 /// Loaded plugin versions, with the records of the files they came from.

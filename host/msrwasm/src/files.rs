@@ -111,9 +111,44 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Checks that `path` can take an output file: its directory exists, and
+/// `path` is either absent or a regular file (never followed through a
+/// symbolic link, never a FIFO, device, socket or directory, which a
+/// rename would replace). Call it when the command starts, so a bad path
+/// is refused before any work, not found at the end with the work lost.
+pub fn check_output(path: &Path) -> std::io::Result<()> {
+    let refuse = |what: &str| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: {what}; give a new path or a regular file", path.display()),
+        ))
+    };
+    if path.file_name().is_none() {
+        return refuse("names no file");
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => {}
+        Ok(m) if m.file_type().is_symlink() => return refuse("is a symbolic link, not replaced"),
+        Ok(m) if m.is_dir() => return refuse("is a directory"),
+        Ok(_) => return refuse("is a FIFO, device or socket, not replaced"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => refuse("its parent is not a directory"),
+        Err(e) => refuse(&format!("its directory {} cannot be used ({e})", dir.display())),
+    }
+}
+
 /// Replaces `path` with `bytes` atomically (a temporary file beside it,
 /// synced, then renamed over it), mode 0600: readers see the old content or
-/// the new, never a half-written file.
+/// the new, never a half-written file. Refuses what [`check_output`]
+/// refuses.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomic_mode(path, bytes, 0o600)
 }
@@ -122,7 +157,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// other users' processes read (a Prometheus service-discovery entry).
 pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
+    check_output(path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let name = path
         .file_name()
         .map_or("file".into(), |n| n.to_string_lossy().into_owned());
@@ -140,11 +179,28 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Resul
 
 /// Keeps the `keep` newest (by mtime) files of `dir` that `wanted` selects,
 /// removing the others: how the caches stay bounded.
+/// Temporary files of [`write_atomic`] older than an hour (a process
+/// ended while writing) go too.
 pub(crate) fn keep_newest(dir: &Path, keep: usize, wanted: impl Fn(&Path) -> bool) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let stale = |e: &std::fs::DirEntry| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name.starts_with('.')
+            && name.ends_with(".tmp")
+            && e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > std::time::Duration::from_secs(3600)))
+    };
     let mut entries: Vec<(std::time::SystemTime, std::path::PathBuf)> = entries
         .flatten()
-        .filter(|e| wanted(&e.path()))
+        .filter(|e| {
+            if stale(e) {
+                let _ = std::fs::remove_file(e.path());
+                return false;
+            }
+            wanted(&e.path())
+        })
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
     if entries.len() <= keep {
@@ -190,6 +246,7 @@ impl FileStamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn devices_fifos_and_directories_are_refused_without_blocking() {
@@ -242,5 +299,44 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["4.entry", "5.entry", "other"]);
+    }
+
+    /// Issue #21: `--footprint` and `pull -o` replaced a FIFO, a device or
+    /// a symbolic link (to `/proc/self/fd/1`, say) with a regular file, and
+    /// a missing directory was found only at the end.
+    #[test]
+    fn outputs_refuse_what_is_not_a_regular_file_or_a_new_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/proc/self/fd/1", &link).unwrap();
+        let cases = [
+            (fifo.clone(), "FIFO, device or socket"),
+            (PathBuf::from("/dev/null"), "FIFO, device or socket"),
+            (link.clone(), "symbolic link"),
+            (dir.path().to_owned(), "is a directory"),
+            (dir.path().join("missing/out.json"), "cannot be used"),
+        ];
+        for (path, words) in &cases {
+            let e = check_output(path).unwrap_err().to_string();
+            assert!(e.contains(words) && e.contains(&*path.to_string_lossy()), "{e}");
+            // The writer refuses too, without blocking on the FIFO.
+            assert!(write_atomic(path, b"x").is_err(), "{}", path.display());
+        }
+        assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        let file = dir.path().join("out.json");
+        check_output(&file).unwrap();
+        write_atomic(&file, b"1").unwrap();
+        check_output(&file).unwrap();
+        write_atomic(&file, b"2").unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"2");
     }
 }

@@ -4,7 +4,11 @@
 //! `GET /v1/footprint` and `msrwasm policy suggest` read.
 //!
 //! Each vCPU writes its own shard (an uncontended lock per access); readers
-//! merge the shards. Bounded: past [`MAX_ENTRIES`] distinct (op, index)
+//! merge the shards, copying one at a time. A vCPU never waits for a
+//! reader: what it records while a reader copies its shard joins the shard
+//! at its next access (and when its dispatcher is dropped, so the file
+//! written at exit has everything), so a reader may not yet see the last
+//! accesses of a vCPU that has been idle since. Bounded: past [`MAX_ENTRIES`] distinct (op, index)
 //! pairs per vCPU, further new pairs are only counted in `overflow`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -49,10 +53,31 @@ struct Entry {
     last_value: Option<u64>,
 }
 
+impl Entry {
+    /// Adds `newer` (recorded after `self`) into `self`.
+    fn merge(&mut self, newer: &Entry) {
+        self.count += newer.count;
+        self.reasons |= newer.reasons;
+        self.gp += newer.gp;
+        self.last_value = newer.last_value.or(self.last_value);
+        for (who, n) in &newer.answered_by {
+            match self.answered_by.iter_mut().find(|(w, _)| w == who) {
+                Some((_, c)) => *c += n,
+                None => self.answered_by.push((who.clone(), *n)),
+            }
+        }
+    }
+}
+
+type Entries = std::collections::HashMap<(bool, u32), Entry>;
+
 #[derive(Default)]
 struct Shard {
     vcpu: u32,
-    entries: std::collections::HashMap<(bool, u32), Entry>,
+    /// A live sink writes this shard; a dropped one leaves it to the
+    /// vCPU's next sink (shards are bounded by the sinks alive at once).
+    in_use: bool,
+    entries: Entries,
 }
 
 /// The footprint recorder: add it with [`crate::EngineBuilder::events`].
@@ -94,16 +119,7 @@ impl Footprint {
             };
             for (key, e) in &copy {
                 let (m, vcpus) = merged.entry(*key).or_default();
-                m.count += e.count;
-                m.reasons |= e.reasons;
-                m.gp += e.gp;
-                m.last_value = e.last_value.or(m.last_value);
-                for (who, n) in &e.answered_by {
-                    match m.answered_by.iter_mut().find(|(w, _)| w == who) {
-                        Some((_, c)) => *c += n,
-                        None => m.answered_by.push((who.clone(), *n)),
-                    }
-                }
+                m.merge(e);
                 vcpus.insert(vcpu);
             }
         }
@@ -129,35 +145,90 @@ impl Footprint {
 
 impl Events for Footprint {
     fn vcpu(&self, vcpu: u32) -> Option<Box<dyn VcpuEvents>> {
-        let shard = Arc::new(Mutex::new(Shard {
-            vcpu,
-            ..Shard::default()
-        }));
-        self.shards
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(shard.clone());
+        let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        let free = shards.iter().find(|s| {
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+            let take = s.vcpu == vcpu && !s.in_use;
+            s.in_use |= take;
+            take
+        });
+        let shard = match free {
+            Some(shard) => shard.clone(),
+            None => {
+                let shard = Arc::new(Mutex::new(Shard {
+                    vcpu,
+                    in_use: true,
+                    ..Shard::default()
+                }));
+                shards.push(shard.clone());
+                shard
+            }
+        };
         Some(Box::new(FootprintSink {
             shard,
+            pending: Entries::new(),
             overflow: self.overflow.clone(),
         }))
     }
 }
 
+/// A vCPU's writer. It never waits for a reader: while `entries()` copies
+/// its shard, accesses go to `pending`, a map only this vCPU touches, which
+/// joins the shard at the next access that finds it free (and when the
+/// sink is dropped).
 struct FootprintSink {
     shard: Arc<Mutex<Shard>>,
+    pending: Entries,
     overflow: Arc<AtomicU64>,
+}
+
+impl FootprintSink {
+    fn flush(pending: &mut Entries, shard: &mut Shard, overflow: &AtomicU64) {
+        for (key, e) in pending.drain() {
+            let room = shard.entries.len() < MAX_ENTRIES;
+            match shard.entries.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut m) => m.get_mut().merge(&e),
+                std::collections::hash_map::Entry::Vacant(v) if room => {
+                    v.insert(e);
+                }
+                std::collections::hash_map::Entry::Vacant(_) => {
+                    overflow.fetch_add(e.count, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for FootprintSink {
+    fn drop(&mut self) {
+        let mut shard = self.shard.lock().unwrap_or_else(|e| e.into_inner());
+        Self::flush(&mut self.pending, &mut shard, &self.overflow);
+        shard.in_use = false;
+    }
 }
 
 impl VcpuEvents for FootprintSink {
     fn access(&mut self, access: &Access, outcome: &Outcome<'_>) {
-        let mut shard = self.shard.lock().unwrap_or_else(|e| e.into_inner());
+        let mut locked = match self.shard.try_lock() {
+            Ok(shard) => Some(shard),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        let entries = match locked.as_deref_mut() {
+            Some(shard) => {
+                if !self.pending.is_empty() {
+                    Self::flush(&mut self.pending, shard, &self.overflow);
+                }
+                &mut shard.entries
+            }
+            None => &mut self.pending,
+        };
         let key = (access.is_write(), access.index);
-        if !shard.entries.contains_key(&key) && shard.entries.len() >= MAX_ENTRIES {
+        if !entries.contains_key(&key) && entries.len() >= MAX_ENTRIES {
             self.overflow.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let e = shard.entries.entry(key).or_default();
+        let e = entries.entry(key).or_default();
         e.count += 1;
         e.reasons |= access.reason.bits() as u8;
         if outcome.reply == Reply::Gp {
@@ -321,5 +392,75 @@ mod tests {
         let entries = footprint.entries();
         assert_eq!(entries.len(), MAX_ENTRIES);
         assert_eq!(entries[0].count, 2);
+    }
+
+    /// Issue #21: `GET /v1/footprint` copied a vCPU's shard under the lock
+    /// that vCPU takes on every exit (vCPUs stalled up to 364 ms). A
+    /// reader holding the lock must not hold up the vCPU, and nothing the
+    /// vCPU recorded meanwhile is lost.
+    #[test]
+    fn a_reader_holding_a_shard_never_blocks_its_vcpu() {
+        let footprint = Arc::new(Footprint::new());
+        let mut vcpu = footprint.vcpu(0).unwrap();
+        let answer = outcome(Reply::Read(1), AnsweredBy::Kvm);
+        vcpu.access(&Access::read(0x10, ExitReason::Unknown), &answer);
+        let shard = footprint.shards.lock().unwrap()[0].clone();
+        let held = shard.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            for index in [0x10, 0x11, 0x10] {
+                vcpu.access(&Access::read(index, ExitReason::Unknown), &answer);
+            }
+            tx.send(()).unwrap();
+            vcpu
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the vCPU waited for the reader");
+        drop(held);
+        let mut vcpu = worker.join().unwrap();
+        // The next access (or the sink's end) brings in what waited aside.
+        vcpu.access(&Access::read(0x11, ExitReason::Unknown), &answer);
+        let counts: Vec<_> = footprint.entries().iter().map(|e| (e.index.clone(), e.count)).collect();
+        assert_eq!(counts, [("0x10".to_string(), 3), ("0x11".to_string(), 2)]);
+        vcpu.access(&Access::read(0x12, ExitReason::Unknown), &answer);
+        let shard = footprint.shards.lock().unwrap()[0].clone();
+        let held = shard.lock().unwrap();
+        let worker = std::thread::spawn(move || {
+            vcpu.access(&Access::read(0x12, ExitReason::Unknown), &answer);
+            vcpu
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let vcpu = loop {
+            if worker.is_finished() {
+                break worker.join().unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline, "the vCPU waited for the reader");
+            std::thread::yield_now();
+        };
+        drop(held);
+        drop(vcpu);
+        assert_eq!(
+            footprint.entries().last().map(|e| e.count),
+            Some(2),
+            "flushed when dropped"
+        );
+    }
+
+    /// Issue #21: a VMM that recreates its vCPU threads (hotplug, reboot)
+    /// made a new shard per dispatcher, never released.
+    #[test]
+    fn shards_of_dropped_sinks_are_reused_and_their_counts_go_on() {
+        let footprint = Footprint::new();
+        let answer = outcome(Reply::Read(0), AnsweredBy::Kvm);
+        for _ in 0..1000 {
+            let mut vcpu = footprint.vcpu(3).unwrap();
+            vcpu.access(&Access::read(0x10, ExitReason::Unknown), &answer);
+        }
+        let live = footprint.vcpu(3).unwrap();
+        let mut second = footprint.vcpu(3).unwrap();
+        second.access(&Access::read(0x10, ExitReason::Unknown), &answer);
+        assert_eq!(footprint.shards.lock().unwrap().len(), 2, "one per live sink");
+        drop(live);
+        assert_eq!(footprint.entries()[0].count, 1001);
     }
 }

@@ -61,7 +61,7 @@
 //!   [`CallResult`]; two ready-made sinks, [`Trace`] and [`Footprint`];
 //! - errors: [`EngineError`], [`UpdateError`], [`PolicyError`],
 //!   [`ManifestError`], [`LoadError`], [`CallError`], [`RuntimeError`],
-//!   [`StoreFull`], [`TraceError`];
+//!   [`StoreFull`], [`RestoreError`], [`TraceError`];
 //! - [`filter`]: the VMM's side of the MSR filter ([`filter::FilterSink`]);
 //! - [`kvm`] (feature `kvm`, default): enabling exits, decoding and
 //!   completing them, KVM's own MSRs, a ready-made filter sink;
@@ -113,7 +113,7 @@ pub use events::{CallResult, Cause, Events, Reload, VcpuEvents};
 pub use footprint::{Footprint, FootprintEntry};
 pub use msr::{Access, AnsweredBy, ExitReason, Flavour, KvmMsrs, NoKvm, Op, Outcome, PluginInfo, Reply, Unhandled};
 pub use plugin::clock::{Clock, GuestClock};
-pub use plugin::state::{StateSnapshot, StoreFull};
+pub use plugin::state::{RestoreError, StateSnapshot, StoreFull};
 pub use plugin::{CallError, LoadError, OnError, PluginSettings, RuntimeError};
 pub use policy::{FilterDefault, MAX_TEMPLATES, ManifestError, MsrTemplate, Policy, PolicyError, PolicySpec};
 pub use stats::{PluginStats, StatsSnapshot, VcpuStats};
@@ -143,7 +143,7 @@ pub mod tools {
     pub use crate::api::request;
     pub use crate::check::{CheckReport, check, check_cached};
     pub use crate::engine::localize;
-    pub use crate::files::{ReadError, open_regular, read_regular, write_atomic, write_atomic_mode};
+    pub use crate::files::{ReadError, check_output, open_regular, read_regular, write_atomic, write_atomic_mode};
     pub use crate::footprint::suggest;
     pub use crate::oci::local::{annotations, is_reference};
     pub use crate::plugin::cache::default_dir as default_cache_dir;

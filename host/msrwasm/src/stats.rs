@@ -6,7 +6,7 @@
 //! `/v1/status`) add the cells up at any time.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -158,6 +158,10 @@ impl PluginCells {
 #[derive(Debug, Default)]
 struct VcpuCells {
     vcpu: u32,
+    /// A live dispatcher writes these cells; when it is dropped they wait
+    /// for the vCPU's next dispatcher (a VMM that recreates vCPU threads
+    /// reuses them instead of adding cells without bound).
+    in_use: AtomicBool,
     rdmsr: AtomicU64,
     wrmsr: AtomicU64,
     by: [[AtomicU64; 2]; 3],
@@ -232,12 +236,25 @@ impl Stats {
     }
 
     /// A sink for a new dispatcher of `vcpu`.
+    /// Cells of a dropped dispatcher of the same vCPU are taken over
+    /// (their counts go on), so cells are bounded by the dispatchers alive
+    /// at once, not by how many were ever made.
     pub(crate) fn sink(&self, vcpu: u32) -> StatsSink {
-        let cells = Arc::new(VcpuCells {
-            vcpu,
-            ..VcpuCells::default()
+        let mut all = self.cells.lock().unwrap_or_else(|e| e.into_inner());
+        let free = all
+            .iter()
+            .find(|c| c.vcpu == vcpu && !c.in_use.swap(true, Ordering::AcqRel))
+            .cloned();
+        let cells = free.unwrap_or_else(|| {
+            let cells = Arc::new(VcpuCells {
+                vcpu,
+                in_use: AtomicBool::new(true),
+                ..VcpuCells::default()
+            });
+            all.push(cells.clone());
+            cells
         });
-        self.cells.lock().unwrap_or_else(|e| e.into_inner()).push(cells.clone());
+        drop(all);
         StatsSink {
             cells,
             positions: Vec::new(),
@@ -268,6 +285,20 @@ pub struct StatsSink {
     cells: Arc<VcpuCells>,
     /// Cells of the current policy's plugins, by chain position.
     positions: Vec<Arc<PluginCells>>,
+}
+
+impl Drop for StatsSink {
+    fn drop(&mut self) {
+        self.cells.in_use.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+impl Stats {
+    /// Cells ever made (for the bound test).
+    pub(crate) fn cell_count(&self) -> usize {
+        self.cells.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
 impl VcpuEvents for StatsSink {
@@ -338,5 +369,29 @@ impl VcpuEvents for StatsSink {
         if ns > get(&c.longest_switch_ns) {
             c.longest_switch_ns.store(ns, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue #21: every `Engine::dispatcher()` added cells that were never
+    /// released, so a VMM recreating vCPU threads grew without bound.
+    #[test]
+    fn cells_of_dropped_dispatchers_are_reused_and_their_counts_go_on() {
+        let stats = Stats::default();
+        for _ in 0..1000 {
+            let mut sink = stats.sink(0);
+            sink.switched(1, Duration::from_micros(1));
+        }
+        let live = stats.sink(0);
+        let mut other = stats.sink(0);
+        other.switched(1, Duration::from_micros(1));
+        assert_eq!(stats.cell_count(), 2, "one per live dispatcher");
+        drop((live, other));
+        assert_eq!(stats.snapshot().vcpus[&0].switches, 1001);
+        let _again = stats.sink(0);
+        assert_eq!(stats.cell_count(), 2);
     }
 }

@@ -157,6 +157,8 @@ pub enum VmError {
     },
     #[error("the vCPU stacks at the top of memory [{bottom:#x}, {top:#x}) overlap the guest image; raise --mem")]
     StackOverlap { bottom: u64, top: u64 },
+    #[error("--footprint")]
+    Footprint(#[source] std::io::Error),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -356,6 +358,11 @@ impl Vm {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&config.mem_mib) {
             return Err(VmError::Mem(config.mem_mib));
         }
+        // Checked before any work: a footprint the end of the run cannot
+        // write is refused now, not lost then.
+        if let Some(path) = &config.footprint {
+            msrwasm::tools::check_output(path).map_err(VmError::Footprint)?;
+        }
         let mem_size = config.mem_mib << 20;
         let stacks = u64::from(config.vcpus) * boot::STACK_SIZE;
         if stacks + boot::ELF_MIN_ADDR + (1 << 20) > mem_size {
@@ -491,6 +498,9 @@ impl Vm {
                 .map_err(|e| VmError::Policy(msrwasm::PolicyError::Load(e)))?;
             dispatchers.push(d);
         }
+        // From here on, the run loop below answers termination signals
+        // (what this creates next is cleaned up on the way out).
+        signals::running();
         let watcher = match self.watch {
             true => Some(msrwasm::watch::Watcher::spawn(&self.engine)?),
             false => None,

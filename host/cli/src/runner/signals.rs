@@ -2,7 +2,7 @@
 //! end a run cleanly (statistics flushed, trace written, status 128+N).
 
 use std::sync::Once;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -30,37 +30,64 @@ pub(super) fn install_kick_handler() {
     });
 }
 
-/// Signals that end a run cleanly instead of killing the process.
-pub const TERMINATION_SIGNALS: [i32; 7] = [
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGALRM,
-];
+/// Every signal whose default action ends the process, apart from the
+/// ones a fault raises (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS,
+/// SIGABRT: wasmtime's traps and crashes) and SIGPIPE (ignored: a closed
+/// output is an error to handle). Each one ends a run the same way, at any
+/// phase. The real-time signals are all included but the first, which
+/// kicks vCPU threads out of KVM_RUN.
+pub fn termination_signals() -> Vec<i32> {
+    let mut signals = vec![
+        libc::SIGHUP,
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGALRM,
+        libc::SIGTERM,
+        libc::SIGSTKFLT,
+        libc::SIGXCPU,
+        libc::SIGXFSZ,
+        libc::SIGVTALRM,
+        libc::SIGPROF,
+        libc::SIGIO,
+        libc::SIGPWR,
+    ];
+    signals.extend(kick_signal() + 1..=libc::SIGRTMAX());
+    signals
+}
 
-/// The name of a termination signal.
-pub fn name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGINT => "SIGINT",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGUSR2 => "SIGUSR2",
-        libc::SIGALRM => "SIGALRM",
-        _ => "signal",
+/// The name of a termination signal (`SIGTERM`, `SIGRTMIN+3`).
+pub fn name(sig: i32) -> String {
+    let known = [
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGQUIT, "SIGQUIT"),
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGALRM, "SIGALRM"),
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGSTKFLT, "SIGSTKFLT"),
+        (libc::SIGXCPU, "SIGXCPU"),
+        (libc::SIGXFSZ, "SIGXFSZ"),
+        (libc::SIGVTALRM, "SIGVTALRM"),
+        (libc::SIGPROF, "SIGPROF"),
+        (libc::SIGIO, "SIGIO"),
+        (libc::SIGPWR, "SIGPWR"),
+    ];
+    match known.iter().find(|(n, _)| *n == sig) {
+        Some((_, name)) => (*name).to_owned(),
+        None if (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&sig) => format!("SIGRTMIN+{}", sig - libc::SIGRTMIN()),
+        None => "signal".to_owned(),
     }
 }
 
-/// Makes the [`TERMINATION_SIGNALS`] stop a running VM cleanly (statistics
-/// flushed, the trace written, exit status 128+N) instead of killing the
-/// process. SIGPIPE stays ignored (Rust's default), so a closed standard
-/// output is an error to handle, not a death.
+/// Makes every [`termination_signals`] signal stop a VM cleanly (statistics
+/// flushed, the trace and footprint written, the API socket removed, exit
+/// status 128+N) instead of killing the process. Install it before any
+/// slow start-up work, with [`watch_start_up`].
 pub fn install_termination_handlers() {
-    for sig in TERMINATION_SIGNALS {
+    for sig in termination_signals() {
         if let Err(e) = register_signal_handler(sig, on_termination) {
             tracing::error!("cannot install a handler for signal {sig}: {e}");
         }
@@ -72,6 +99,62 @@ pub fn termination_requested() -> Option<i32> {
     match TERMINATION.load(Ordering::SeqCst) {
         0 => None,
         sig => Some(sig),
+    }
+}
+
+/// Where the run is: starting (compiling, fetching, `init` on every vCPU),
+/// running (the run loop answers signals), or ending on a signal that
+/// came during start-up.
+static PHASE: AtomicU8 = AtomicU8::new(STARTING);
+const STARTING: u8 = 0;
+const RUNNING: u8 = 1;
+const ENDING: u8 = 2;
+
+/// During start-up a signal ends the process at once (it is seen within
+/// 10 ms, and its line gets 200 ms to reach standard error, whatever
+/// start-up is doing: a compile, a registry fetch, a slow `init`),
+/// with status 128+N and a line saying the guest did not run; nothing has
+/// been created yet that needs cleaning up (the API socket and the
+/// footprint come once the vCPUs run). Once the VM runs (`running`), the
+/// run loop stops it cleanly instead.
+pub fn watch_start_up() {
+    let spawned = std::thread::Builder::new()
+        .name("msrwasm-start-signals".into())
+        .spawn(|| {
+            while PHASE.load(Ordering::Acquire) == STARTING {
+                if let Some(sig) = termination_requested()
+                    && PHASE
+                        .compare_exchange(STARTING, ENDING, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    crate::err!(
+                        "msrwasm: stopped by signal {sig} ({}) during start-up; the guest did not run",
+                        name(sig)
+                    );
+                    // The line goes through the log queue: give its writer a
+                    // moment (a standard error nobody reads cannot hold us).
+                    std::thread::sleep(Duration::from_millis(200));
+                    std::process::exit(128 + sig);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no start-up signal watcher ({e}): a signal during start-up acts once the VM runs");
+    }
+}
+
+/// The VM runs: from now on the run loop answers signals. If a start-up
+/// signal is already ending the process, this waits for that.
+pub(super) fn running() {
+    if PHASE
+        .compare_exchange(STARTING, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+        && PHASE.load(Ordering::Acquire) == ENDING
+    {
+        loop {
+            std::thread::park();
+        }
     }
 }
 

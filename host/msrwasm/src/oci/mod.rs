@@ -37,6 +37,15 @@ pub(crate) const MAX_POLL_S: u64 = 86_400;
 
 pub(crate) use local::is_reference;
 
+/// Whether `host` (a name or an address, IPv6 with or without brackets) is
+/// this host by its text alone: `localhost`, `127.0.0.0/8` or `::1`. A name
+/// that merely resolves to a loopback address is not: the decision never
+/// depends on a resolver.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A parsed `oci://` reference.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct OciRef {
@@ -146,8 +155,7 @@ impl OciRef {
     /// Whether the registry is on this host (127.0.0.0/8, ::1, localhost):
     /// the only registries spoken to over plain HTTP.
     pub fn is_loopback(&self) -> bool {
-        let host = self.host();
-        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        is_loopback_host(self.host())
     }
 
     /// The last path component of the repository (`rapl` of `team/rapl`):
@@ -315,6 +323,127 @@ pub trait Fetch: Send + Sync {
     /// [`Fetch::fetch`] returned with the new (digest-verified) content.
     /// Returns whether the file changed.
     fn poll(&self, source: &OciSource) -> Result<bool, OciError>;
+
+    /// Makes every one of `sources` local, as [`Fetch::fetch`] does each;
+    /// the results are in the order of `sources`. The engine fetches all the
+    /// `oci://` plugins of one policy through this, so that registries that
+    /// do not answer cost one deadline, not one each. This default runs
+    /// [`Fetch::fetch`] on up to [`MAX_PARALLEL_FETCHES`] threads at once;
+    /// [`store::OciStore`] also puts them all under one deadline.
+    fn fetch_all(&self, sources: &[OciSource]) -> Vec<Result<Fetched, OciError>> {
+        in_parallel(sources.len(), |i| self.fetch(&sources[i]))
+    }
+}
+
+/// Most references [`Fetch::fetch_all`] fetches at once: as many as a
+/// policy has plugins, so that plugins on a silent registry never hold up
+/// (and, under one deadline, never fail) plugins on a healthy one.
+pub const MAX_PARALLEL_FETCHES: usize = crate::policy::manifest::MAX_PLUGINS;
+
+/// `work(i)` for every `i` in `0..n`, on up to [`MAX_PARALLEL_FETCHES`]
+/// threads (this one included); the results in the order of `i`.
+pub(crate) fn in_parallel<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    if n <= 1 {
+        return (0..n).map(work).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    let drain = || {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= n {
+                break;
+            }
+            let result = work(i);
+            *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..n.min(MAX_PARALLEL_FETCHES) {
+            // A thread that cannot be started leaves its share to the others.
+            if std::thread::Builder::new()
+                .name("msrwasm-fetch".into())
+                .spawn_scoped(s, drain)
+                .is_err()
+            {
+                break;
+            }
+        }
+        drain();
+    });
+    results
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every index was taken by a thread that finished")
+        })
+        .collect()
+}
+
+/// Makes the `oci://` plugins of `plugins` local through `fetch`, all in
+/// one [`Fetch::fetch_all`]: each one's `path` becomes the fetched file, and
+/// fixed content is pinned by sha256 (a manifest `sha256` that disagrees
+/// with the registry's layer is refused here). Plugins that are files, or
+/// already fetched, are left alone. Returns the plugins that failed, by
+/// name, in their order.
+pub(crate) fn localize_all(
+    fetch: Option<&dyn Fetch>,
+    plugins: &mut [crate::PluginSettings],
+) -> Vec<(String, OciError)> {
+    let wanted: Vec<(usize, OciSource)> = plugins
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.is_unfetched())
+        .filter_map(|(i, p)| Some((i, p.source.clone()?)))
+        .collect();
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let Some(fetch) = fetch else {
+        return wanted
+            .into_iter()
+            .map(|(i, s)| (plugins[i].name.clone(), OciError::NoStore(s.reference.to_string())))
+            .collect();
+    };
+    let sources: Vec<OciSource> = wanted.iter().map(|(_, s)| s.clone()).collect();
+    let mut results = fetch.fetch_all(&sources).into_iter();
+    let mut errors = Vec::new();
+    for (i, source) in wanted {
+        let settings = &mut plugins[i];
+        let result = results.next().unwrap_or_else(|| {
+            Err(OciError::Config(format!(
+                "{}: the OCI fetcher returned no result for it",
+                source.reference
+            )))
+        });
+        let fetched = match result {
+            Ok(f) => f,
+            Err(e) => {
+                errors.push((settings.name.clone(), e));
+                continue;
+            }
+        };
+        if let (Some(pin), Some(actual)) = (&settings.sha256, &fetched.sha256)
+            && !pin.eq_ignore_ascii_case(actual)
+        {
+            let e = OciError::Digest {
+                reference: source.reference.to_string(),
+                what: "the wasm layer (against plugin.sha256)".into(),
+                expected: format!("sha256:{pin}"),
+                actual: format!("sha256:{actual}"),
+            };
+            errors.push((settings.name.clone(), e));
+            continue;
+        }
+        settings.path = fetched.path;
+        if settings.sha256.is_none() {
+            settings.sha256 = fetched.sha256;
+        }
+    }
+    errors
 }
 
 #[cfg(test)]
@@ -389,6 +518,57 @@ mod tests {
             ("oci://ghcr.io/a", false),
         ] {
             assert_eq!(OciRef::parse(text).unwrap().is_loopback(), loopback, "{text}");
+        }
+    }
+
+    /// The default `fetch_all`: all of a policy's plugins at once, results
+    /// in order.
+    #[test]
+    fn fetch_all_fetches_every_plugin_at_once_and_keeps_the_order() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::time::{Duration, Instant};
+        #[derive(Default)]
+        struct Slow {
+            running: AtomicUsize,
+            most: AtomicUsize,
+        }
+        impl Fetch for Slow {
+            fn fetch(&self, source: &OciSource) -> Result<Fetched, OciError> {
+                let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(200));
+                self.running.fetch_sub(1, Ordering::SeqCst);
+                match source.reference.name().ends_with('7') {
+                    true => Err(OciError::Config(source.reference.to_string())),
+                    false => Ok(Fetched {
+                        path: PathBuf::from(source.reference.name()),
+                        sha256: None,
+                    }),
+                }
+            }
+            fn poll(&self, _: &OciSource) -> Result<bool, OciError> {
+                Ok(false)
+            }
+        }
+        let fetch = Slow::default();
+        let sources: Vec<OciSource> = (0..32)
+            .map(|i| OciSource::new(OciRef::parse(&format!("oci://h/p{i}:v1")).unwrap()))
+            .collect();
+        let started = Instant::now();
+        let results = fetch.fetch_all(&sources);
+        // One round of 200 ms, not 32 (6.4 s): a bound, not a benchmark.
+        assert_eq!(results.len(), sources.len());
+        assert!(
+            started.elapsed() < Duration::from_millis(3200),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(fetch.most.load(Ordering::SeqCst), MAX_PARALLEL_FETCHES);
+        for (i, result) in results.iter().enumerate() {
+            match result {
+                Ok(f) => assert_eq!(f.path, PathBuf::from(format!("p{i}"))),
+                Err(e) => assert!(i % 10 == 7 && e.to_string().contains(&format!("/p{i}:")), "{i}: {e}"),
+            }
         }
     }
 

@@ -61,6 +61,18 @@ pub enum Source {
     Disk,
 }
 
+impl Source {
+    /// `now`, `memory cache` or `disk cache`: where the reload log says
+    /// the code came from.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Compiled => "now",
+            Self::Memory => "memory cache",
+            Self::Disk => "disk cache",
+        }
+    }
+}
+
 /// Compiled plugins, by the sha256 of their source content.
 #[derive(Default)]
 pub struct ModuleCache {
@@ -141,6 +153,7 @@ impl ModuleCache {
     }
 
     /// Whether content with this hash is compiled in memory already.
+    #[cfg(test)]
     pub fn contains(&self, sha256: &str) -> bool {
         let memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
         memory.iter().any(|(h, ..)| h == sha256)

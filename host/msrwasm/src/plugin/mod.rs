@@ -32,15 +32,61 @@ use state::{StateScope, StateStore};
 /// The boxed error source of failures that come from wasmtime.
 pub type WasmError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// What a plugin does when it fails (trap, timeout, bad status, ...).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+/// What the guest gets when a plugin fails (trap, timeout, bad status, ...)
+/// and while the plugin is quarantined after repeated failures: the
+/// plugin's own, explicit choice, in the manner of Envoy's fail-closed and
+/// fail-open. Manifest `on_error`: `"fault"` (default), `"pass"` or
+/// `"value=N"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OnError {
-    /// The access gets #GP.
+    /// Fail closed: the access gets #GP.
     #[default]
     Fault,
-    /// As if the plugin had returned PASS.
+    /// Fail open: as if the plugin had returned PASS (the next plugin, KVM's
+    /// own handling or `unhandled` decide).
     Pass,
+    /// A fixed answer: reads get this value, writes are accepted and dropped.
+    Value(u64),
+}
+
+impl std::str::FromStr for OnError {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "fault" => Ok(Self::Fault),
+            "pass" => Ok(Self::Pass),
+            _ => text
+                .strip_prefix("value=")
+                .and_then(crate::util::parse_number)
+                .map(Self::Value)
+                .ok_or_else(|| {
+                    format!("on_error must be \"fault\", \"pass\" or \"value=N\" (N decimal or 0x hex), not {text:?}")
+                }),
+        }
+    }
+}
+
+impl std::fmt::Display for OnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fault => f.write_str("fault"),
+            Self::Pass => f.write_str("pass"),
+            Self::Value(v) => write!(f, "value={v:#x}"),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for OnError {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for OnError {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// Per-plugin settings from the manifest (or defaults for `--plugin`).
@@ -245,6 +291,8 @@ pub struct Plugin {
     /// CPU templates the plugin carries in its metadata
     /// (`template.0x10a = "0b..."`), so that an OCI tag rolls them out.
     templates: Vec<crate::policy::MsrTemplate>,
+    /// Where its compiled code came from (the reload log says).
+    compiled_from: Source,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -460,6 +508,7 @@ impl Plugin {
             health: health::Health::new(health::QuarantinePolicy::default()),
             meta,
             templates,
+            compiled_from: source,
         };
         plugin.probe()?;
         if let Some(cache) = cache {
@@ -592,7 +641,7 @@ impl Plugin {
         if component {
             ctx.wasi = Some(wasi::WasiState {
                 ctx: wasi::context(&ctx.log).build(),
-                table: wasmtime_wasi::ResourceTable::new(),
+                table: wasi::table(),
             });
         } else if self.shape.wasi {
             ctx.wasi_p1 = Some(Box::new(wasi::context(&ctx.log).build_p1()));
@@ -729,6 +778,12 @@ impl Plugin {
             inner: Inner::Core { store, rdmsr, wrmsr },
             budget,
         })
+    }
+
+    /// Where this version's compiled code came from: compiled now, or a
+    /// cache (a `msrwasm check` of the same content fills the disk cache).
+    pub(crate) fn compiled_from(&self) -> Source {
+        self.compiled_from
     }
 
     /// Who this version is.

@@ -22,6 +22,40 @@ pub type StateSnapshot = BTreeMap<String, BTreeMap<i32, i64>>;
 #[error("the plugin's state store holds {MAX_KEYS} keys already")]
 pub struct StoreFull;
 
+/// Why [`StateStore::restore`] refused a snapshot (nothing restored).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    /// The snapshot names stores of plugins the VM does not run and does
+    /// not keep: restoring them would only grow the VM's memory.
+    #[error(
+        "no plugin named {} in the running policy, and no state kept under that name: \
+         state is restored only for plugins the VM runs (or removed lately and still keeps); nothing was restored",
+        quoted(.0)
+    )]
+    Unknown(Vec<String>),
+    /// A store with more keys than one store may hold.
+    #[error("plugin `{plugin}`: {keys} keys, over the {MAX_KEYS} one store may hold; nothing was restored")]
+    TooManyKeys {
+        /// The plugin.
+        plugin: String,
+        /// Keys in its snapshot.
+        keys: usize,
+    },
+}
+
+/// `a`, `b` and 3 more.
+fn quoted(names: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut list: Vec<String> = names.iter().take(SHOWN).map(|n| format!("`{n}`")).collect();
+    if names.len() > SHOWN {
+        list.push(format!("{} more", names.len() - SHOWN));
+    }
+    match list.len() {
+        0 | 1 => list.concat(),
+        n => format!("{} and {}", list[..n - 1].join(", "), list[n - 1]),
+    }
+}
+
 /// All plugins' stores of one VM.
 #[derive(Debug, Default)]
 pub struct StateStore {
@@ -64,11 +98,29 @@ impl StateStore {
     /// values (other plugins' stores are untouched), all under one lock.
     /// Meant for a paused VM (restore after snapshot or migration): a vCPU
     /// running meanwhile may still complete one write to the old values.
-    pub fn restore(&self, snapshot: &StateSnapshot) -> Result<(), StoreFull> {
-        if snapshot.values().any(|keys| keys.len() > MAX_KEYS) {
-            return Err(StoreFull);
+    /// Snapshots come from outside (the control API's `PUT /v1/state`, a
+    /// migration stream): every store named must be of a plugin in
+    /// `running` or one this store already keeps (a plugin removed lately,
+    /// at most 64 of them), and hold at most
+    /// 4096 keys. So a restore never adds a store for a name the VM
+    /// does not know, and the memory it can take is that of the stores the
+    /// VM keeps anyway. All or nothing: a refused snapshot restores nothing.
+    pub fn restore(&self, snapshot: &StateSnapshot, running: &[&str]) -> Result<(), RestoreError> {
+        if let Some((plugin, keys)) = snapshot.iter().find(|(_, keys)| keys.len() > MAX_KEYS) {
+            return Err(RestoreError::TooManyKeys {
+                plugin: plugin.clone(),
+                keys: keys.len(),
+            });
         }
         let mut scopes = self.scopes.write().unwrap_or_else(|e| e.into_inner());
+        let unknown: Vec<String> = snapshot
+            .keys()
+            .filter(|name| !running.contains(&name.as_str()) && !scopes.contains_key(name.as_str()))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            return Err(RestoreError::Unknown(unknown));
+        }
         for (name, keys) in snapshot {
             let scope = scopes.entry(name.clone()).or_default();
             let mut map = scope.keys.write().unwrap_or_else(|e| e.into_inner());
@@ -183,8 +235,48 @@ mod tests {
         let snap = store.snapshot();
         let other = StateStore::default();
         other.scope("a").set(2, 7).unwrap();
-        other.restore(&snap).unwrap();
+        other.restore(&snap, &["a", "b"]).unwrap();
         assert_eq!(other.snapshot(), snap, "a's key 2 replaced, b created");
+    }
+
+    #[test]
+    fn restore_known_takes_only_running_or_kept_stores_and_bounded_ones() {
+        let store = StateStore::default();
+        store.scope("live").set(1, 1).unwrap();
+        store.scope("retired").set(1, 1).unwrap();
+        let snap = |names: &[&str], keys: usize| -> StateSnapshot {
+            names
+                .iter()
+                .map(|n| (n.to_string(), (0..keys as i32).map(|k| (k, 7)).collect()))
+                .collect()
+        };
+        // Unknown names: refused, named, nothing restored, no store added.
+        let err = store
+            .restore(&snap(&["live", "ghost1", "ghost2"], 3), &["live", "new"])
+            .unwrap_err();
+        assert_eq!(err, RestoreError::Unknown(vec!["ghost1".into(), "ghost2".into()]));
+        assert!(err.to_string().contains("`ghost1` and `ghost2`"), "{err}");
+        assert_eq!(store.scope("live").get(0), 0, "nothing restored");
+        assert_eq!(store.snapshot().len(), 2, "no store added");
+        // Many unknown names: the message stays short.
+        let many: Vec<String> = (0..100).map(|i| format!("g{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let err = store.restore(&snap(&many, 1), &[]).unwrap_err().to_string();
+        assert!(err.contains("and 92 more") && err.len() < 400, "{err}");
+        // Too many keys in one store.
+        assert_eq!(
+            store.restore(&snap(&["live"], MAX_KEYS + 1), &["live"]),
+            Err(RestoreError::TooManyKeys {
+                plugin: "live".into(),
+                keys: MAX_KEYS + 1
+            })
+        );
+        // Running (even without a store yet), kept (retired) and full stores: restored.
+        store
+            .restore(&snap(&["live", "retired", "new"], MAX_KEYS), &["live", "new"])
+            .unwrap();
+        assert_eq!(store.scope("new").len(), MAX_KEYS);
+        assert_eq!(store.scope("retired").get(5), 7);
     }
 
     #[test]

@@ -330,3 +330,52 @@ fn wasi_is_there_but_grants_nothing() {
         "{e:?}"
     );
 }
+
+/// Issue #21: `random_get` (and WASI 0.2 `get-random-bytes`) of 32 MiB
+/// cost about 100 ms per access, allocated 32 MiB on the host per call and
+/// was answered normally. Now one call gets at most MAX_RANDOM_BYTES, and
+/// every call is charged to the plugin's budget.
+#[test]
+fn wasi_random_is_bounded_per_call_and_charged_to_the_budget() {
+    let wat = r#"(module
+        (import "wasi_snapshot_preview1" "random_get" (func $random (param i32 i32) (result i32)))
+        (import "msr" "reply" (func $reply (param i64)))
+        (memory (export "memory") 2)
+        (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
+        (func (export "rdmsr") (param $i i32) (result i32)
+          (if (i32.eq (local.get $i) (i32.const 1)) (then
+            ;; 64 bytes: fine, and not all zero
+            (call $reply (i64.extend_i32_u (call $random (i32.const 0) (i32.const 64))))
+            (if (i64.eqz (i64.or (i64.load (i32.const 0)) (i64.load (i32.const 8)))) (then unreachable))
+            (return (i32.const 0))))
+          (if (i32.eq (local.get $i) (i32.const 2)) (then
+            ;; 32 MiB in one call
+            (drop (call $random (i32.const 0) (i32.const 33554432)))
+            (call $reply (i64.const 0))
+            (return (i32.const 0))))
+          ;; the largest calls allowed, endlessly: the budget ends it
+          (loop $l (drop (call $random (i32.const 0) (i32.const 65536))) (br $l))
+          (i32.const 2)))"#;
+    let plugin = wat_plugin("random", wat, &StateStore::default()).unwrap();
+    let mut i = plugin.instantiate(0).unwrap();
+    assert_eq!(i.rdmsr(1, 2), Ok(Answer::Handled(0)));
+    let e = i.rdmsr(2, 2);
+    assert!(
+        matches!(&e, Err(CallError::Trap(m)) if m.contains("over the 65536-byte limit")),
+        "{e:?}"
+    );
+    let mut i = plugin.instantiate(0).unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(i.rdmsr(3, 2), Err(CallError::Timeout));
+    // Bound, not benchmark: 1 ms of budget, charged ~66 µs per call.
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
+
+#[test]
+fn a_components_wasi_handle_table_is_bounded() {
+    let mut table = super::wasi::table();
+    for i in 0..super::wasi::MAX_HANDLES {
+        table.push(i).unwrap();
+    }
+    assert!(table.push(0usize).is_err(), "one handle over the bound");
+}

@@ -7,13 +7,14 @@
 //! | stdout, stderr | lines go to the plugin's rate-limited log (stdout info, stderr warn) |
 //! | stdin | empty |
 //! | clocks | the host's monotonic and wall clocks |
-//! | random | the host's CSPRNG |
+//! | random | the host's CSPRNG: at most [`MAX_RANDOM_BYTES`] per call, each call charged to the plugin's budget |
 //! | args, environment | empty |
 //! | file system | no preopened directory: every path operation fails (`EBADF`/`ENOTCAPABLE`) |
 //! | sockets, name lookup | denied (error results) |
 //! | `wasi:http` | not linked: a component importing it is refused at load, naming it |
 //! | `proc_exit` / `wasi:cli/exit` | a plugin error |
 //! | `poll_oneoff`, `wasi:io/poll`, `pollable.block`, `sched_yield` | return at once: nothing sleeps on a vCPU thread |
+//! | handles (streams, pollables, ...) of a component | at most [`MAX_HANDLES`] per instance |
 
 use std::io;
 use std::pin::Pin;
@@ -55,13 +56,48 @@ pub struct WasiState {
     pub(super) table: ResourceTable,
 }
 
+/// WASI resources (streams, pollables, ...) one component instance may hold
+/// at once; past it, creating one more is a plugin error. Each costs host
+/// memory outside `memory_max_kib` (about 100 bytes).
+pub const MAX_HANDLES: usize = 4096;
+
+/// Random bytes one call may ask for (`random_get`, `get-random-bytes`,
+/// `get-insecure-random-bytes`); more is a plugin error.
+pub const MAX_RANDOM_BYTES: u64 = 65_536;
+
+/// What a random call is charged, nanoseconds: a fixed part plus one per
+/// byte (drawn from the plugin's host-call budget, like `msr.*` calls).
+fn random_cost_ns(len: u64) -> u64 {
+    super::imports::STRING_NS + len
+}
+
+/// The table of a component's WASI handles, bounded.
+pub(super) fn table() -> ResourceTable {
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(MAX_HANDLES);
+    table
+}
+
+/// `len` random bytes, charged to the plugin's budget and bounded.
+fn random_bytes(ctx: &mut PluginCtx, len: u64) -> wasmtime::Result<Vec<u8>> {
+    if len > MAX_RANDOM_BYTES {
+        return Err(wasmtime::Error::msg(format!(
+            "asked for {len} random bytes in one call, over the {MAX_RANDOM_BYTES}-byte limit"
+        )));
+    }
+    super::imports::charge(ctx, random_cost_ns(len))?;
+    let mut bytes = vec![0u8; len as usize];
+    getrandom::fill(&mut bytes).map_err(|e| wasmtime::Error::msg(format!("the host's random source failed: {e}")))?;
+    Ok(bytes)
+}
+
 impl WasiView for PluginCtx {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         // Components always get a WASI context (see `Plugin::instantiate`):
         // core modules never reach a WASI 0.2 function.
         let state = self.wasi.get_or_insert_with(|| WasiState {
             ctx: WasiCtxBuilder::new().build(),
-            table: ResourceTable::new(),
+            table: table(),
         });
         WasiCtxView {
             ctx: &mut state.ctx,
@@ -158,8 +194,25 @@ pub(super) fn add_p1(linker: &mut Linker<PluginCtx>) -> wasmtime::Result<()> {
     })?;
     linker.allow_shadowing(true);
     linker.func_wrap(P1_MODULE, "poll_oneoff", poll_oneoff)?;
+    linker.func_wrap(P1_MODULE, "random_get", random_get)?;
     linker.allow_shadowing(false);
     Ok(())
+}
+
+/// `random_get` bounded in size and charged (see [`random_bytes`]).
+fn random_get(mut c: Caller<'_, PluginCtx>, buf: i32, len: i32) -> wasmtime::Result<i32> {
+    let (buf, len) = (buf as u32 as usize, len as u32 as u64);
+    let bytes = random_bytes(c.data_mut(), len)?;
+    let Some(Extern::Memory(memory)) = c.get_export("memory") else {
+        return Ok(ERRNO_FAULT);
+    };
+    match memory.data_mut(&mut c).get_mut(buf..buf + bytes.len()) {
+        Some(target) => {
+            target.copy_from_slice(&bytes);
+            Ok(ERRNO_SUCCESS)
+        }
+        None => Ok(ERRNO_FAULT),
+    }
 }
 
 /// `poll_oneoff` that reports every subscription as done at once: clock
@@ -218,6 +271,16 @@ pub(super) fn add_p2(linker: &mut wasmtime::component::Linker<PluginCtx>) -> was
         "[method]pollable.block",
         |_store, (_p,): (wasmtime::component::Resource<wasmtime_wasi::p2::DynPollable>,)| Ok(()),
     )?;
+    linker
+        .instance("wasi:random/random@0.2.12")?
+        .func_wrap("get-random-bytes", |mut store, (len,): (u64,)| {
+            Ok((random_bytes(store.data_mut(), len)?,))
+        })?;
+    linker
+        .instance("wasi:random/insecure@0.2.12")?
+        .func_wrap("get-insecure-random-bytes", |mut store, (len,): (u64,)| {
+            Ok((random_bytes(store.data_mut(), len)?,))
+        })?;
     linker.allow_shadowing(false);
     Ok(())
 }
