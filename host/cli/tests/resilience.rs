@@ -348,14 +348,7 @@ fn sigterm_during_a_reload_compile_does_not_wait_for_the_compile() {
     let vm = start_forever(dir.path(), &["--no-cache"]);
     // A new version that takes many seconds to compile (99,000 functions,
     // under the function limit).
-    let funcs: String = (0..99_000)
-        .map(|i| format!("(func (result i32) (i32.const {i}))"))
-        .collect();
-    let big = wat::parse_str(format!(
-        r#"(module (import "msr" "reply" (func $r (param i64))) (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
-           (func (export "rdmsr") (param i32) (result i32) (call $r (i64.const 8)) (i32.const 0)) {funcs})"#
-    ))
-    .unwrap();
+    let big = slow_to_compile();
     let temp = dir.path().join("answer.wat.tmp");
     std::fs::write(&temp, big).unwrap();
     std::fs::rename(&temp, dir.path().join("answer.wat")).unwrap();
@@ -366,6 +359,19 @@ fn sigterm_during_a_reload_compile_does_not_wait_for_the_compile() {
     assert_eq!(status, Some(143), "{err}");
     // Bound, not benchmark: the compile takes far longer than this.
     assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+}
+
+/// A plugin that takes many seconds to compile (99,000 functions, under
+/// the function limit) and answers 8.
+fn slow_to_compile() -> Vec<u8> {
+    let funcs: String = (0..99_000)
+        .map(|i| format!("(func (result i32) (i32.const {i}))"))
+        .collect();
+    wat::parse_str(format!(
+        r#"(module (import "msr" "reply" (func $r (param i64))) (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
+           (func (export "rdmsr") (param i32) (result i32) (call $r (i64.const 8)) (i32.const 0)) {funcs})"#
+    ))
+    .unwrap()
 }
 
 #[test]
@@ -480,14 +486,7 @@ fn every_terminating_signal_ends_the_run_cleanly_with_socket_and_footprint() {
 #[test]
 fn a_signal_during_start_up_ends_it_at_once_with_its_status() {
     let dir = tempfile::tempdir().unwrap();
-    let funcs: String = (0..99_000)
-        .map(|i| format!("(func (result i32) (i32.const {i}))"))
-        .collect();
-    let big = wat::parse_str(format!(
-        r#"(module (import "msr" "reply" (func $r (param i64))) (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
-           (func (export "rdmsr") (param i32) (result i32) (call $r (i64.const 8)) (i32.const 0)) {funcs})"#
-    ))
-    .unwrap();
+    let big = slow_to_compile();
     let plugin = dir.path().join("big.wasm");
     std::fs::write(&plugin, big).unwrap();
     let guest = dir.path().join("exit.bin");

@@ -1217,25 +1217,20 @@ impl<'a> Session<'a> {
             });
         }
         url.query_pairs_mut().append_pair("digest", digest);
-        let done = self
-            .request(Method::PUT, url)
-            .header(header::CONTENT_TYPE, "application/octet-stream")
-            .body(data)
-            .send()
-            .await
-            .map_err(self.failed())?;
-        match done.status().is_success() {
-            true => Ok(()),
-            false => Err(self.refused(done).await),
-        }
+        self.put(url, "application/octet-stream", data).await
     }
 
     /// PUTs the manifest under `tag`.
     async fn push_manifest(&self, body: Vec<u8>, tag: &str) -> Result<(), OciError> {
         let url = self.url(&format!("v2/{}/manifests/{tag}", self.repository));
+        self.put(url, MANIFEST_MEDIA_TYPE, body).await
+    }
+
+    /// PUTs `body` of `content_type` to `url`; the registry must accept it.
+    async fn put(&self, url: Url, content_type: &'static str, body: Vec<u8>) -> Result<(), OciError> {
         let done = self
             .request(Method::PUT, url)
-            .header(header::CONTENT_TYPE, MANIFEST_MEDIA_TYPE)
+            .header(header::CONTENT_TYPE, content_type)
             .body(body)
             .send()
             .await
