@@ -18,7 +18,9 @@
 //!   5 s is taken at its word;
 //! - every second, the engine re-checks its files anyway: events lost to
 //!   a full inotify queue, a watch limit or a file system without inotify
-//!   are caught up within that time.
+//!   are caught up within that time (such a scan leaves a file modified in
+//!   the last 2 s for a later one: the events of a write in progress may
+//!   not have arrived yet).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -44,6 +46,16 @@ pub(crate) const DEBOUNCE: Duration = Duration::from_millis(20);
 pub(crate) const WRITE_WAIT: Duration = Duration::from_secs(5);
 /// How often files are re-checked without any event.
 pub(crate) const RESCAN: Duration = Duration::from_secs(1);
+
+/// How recent a change a scan that no event asked for leaves alone.
+pub(crate) const SETTLE: Duration = Duration::from_secs(2);
+
+/// Whether `file` was modified less than [`SETTLE`] ago.
+fn recently_modified(file: &Path) -> bool {
+    std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < SETTLE))
+}
 
 /// Why the watcher could not start.
 #[derive(Debug, thiserror::Error)]
@@ -180,13 +192,17 @@ impl Watcher {
         }
         self.writing.retain(|_, since| now.duration_since(*since) < WRITE_WAIT);
         let due = self.dirty_since.is_some_and(|t| now.duration_since(t) >= DEBOUNCE) || now >= self.next_scan;
+        // A scan no event asked for may run before the events of a write
+        // in progress arrive (their thread starved on a busy host): it
+        // leaves files modified within SETTLE to the events or a later scan.
+        let periodic = self.dirty_since.is_none();
         let mut reloads = Vec::new();
         if due {
             let hold: HashSet<PathBuf> = self
                 .engine
                 .watched_files()
                 .into_iter()
-                .filter(|f| self.writing.contains_key(&absolute(f)))
+                .filter(|f| self.writing.contains_key(&absolute(f)) || (periodic && recently_modified(f)))
                 .collect();
             // A bug in one reload must not end hot reload for the VM's life.
             let engine = &self.engine;

@@ -32,50 +32,36 @@ pub(super) fn install_kick_handler() {
 
 /// Every signal whose default action ends the process, apart from the
 /// ones a fault raises (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS,
-/// SIGABRT: wasmtime's traps and crashes) and SIGPIPE (ignored: a closed
-/// output is an error to handle). Each one ends a run the same way, at any
-/// phase. The real-time signals are all included but the first, which
-/// kicks vCPU threads out of KVM_RUN.
+/// SIGABRT: wasmtime's traps and crashes), SIGPIPE (ignored: a closed
+/// output is an error to handle) and the real-time signals, listed apart.
+const NAMED: [(i32, &str); 14] = [
+    (libc::SIGHUP, "SIGHUP"),
+    (libc::SIGINT, "SIGINT"),
+    (libc::SIGQUIT, "SIGQUIT"),
+    (libc::SIGUSR1, "SIGUSR1"),
+    (libc::SIGUSR2, "SIGUSR2"),
+    (libc::SIGALRM, "SIGALRM"),
+    (libc::SIGTERM, "SIGTERM"),
+    (libc::SIGSTKFLT, "SIGSTKFLT"),
+    (libc::SIGXCPU, "SIGXCPU"),
+    (libc::SIGXFSZ, "SIGXFSZ"),
+    (libc::SIGVTALRM, "SIGVTALRM"),
+    (libc::SIGPROF, "SIGPROF"),
+    (libc::SIGIO, "SIGIO"),
+    (libc::SIGPWR, "SIGPWR"),
+];
+
+/// The signals that end a run, the same way at any phase: those named here and
+/// the real-time signals but the first, which kicks vCPU threads out of
+/// KVM_RUN.
 pub fn termination_signals() -> Vec<i32> {
-    let mut signals = vec![
-        libc::SIGHUP,
-        libc::SIGINT,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-        libc::SIGALRM,
-        libc::SIGTERM,
-        libc::SIGSTKFLT,
-        libc::SIGXCPU,
-        libc::SIGXFSZ,
-        libc::SIGVTALRM,
-        libc::SIGPROF,
-        libc::SIGIO,
-        libc::SIGPWR,
-    ];
-    signals.extend(kick_signal() + 1..=libc::SIGRTMAX());
-    signals
+    let named = NAMED.iter().map(|(sig, _)| *sig);
+    named.chain(kick_signal() + 1..=libc::SIGRTMAX()).collect()
 }
 
 /// The name of a termination signal (`SIGTERM`, `SIGRTMIN+3`).
 pub fn name(sig: i32) -> String {
-    let known = [
-        (libc::SIGHUP, "SIGHUP"),
-        (libc::SIGINT, "SIGINT"),
-        (libc::SIGQUIT, "SIGQUIT"),
-        (libc::SIGUSR1, "SIGUSR1"),
-        (libc::SIGUSR2, "SIGUSR2"),
-        (libc::SIGALRM, "SIGALRM"),
-        (libc::SIGTERM, "SIGTERM"),
-        (libc::SIGSTKFLT, "SIGSTKFLT"),
-        (libc::SIGXCPU, "SIGXCPU"),
-        (libc::SIGXFSZ, "SIGXFSZ"),
-        (libc::SIGVTALRM, "SIGVTALRM"),
-        (libc::SIGPROF, "SIGPROF"),
-        (libc::SIGIO, "SIGIO"),
-        (libc::SIGPWR, "SIGPWR"),
-    ];
-    match known.iter().find(|(n, _)| *n == sig) {
+    match NAMED.iter().find(|(n, _)| *n == sig) {
         Some((_, name)) => (*name).to_owned(),
         None if (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&sig) => format!("SIGRTMIN+{}", sig - libc::SIGRTMIN()),
         None => "signal".to_owned(),
