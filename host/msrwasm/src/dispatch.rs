@@ -335,7 +335,7 @@ impl Dispatcher {
                     event(position, CallResult::Handled, took);
                     let reply = match access.op {
                         // A template's bits win over a plugin's answer too.
-                        Op::Read => Reply::Read(policy.template(access.index).map_or(value, |t| t.apply(value))),
+                        Op::Read => plugin_read(policy, access.index, value),
                         Op::Write(_) => Reply::Written,
                     };
                     return (reply, Who::Plugin { position, error: false });
@@ -436,15 +436,18 @@ impl Dispatcher {
     }
 }
 
+/// A plugin's read answer (or its `on_error` value): a template's bits win.
+fn plugin_read(policy: &Policy, index: u32, value: u64) -> Reply {
+    Reply::Read(policy.template(index).map_or(value, |t| t.apply(value)))
+}
+
 /// What a failed or quarantined plugin's `on_error` gives `access`;
 /// `None` for `pass` (the chain goes on).
 fn failed(policy: &Policy, position: usize, access: Access) -> Option<(Reply, Who)> {
     let reply = match (policy.chain()[position].settings().on_error, access.op) {
         (OnError::Pass, _) => return None,
         (OnError::Fault, _) => Reply::Gp,
-        (OnError::Value(value), Op::Read) => {
-            Reply::Read(policy.template(access.index).map_or(value, |t| t.apply(value)))
-        }
+        (OnError::Value(value), Op::Read) => plugin_read(policy, access.index, value),
         (OnError::Value(_), Op::Write(_)) => Reply::Written,
     };
     Some((reply, Who::Plugin { position, error: true }))

@@ -8,8 +8,9 @@
 //! reader: what it records while a reader copies its shard joins the shard
 //! at its next access (and when its dispatcher is dropped, so the file
 //! written at exit has everything), so a reader may not yet see the last
-//! accesses of a vCPU that has been idle since. Bounded: past [`MAX_ENTRIES`] distinct (op, index)
-//! pairs per vCPU, further new pairs are only counted in `overflow`.
+//! accesses of a vCPU that has been idle since. Bounded: past
+//! [`MAX_ENTRIES`] distinct (op, index) pairs per vCPU, further new pairs
+//! are only counted in `overflow`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};

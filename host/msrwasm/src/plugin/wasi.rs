@@ -78,16 +78,27 @@ pub(super) fn table() -> ResourceTable {
     table
 }
 
-/// `len` random bytes, charged to the plugin's budget and bounded.
-fn random_bytes(ctx: &mut PluginCtx, len: u64) -> wasmtime::Result<Vec<u8>> {
+/// Admits a call for `len` random bytes: bounded, and charged to the
+/// plugin's budget.
+fn admit_random(ctx: &mut PluginCtx, len: u64) -> wasmtime::Result<()> {
     if len > MAX_RANDOM_BYTES {
         return Err(wasmtime::Error::msg(format!(
             "asked for {len} random bytes in one call, over the {MAX_RANDOM_BYTES}-byte limit"
         )));
     }
-    super::imports::charge(ctx, random_cost_ns(len))?;
+    super::imports::charge(ctx, random_cost_ns(len))
+}
+
+/// Fills `target` from the host's CSPRNG.
+fn fill_random(target: &mut [u8]) -> wasmtime::Result<()> {
+    getrandom::fill(target).map_err(|e| wasmtime::Error::msg(format!("the host's random source failed: {e}")))
+}
+
+/// `len` random bytes, admitted by [`admit_random`] (WASI 0.2).
+fn random_bytes(ctx: &mut PluginCtx, len: u64) -> wasmtime::Result<Vec<u8>> {
+    admit_random(ctx, len)?;
     let mut bytes = vec![0u8; len as usize];
-    getrandom::fill(&mut bytes).map_err(|e| wasmtime::Error::msg(format!("the host's random source failed: {e}")))?;
+    fill_random(&mut bytes)?;
     Ok(bytes)
 }
 
@@ -202,15 +213,13 @@ pub(super) fn add_p1(linker: &mut Linker<PluginCtx>) -> wasmtime::Result<()> {
 /// `random_get` bounded in size and charged (see [`random_bytes`]).
 fn random_get(mut c: Caller<'_, PluginCtx>, buf: i32, len: i32) -> wasmtime::Result<i32> {
     let (buf, len) = (buf as u32 as usize, len as u32 as u64);
-    let bytes = random_bytes(c.data_mut(), len)?;
+    admit_random(c.data_mut(), len)?;
     let Some(Extern::Memory(memory)) = c.get_export("memory") else {
         return Ok(ERRNO_FAULT);
     };
-    match memory.data_mut(&mut c).get_mut(buf..buf + bytes.len()) {
-        Some(target) => {
-            target.copy_from_slice(&bytes);
-            Ok(ERRNO_SUCCESS)
-        }
+    // Straight into linear memory: no host buffer.
+    match memory.data_mut(&mut c).get_mut(buf..buf + len as usize) {
+        Some(target) => fill_random(target).map(|()| ERRNO_SUCCESS),
         None => Ok(ERRNO_FAULT),
     }
 }
