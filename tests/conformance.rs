@@ -57,7 +57,7 @@ fn settings(wasm: &Path, memory_max_kib: u64) -> PluginSettings {
 #[test]
 fn every_language_passes_the_same_script() {
     let case = repo().join("tests/conformance/rapl.case");
-    let cache = ModuleCache::with_disk(&cache_dir(), Runtime::shared().engine());
+    let cache = ModuleCache::with_disk(&cache_dir(), &Runtime::shared());
     for (lang, wasm, kib) in every_language() {
         let report = msrwasm::tools::run_script_cached(settings(&wasm, kib), &case, Some(&cache_dir()))
             .unwrap_or_else(|e| panic!("{lang}: {e}"));
@@ -127,7 +127,7 @@ fn metadata_from_the_sdks_or_added_afterwards() {
         )
         .unwrap();
         assert!(report.failures.is_empty(), "{lang}: {:?}", report.failures);
-        let cache = ModuleCache::with_disk(&cache_dir(), Runtime::shared().engine());
+        let cache = ModuleCache::with_disk(&cache_dir(), &Runtime::shared());
         assert_eq!(
             msrwasm::tools::check_cached(settings(&tagged, *kib), &cache).meta,
             Some(fields),
@@ -136,7 +136,7 @@ fn metadata_from_the_sdks_or_added_afterwards() {
     }
     // The others embed it from source (SDK macros, WAT's @custom).
     for (lang, wasm, kib) in all.iter().filter(|(l, ..)| !["go", "python", "javascript"].contains(l)) {
-        let cache = ModuleCache::with_disk(&cache_dir(), Runtime::shared().engine());
+        let cache = ModuleCache::with_disk(&cache_dir(), &Runtime::shared());
         let meta = msrwasm::tools::check_cached(settings(wasm, *kib), &cache)
             .meta
             .unwrap_or_else(|| panic!("{lang}: no metadata"));

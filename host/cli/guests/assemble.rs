@@ -4,16 +4,21 @@
 
 /// Assembles `dir/NAME.S` for each name into `$OUT_DIR/NAME.elf`
 /// (long-mode ELF) or, for names ending in `.flat`, `$OUT_DIR/NAME.bin`
-/// (flat real-mode binary), with `guest.inc` and the linker scripts from
-/// `ld_dir` (`host/cli/guests`).
+/// (flat real-mode binary), or, for names ending in `.pvh`,
+/// `$OUT_DIR/NAME.elf` (a PVH guest, linked with `pvh.ld`, which keeps the
+/// PVH entry note), with `guest.inc`, `pvh.inc` and the linker scripts
+/// from `ld_dir` (`host/cli/guests`).
 fn assemble_guests(dir: &std::path::Path, ld_dir: &std::path::Path, names: &[&str]) {
     let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let cc = std::env::var("MSRWASM_GUEST_CC").unwrap_or_else(|_| "cc".into());
     for name in names {
         let src = dir.join(format!("{name}.S"));
-        let (script, target) = match name.strip_suffix(".flat") {
-            Some(stem) => (ld_dir.join("flat.ld"), out.join(format!("{stem}.bin"))),
-            None => (ld_dir.join("elf.ld"), out.join(format!("{name}.elf"))),
+        let (script, target) = if let Some(stem) = name.strip_suffix(".flat") {
+            (ld_dir.join("flat.ld"), out.join(format!("{stem}.bin")))
+        } else if let Some(stem) = name.strip_suffix(".pvh") {
+            (ld_dir.join("pvh.ld"), out.join(format!("{stem}.elf")))
+        } else {
+            (ld_dir.join("elf.ld"), out.join(format!("{name}.elf")))
         };
         println!("cargo::rerun-if-changed={}", src.display());
         println!("cargo::rerun-if-changed={}", script.display());
@@ -31,4 +36,5 @@ fn assemble_guests(dir: &std::path::Path, ld_dir: &std::path::Path, names: &[&st
         assert!(status.success(), "`{cc}` failed to assemble {}", src.display());
     }
     println!("cargo::rerun-if-changed={}", ld_dir.join("guest.inc").display());
+    println!("cargo::rerun-if-changed={}", ld_dir.join("pvh.inc").display());
 }

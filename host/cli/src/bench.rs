@@ -4,8 +4,10 @@
 //!    answered by a native Rust handler, by a trivial wasm plugin, and by a
 //!    chain of two plugins (the first passes), all on the same exit path.
 //!    Configurations are interleaved round by round; medians are reported.
+//!    The trivial plugin also runs in the no-JIT mode (Pulley bytecode).
 //! 2. The dispatcher alone, without KVM: synthetic exits through the same
-//!    exit handler (generation check, fuel, plugin call, counters).
+//!    exit handler (generation check, fuel, plugin call, counters), in the
+//!    JIT mode, the JIT mode without signals-based traps, and no-JIT.
 //! 3. Scaling: the wasm plugin on 1 vCPU and on 2 vCPUs.
 //! 4. Hot reload: on a running 2-vCPU VM, the time from renaming a new
 //!    plugin version into place to the first exit that version answers, and
@@ -21,7 +23,7 @@ use msrwasm::filter::RecordingFilter;
 use msrwasm::tools::Plugin;
 use msrwasm::tools::Runtime;
 use msrwasm::tools::StateStore;
-use msrwasm::{Access, Engine, ExitReason, NoKvm, PolicySpec, Reply, Unhandled};
+use msrwasm::{Access, Engine, ExecMode, ExitReason, NoKvm, PolicySpec, Reply, Unhandled};
 
 use crate::runner::{Vm, VmConfig, VmEnd, VmError};
 
@@ -98,6 +100,9 @@ pub struct BenchReport {
     /// wasm/native and chain/native (1.0 = as fast as native).
     pub wasm_vs_native: f64,
     pub chain_vs_native: f64,
+    /// The trivial plugin in the no-JIT mode (Pulley), and no-JIT/native.
+    pub nojit_exits_per_s: f64,
+    pub nojit_vs_native: f64,
     /// The wasm plugin with call timing and the footprint on (what the
     /// control API's metrics use), and its ratio to the plain wasm run.
     pub observed_exits_per_s: f64,
@@ -117,6 +122,9 @@ pub struct BenchReport {
     pub dispatch_nobody_ns: f64,
     pub dispatch_wasm_ns: f64,
     pub dispatch_chain_ns: f64,
+    /// One plugin, JIT without signals-based traps, and no-JIT.
+    pub dispatch_nosignals_ns: f64,
+    pub dispatch_nojit_ns: f64,
     /// Total exits/s of the wasm plugin on 2 vCPUs, and its ratio to 1 vCPU.
     pub wasm_2vcpu_exits_per_s: f64,
     pub scaling_2_vs_1: f64,
@@ -158,6 +166,12 @@ impl BenchReport {
             self.chain_exits_per_s, self.chain_vs_native
         );
         s += &format!(
+            "  wasm plugin, no-JIT   {:>10.0} exits/s   no-JIT/native = {:.3}   no-JIT/JIT = {:.3}\n",
+            self.nojit_exits_per_s,
+            self.nojit_vs_native,
+            self.nojit_exits_per_s / self.wasm_exits_per_s
+        );
+        s += &format!(
             "  + metrics & footprint {:>10.0} exits/s   observed/wasm = {:.3}\n",
             self.observed_exits_per_s, self.observed_vs_wasm
         );
@@ -180,6 +194,16 @@ impl BenchReport {
             self.dispatch_wasm_ns - self.dispatch_nobody_ns
         );
         s += &format!("  chain of 2 plugins    {:>8.1} ns/exit\n", self.dispatch_chain_ns);
+        s += &format!(
+            "  one plugin, no signal traps {:>8.1} ns/exit   plugin call = {:.1} ns   (JIT, signals_based_traps(false))\n",
+            self.dispatch_nosignals_ns,
+            self.dispatch_nosignals_ns - self.dispatch_nobody_ns
+        );
+        s += &format!(
+            "  one plugin, no-JIT    {:>8.1} ns/exit   plugin call = {:.1} ns   (Pulley interpreter)\n",
+            self.dispatch_nojit_ns,
+            self.dispatch_nojit_ns - self.dispatch_nobody_ns
+        );
         s += &format!(
             "scaling: wasm plugin on 2 vCPUs {:.0} exits/s = {:.2}x one vCPU\n",
             self.wasm_2vcpu_exits_per_s, self.scaling_2_vs_1
@@ -213,6 +237,10 @@ enum Answerer {
     Nobody,
     Wasm,
     Chain,
+    /// The wasm plugin in [`ExecMode::NoJit`].
+    NoJit,
+    /// The wasm plugin, JIT, with `signals_based_traps(false)`.
+    NoSignals,
     /// The wasm plugin with what the control API turns on: call timing
     /// (the metrics' histogram) and the MSR footprint.
     Observed,
@@ -272,7 +300,9 @@ impl Files {
         let p = |f: &str| self.dir.path().join(f);
         let plugins = match answerer {
             Answerer::Native | Answerer::Nobody => vec![],
-            Answerer::Wasm | Answerer::Observed | Answerer::Scraped => vec![p("answer.wat")],
+            Answerer::Wasm | Answerer::NoJit | Answerer::NoSignals | Answerer::Observed | Answerer::Scraped => {
+                vec![p("answer.wat")]
+            }
             Answerer::Chain => vec![p("pass.wat"), p("answer.wat")],
         };
         let unhandled = match answerer {
@@ -294,6 +324,9 @@ impl Files {
         config.vcpus = vcpus;
         config.mem_mib = 16;
         config.serial = Box::new(std::io::sink());
+        if let Answerer::NoJit = answerer {
+            config.mode = ExecMode::NoJit;
+        }
         if let Answerer::Observed | Answerer::Scraped = answerer {
             config.time_calls = true;
             config.footprint = Some(self.dir.path().join("footprint.json"));
@@ -355,7 +388,13 @@ fn dispatch_ns(files: &Files, answerer: Answerer, n: u64) -> Result<f64, BenchEr
         }
         return Ok(started.elapsed().as_nanos() as f64 / n as f64);
     }
+    let mode = match answerer {
+        Answerer::NoJit => ExecMode::NoJit,
+        _ => ExecMode::Jit,
+    };
     let engine = Engine::builder()
+        .mode(mode)
+        .signals_based_traps(!matches!(answerer, Answerer::NoSignals))
         .filter(RecordingFilter::default())
         .build(files.policy(answerer))?;
     let mut dispatcher = engine.dispatcher(0);
@@ -518,11 +557,13 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
     let files = Files::new()?;
     let rounds = options.rounds.max(1);
     let (mut native, mut wasm, mut chain, mut two, mut observed) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut nojit = vec![];
     let (mut scraped, mut top_ms, mut scrape_ms) = (vec![], vec![], vec![]);
     for round in 1..=rounds {
         progress(&format!("end to end, round {round}/{rounds}"));
         native.push(files.run(Answerer::Native, 1)?);
         wasm.push(files.run(Answerer::Wasm, 1)?);
+        nojit.push(files.run(Answerer::NoJit, 1)?);
         observed.push(files.run(Answerer::Observed, 1)?);
         let (rate, (refreshes, scrapes)) = files.run_polled(Answerer::Scraped, 1)?;
         scraped.push(rate);
@@ -534,11 +575,14 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
     progress("dispatcher alone");
     // Interleaved too, so that frequency changes hit all three alike.
     let (mut dn, mut de, mut dw, mut dc) = (vec![], vec![], vec![], vec![]);
+    let (mut ds, mut dj) = (vec![], vec![]);
     for _ in 0..3 {
         dn.push(dispatch_ns(&files, Answerer::Native, options.dispatches)?);
         de.push(dispatch_ns(&files, Answerer::Nobody, options.dispatches)?);
         dw.push(dispatch_ns(&files, Answerer::Wasm, options.dispatches)?);
         dc.push(dispatch_ns(&files, Answerer::Chain, options.dispatches)?);
+        ds.push(dispatch_ns(&files, Answerer::NoSignals, options.dispatches)?);
+        dj.push(dispatch_ns(&files, Answerer::NoJit, options.dispatches)?);
     }
     progress(&format!("hot reload, {} swaps", options.swaps));
     let reload = reload_latency(&files, options.swaps.max(1))?;
@@ -546,6 +590,7 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
     progress("budget enforcement");
     let runaway_wasm = runaway_us("(loop $l (br $l)) (i32.const 2)")?;
     let runaway_host = runaway_us("(loop $l (drop (call $vcpu)) (br $l)) (i32.const 2)")?;
+    let nojit = median(nojit);
     let (native, wasm, chain, two, observed, scraped) = (
         median(native),
         median(wasm),
@@ -563,6 +608,8 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
         chain_exits_per_s: chain,
         wasm_vs_native: wasm / native,
         chain_vs_native: chain / native,
+        nojit_exits_per_s: nojit,
+        nojit_vs_native: nojit / native,
         observed_exits_per_s: observed,
         observed_vs_wasm: observed / wasm,
         scraped_exits_per_s: scraped,
@@ -578,6 +625,8 @@ pub fn run(options: BenchOptions, mut progress: impl FnMut(&str)) -> Result<Benc
         dispatch_nobody_ns: median(de),
         dispatch_wasm_ns: median(dw),
         dispatch_chain_ns: median(dc),
+        dispatch_nosignals_ns: median(ds),
+        dispatch_nojit_ns: median(dj),
         wasm_2vcpu_exits_per_s: two,
         scaling_2_vs_1: two / wasm,
         swaps: reload.latencies_ms.len(),

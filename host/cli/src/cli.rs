@@ -58,11 +58,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a raw guest image (ELF64 or flat binary) on KVM.
+    /// Run a raw guest image (ELF64, started in long mode or, with a PVH
+    /// note, in 32-bit protected mode at the PVH entry; or a flat binary)
+    /// on KVM.
     ///
     /// Serial output (COM1) goes to standard output; msrwasm's own messages
     /// and the closing summary go to standard error. Exit status: the value
-    /// the guest wrote to port 0xf4, 0 when every vCPU halted, 1 when a vCPU
+    /// the guest wrote to port 0xf4, 0 when every vCPU halted or the guest
+    /// powered off (0x34, ACPI S5, to port 0x600) or asked for a reset
+    /// (0xfe to port 0x64), 1 when a vCPU
     /// crashed (triple fault, KVM error), 2 for bad arguments or a refused
     /// plugin/manifest, 128+N when stopped by signal N (SIGINT 130, SIGTERM
     /// 143; every signal whose default action ends a process, but the ones a
@@ -96,9 +100,15 @@ enum Command {
     /// Write the built-in raw guests to a directory, for trying plugins by
     /// hand: demo.elf (the demo), msr_loop.elf (50000 RDMSR 0x4d53424d per
     /// vCPU, then HLT), msr_forever.elf (RDMSR 0x4d530020 until stopped);
-    /// and what writing a guest needs: guest.inc (the helpers), elf.ld and
-    /// flat.ld (linker scripts), example.S (a guest to start from; its
-    /// header says how to build it).
+    /// two PVH guests that cloud-hypervisor and Firecracker boot too:
+    /// pvh.elf (prints MSR 0x35, answered by a plugin such as
+    /// plugins/topology.wat, and MSR 0x1b, answered by KVM, then powers
+    /// off), pvh_reload.elf (reads MSR 0x35 until a hot reload changes it,
+    /// prints the first and the new value and the number of reads, then
+    /// powers off); and what writing a guest needs: guest.inc (the
+    /// helpers), elf.ld and flat.ld (linker scripts), example.S (a guest to
+    /// start from; its header says how to build it), and for PVH guests
+    /// pvh.inc, pvh.ld and pvh.S (the source of pvh.elf).
     Guests(GuestsArgs),
     /// Talk to a running VM's control API (`run --api-sock PATH`).
     ///
@@ -373,6 +383,12 @@ struct CheckArgs {
     /// Print the reports as JSON.
     #[arg(long)]
     json: bool,
+    /// Compile for this execution mode: `jit` (native code) or `no-jit`
+    /// (Pulley bytecode, for `run --mode no-jit` and engines built without
+    /// Cranelift). With --cache-dir, the compiled code stays there for
+    /// them to load.
+    #[arg(long, default_value = "jit")]
+    mode: msrwasm::ExecMode,
 }
 
 #[derive(Args)]
@@ -463,6 +479,11 @@ struct BenchArgs {
 
 #[derive(Args)]
 struct RunArgs {
+    /// How plugin code runs: `jit` (native code, the fastest) or `no-jit`
+    /// (Pulley bytecode: no executable memory is ever mapped; see
+    /// docs/embedding.md).
+    #[arg(long, default_value = "jit")]
+    mode: msrwasm::ExecMode,
     /// Number of vCPUs, each on its own thread.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(runner::MAX_VCPUS)))]
     vcpus: u32,
@@ -726,6 +747,7 @@ fn run(args: RunArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
     config.trace = args.trace;
     config.watch = !args.no_watch;
     config.cache_dir = cache;
+    config.mode = args.mode;
     config.api_sock = args.api_sock;
     config.footprint = args.footprint;
     config.oci = oci_store;
@@ -820,12 +842,18 @@ fn guests(args: GuestsArgs) -> Result<i32> {
         ("demo.elf", crate::demo::GUEST),
         ("msr_loop.elf", crate::bench::LOOP_GUEST),
         ("msr_forever.elf", crate::bench::FOREVER_GUEST),
+        // PVH guests, which cloud-hypervisor and Firecracker boot too.
+        ("pvh.elf", crate::runner::image::PVH_GUEST),
+        ("pvh_reload.elf", crate::runner::image::PVH_RELOAD_GUEST),
         // What writing a guest needs: the helpers, the linker scripts, an
         // example to start from (docs/guest-conventions.md).
         ("guest.inc", include_bytes!("../guests/guest.inc")),
         ("elf.ld", include_bytes!("../guests/elf.ld")),
         ("flat.ld", include_bytes!("../guests/flat.ld")),
         ("example.S", include_bytes!("../guests/example.S")),
+        ("pvh.inc", include_bytes!("../guests/pvh.inc")),
+        ("pvh.ld", include_bytes!("../guests/pvh.ld")),
+        ("pvh.S", include_bytes!("../guests/pvh.pvh.S")),
     ] {
         let path = args.dir.join(name);
         msrwasm::tools::write_atomic_mode(&path, bytes, 0o644)
@@ -836,9 +864,9 @@ fn guests(args: GuestsArgs) -> Result<i32> {
 }
 
 fn check(args: CheckArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
-    let runtime = msrwasm::tools::Runtime::shared();
+    let runtime = msrwasm::tools::Runtime::shared_for(args.mode);
     let cache = match &cache {
-        Some(dir) => msrwasm::tools::ModuleCache::with_disk(dir, runtime.engine()),
+        Some(dir) => msrwasm::tools::ModuleCache::with_disk(dir, &runtime),
         None => msrwasm::tools::ModuleCache::new(),
     };
     let spec = args.limits.spec()?;
@@ -851,7 +879,7 @@ fn check(args: CheckArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> 
     for path in &plugins {
         let mut settings = args.limits.settings(path, spec.as_ref())?;
         oci.localize(&mut settings)?;
-        reports.push(msrwasm::tools::check_cached(settings, &cache));
+        reports.push(msrwasm::tools::check_with(settings, &cache, &runtime));
     }
     // The manifest as a whole: what `run` composes (chain, firewall).
     let mut refused = None;
@@ -913,7 +941,7 @@ fn push(args: PushArgs, cache: Option<PathBuf>, oci: &OciHome) -> Result<i32> {
     // What `run` would refuse is not published.
     let runtime = msrwasm::tools::Runtime::shared();
     let compiled = match &cache {
-        Some(dir) => msrwasm::tools::ModuleCache::with_disk(dir, runtime.engine()),
+        Some(dir) => msrwasm::tools::ModuleCache::with_disk(dir, &runtime),
         None => msrwasm::tools::ModuleCache::new(),
     };
     let stem = args

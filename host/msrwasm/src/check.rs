@@ -52,6 +52,12 @@ pub fn check(settings: PluginSettings) -> CheckReport {
 /// As [`check`], compiling through `cache` (a disk cache makes re-checking
 /// a large component fast).
 pub fn check_cached(settings: PluginSettings, cache: &ModuleCache) -> CheckReport {
+    check_with(settings, cache, &Runtime::shared())
+}
+
+/// As [`check_cached`], on `runtime` (its [`crate::ExecMode`]: a no-JIT
+/// check fills a disk cache with the Pulley code a no-JIT engine loads).
+pub fn check_with(settings: PluginSettings, cache: &ModuleCache, runtime: &Arc<Runtime>) -> CheckReport {
     let path = settings.path.clone();
     let mut report = CheckReport {
         file: path.display().to_string(),
@@ -78,9 +84,8 @@ pub fn check_cached(settings: PluginSettings, cache: &ModuleCache) -> CheckRepor
     report.size = Some(bytes.len() as u64);
     let sha256 = content_hash(&bytes);
     report.sha256 = Some(sha256.clone());
-    let runtime = Runtime::shared();
     let plugin = match Plugin::build(
-        &runtime,
+        runtime,
         settings,
         &bytes,
         sha256,

@@ -36,6 +36,8 @@ pub(crate) struct Live {
     time_calls: bool,
     /// Where each dispatcher records its thread (host energy attribution).
     threads: Arc<crate::energy::VcpuThreads>,
+    /// The wasm runtime (to prepare vCPU threads for it).
+    runtime: Arc<crate::plugin::Runtime>,
 }
 
 impl Live {
@@ -45,6 +47,7 @@ impl Live {
         stats: Arc<Stats>,
         time_calls: bool,
         threads: Arc<crate::energy::VcpuThreads>,
+        runtime: Arc<crate::plugin::Runtime>,
     ) -> Self {
         Self {
             generation: AtomicU64::new(policy.generation()),
@@ -55,6 +58,7 @@ impl Live {
             stats,
             time_calls,
             threads,
+            runtime,
         }
     }
 
@@ -233,8 +237,11 @@ impl Dispatcher {
 
     /// Instantiates every plugin now (running `init` on this vCPU) rather
     /// than at first use, and moves to the newest policy first: `init`
-    /// failures surface before the guest runs.
+    /// failures surface before the guest runs. Also prepares the calling
+    /// thread for wasm (its signal stack): call it on the vCPU thread
+    /// before applying a seccomp filter (`docs/embedding.md`).
     pub fn warm_up(&mut self) -> Result<(), crate::plugin::LoadError> {
+        self.live.runtime.prepare_thread();
         if self.live.generation() != self.policy.generation() {
             self.switch();
         }

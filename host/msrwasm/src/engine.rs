@@ -20,7 +20,8 @@ use crate::files::FileStamp;
 use crate::oci::Fetch;
 use crate::plugin::state::{RestoreError, StateSnapshot, StateStore};
 use crate::plugin::{
-    ModuleCache, Plugin, PluginSettings, Runtime, RuntimeError, RuntimeOptions, content_hash, read_plugin_file,
+    ExecMode, ModuleCache, Plugin, PluginSettings, Runtime, RuntimeError, RuntimeOptions, content_hash,
+    read_plugin_file,
 };
 use crate::policy::filter::{FilterSink, NoFilter};
 use crate::policy::{Policy, PolicyError, PolicySpec, Unhandled};
@@ -124,6 +125,24 @@ impl EngineBuilder {
         self
     }
 
+    /// How plugin code runs: native code ([`ExecMode::Jit`], the default)
+    /// or Pulley bytecode with no executable memory ever mapped
+    /// ([`ExecMode::NoJit`]). `docs/embedding.md` lists what each mode
+    /// needs of a seccomp profile.
+    pub fn mode(mut self, mode: ExecMode) -> Self {
+        self.options.mode = mode;
+        self
+    }
+
+    /// `false`: wasmtime installs no signal handlers and relies on none
+    /// (bounds checked in the code, slower), for VMMs that own SIGSEGV,
+    /// SIGBUS and SIGILL. Default `true` in [`ExecMode::Jit`]; always
+    /// `false` in [`ExecMode::NoJit`].
+    pub fn signals_based_traps(mut self, on: bool) -> Self {
+        self.options.signals_based_traps = on;
+        self
+    }
+
     /// The clock plugins read (`msr.now_ns`): for example a
     /// [`crate::plugin::clock::GuestClock`] that stands still while the VM
     /// is paused.
@@ -206,10 +225,17 @@ impl EngineBuilder {
             runtime: runtime.clone(),
             state: Arc::new(StateStore::default()),
             cache: match &self.cache_dir {
-                Some(dir) => ModuleCache::with_disk(dir, runtime.engine()),
+                Some(dir) => ModuleCache::with_disk(dir, &runtime),
                 None => ModuleCache::new(),
             },
-            live: Arc::new(Live::new(empty, events, stats, self.time_calls, energy.threads.clone())),
+            live: Arc::new(Live::new(
+                empty,
+                events,
+                stats,
+                self.time_calls,
+                energy.threads.clone(),
+                runtime.clone(),
+            )),
             energy,
             owner: Mutex::new(Owner {
                 spec: PolicySpec::default(),
@@ -429,6 +455,16 @@ impl Engine {
         let policy = self.shared.current();
         let running: Vec<&str> = policy.chain().iter().map(|p| p.name()).collect();
         self.shared.state.restore(snapshot, &running)
+    }
+
+    /// Prepares the calling thread for running plugins now (its signal
+    /// stack: an `mmap`, an `mprotect`, a `sigaltstack`), as wasmtime
+    /// otherwise does the first time the thread runs wasm. A VMM calls it
+    /// on the thread that drives reloads before applying a seccomp filter
+    /// that forbids those calls; [`Dispatcher::warm_up`] does it on vCPU
+    /// threads.
+    pub fn prepare_thread(&self) {
+        self.shared.runtime.prepare_thread();
     }
 
     /// The wasm runtime.

@@ -7,6 +7,10 @@
 //! be a regular file *after* opening (no race with a swap), and never read
 //! past its size limit whatever the file system claims.
 
+// Writing is for the compiled-code cache (only a build with the compiler
+// writes code), the footprint and the tools.
+#![cfg_attr(not(feature = "cranelift"), allow(dead_code))]
+
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};

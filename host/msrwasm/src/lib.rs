@@ -62,6 +62,8 @@
 //! - errors: [`EngineError`], [`UpdateError`], [`PolicyError`],
 //!   [`ManifestError`], [`LoadError`], [`CallError`], [`RuntimeError`],
 //!   [`StoreFull`], [`RestoreError`], [`TraceError`];
+//! - hardened processes: [`ExecMode`] (JIT or no JIT),
+//!   [`EngineBuilder::signals_based_traps`], [`Engine::prepare_thread`];
 //! - [`filter`]: the VMM's side of the MSR filter ([`filter::FilterSink`]);
 //! - [`kvm`] (feature `kvm`, default): enabling exits, decoding and
 //!   completing them, KVM's own MSRs, a ready-made filter sink;
@@ -114,7 +116,7 @@ pub use footprint::{Footprint, FootprintEntry};
 pub use msr::{Access, AnsweredBy, ExitReason, Flavour, KvmMsrs, NoKvm, Op, Outcome, PluginInfo, Reply, Unhandled};
 pub use plugin::clock::{Clock, GuestClock};
 pub use plugin::state::{RestoreError, StateSnapshot, StoreFull};
-pub use plugin::{CallError, LoadError, OnError, PluginSettings, RuntimeError};
+pub use plugin::{CallError, ExecMode, LoadError, OnError, PluginSettings, RuntimeError};
 pub use policy::{FilterDefault, MAX_TEMPLATES, ManifestError, MsrTemplate, Policy, PolicyError, PolicySpec};
 pub use stats::{PluginStats, StatsSnapshot, VcpuStats};
 pub use trace::{Trace, TraceError, TraceReport};
@@ -141,7 +143,7 @@ pub mod filter {
 pub mod tools {
     #[cfg(feature = "api")]
     pub use crate::api::request;
-    pub use crate::check::{CheckReport, check, check_cached};
+    pub use crate::check::{CheckReport, check, check_cached, check_with};
     pub use crate::engine::localize;
     pub use crate::files::{ReadError, check_output, open_regular, read_regular, write_atomic, write_atomic_mode};
     pub use crate::footprint::suggest;

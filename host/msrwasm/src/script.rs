@@ -211,7 +211,7 @@ pub fn run_cached(
         ..RuntimeOptions::default()
     })?;
     let cache = match cache_dir {
-        Some(dir) => crate::plugin::ModuleCache::with_disk(dir, runtime.engine()),
+        Some(dir) => crate::plugin::ModuleCache::with_disk(dir, &runtime),
         None => crate::plugin::ModuleCache::new(),
     };
     let bytes = crate::plugin::read_plugin_file(&settings.path)?;

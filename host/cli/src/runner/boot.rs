@@ -1,5 +1,7 @@
 //! Where a raw guest starts, as `guest-conventions.md` fixes it: long mode
-//! with identity paging for ELF images, real mode at 0x1000 for flat ones.
+//! with identity paging for ELF images, 32-bit protected mode (paging off)
+//! at the PVH entry for ELF images with a PVH note, real mode at 0x1000 for
+//! flat ones.
 //!
 //! The host's own boot structures live below 1 MiB (ELF segments may not go
 //! there) and the vCPU stacks at the top of guest memory.
@@ -15,6 +17,12 @@ pub const FLAT_LOAD_ADDR: u64 = 0x1000;
 pub const STACK_SIZE: u64 = 64 * 1024;
 
 const GDT_ADDR: u64 = 0x500;
+/// Where PVH guests find their `hvm_start_info` (EBX points here), as on
+/// Firecracker; its memory map follows it.
+pub const PVH_INFO_ADDR: u64 = 0x6000;
+const PVH_MEMMAP_ADDR: u64 = PVH_INFO_ADDR + 0x40;
+/// `hvm_start_info.magic`: "xEn3" with the top bit set.
+pub const PVH_MAGIC: u32 = 0x336e_c578;
 const PML4_ADDR: u64 = 0x1_0000;
 const PDPT_ADDR: u64 = 0x1_1000;
 const PD_ADDR: u64 = 0x1_2000;
@@ -24,6 +32,7 @@ pub const MAX_MAPPED_GIB: u64 = (0x9_f000 - PD_ADDR) / 0x1000;
 const GIB: u64 = 1 << 30;
 
 const CODE64_SELECTOR: u16 = 0x08;
+const CODE32_SELECTOR: u16 = 0x08;
 const DATA_SELECTOR: u16 = 0x10;
 const TSS_SELECTOR: u16 = 0x18;
 
@@ -65,6 +74,42 @@ pub fn write_long_mode_tables(mem: &GuestMemoryMmap, mem_size: u64) -> Result<()
             let phys = g * GIB + e * 0x20_0000;
             mem.write_obj(phys | PTE_PRESENT_RW | PTE_HUGE, GuestAddress(pd + e * 8))?;
         }
+    }
+    Ok(())
+}
+
+/// Writes what a PVH guest starts with: a GDT (flat 32-bit code 0x08,
+/// flat data 0x10, a 32-bit TSS 0x18) and a version 1 `hvm_start_info`
+/// at [`PVH_INFO_ADDR`] with no modules, no command line, no RSDP, and a
+/// two-entry memory map: the first MiB reserved (the host's boot
+/// structures), the rest of guest memory RAM.
+pub fn write_pvh_boot(mem: &GuestMemoryMmap, mem_size: u64) -> Result<(), vm_memory::GuestMemoryError> {
+    let gdt: [u64; 4] = [
+        0,
+        0x00cf_9b00_0000_ffff, // 32-bit code, base 0, limit 4 GiB
+        0x00cf_9300_0000_ffff, // data, base 0, limit 4 GiB
+        0x0000_8b00_0000_0067, // 32-bit TSS (busy), base 0, limit 0x67
+    ];
+    for (i, entry) in gdt.iter().enumerate() {
+        mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * i as u64))?;
+    }
+    // struct hvm_start_info (xen/include/public/arch-x86/hvm/start_info.h).
+    let mut info = [0u8; 56];
+    info[0..4].copy_from_slice(&PVH_MAGIC.to_le_bytes()); // magic
+    info[4..8].copy_from_slice(&1u32.to_le_bytes()); // version
+    info[40..48].copy_from_slice(&PVH_MEMMAP_ADDR.to_le_bytes()); // memmap_paddr
+    info[48..52].copy_from_slice(&2u32.to_le_bytes()); // memmap_entries
+    mem.write_slice(&info, GuestAddress(PVH_INFO_ADDR))?;
+    // struct hvm_memmap_table_entry: addr, size, type (1 RAM, 2 reserved).
+    for (i, (addr, size, kind)) in [(0, ELF_MIN_ADDR, 2u32), (ELF_MIN_ADDR, mem_size - ELF_MIN_ADDR, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut entry = [0u8; 24];
+        entry[0..8].copy_from_slice(&addr.to_le_bytes());
+        entry[8..16].copy_from_slice(&size.to_le_bytes());
+        entry[16..20].copy_from_slice(&kind.to_le_bytes());
+        mem.write_slice(&entry, GuestAddress(PVH_MEMMAP_ADDR + 24 * i as u64))?;
     }
     Ok(())
 }
@@ -138,6 +183,53 @@ pub fn long_mode_regs(entry: u64, mem_size: u64, index: u64, count: u64) -> kvm_
     }
 }
 
+/// Special registers of a vCPU entering a PVH guest, as the PVH boot ABI
+/// asks: CR0.PE (paging off), CR4 and EFER clear, CS a flat 32-bit code
+/// segment, DS/ES/SS/FS/GS flat data, TR a busy 32-bit TSS (base 0, limit
+/// 0x67), no IDT.
+pub fn pvh_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    sregs.cs = segment(CODE32_SELECTOR, 0xb, false);
+    let data = segment(DATA_SELECTOR, 0x3, false);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.ss = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.tr = kvm_segment {
+        limit: 0x67,
+        type_: 0xb,
+        s: 0,
+        db: 0,
+        g: 0,
+        ..segment(TSS_SELECTOR, 0xb, false)
+    };
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = 4 * 8 - 1;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr0 = CR0_PE | CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    sregs
+}
+
+/// General registers of vCPU `index` of `count` entering a PVH guest:
+/// EIP = the PVH entry, EBX = the `hvm_start_info`; beyond the PVH ABI (a
+/// guest that also runs elsewhere must not rely on them) ESP = the top of
+/// this vCPU's stack, EDI = its index, ESI = the vCPU count.
+pub fn pvh_regs(entry: u64, mem_size: u64, index: u64, count: u64) -> kvm_regs {
+    kvm_regs {
+        rip: entry,
+        rbx: PVH_INFO_ADDR,
+        rsp: stack_range(mem_size, index).1,
+        rdi: index,
+        rsi: count,
+        rflags: 0x2,
+        ..Default::default()
+    }
+}
+
 /// Special registers for a flat binary: real mode, all bases and selectors 0.
 pub fn real_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     for seg in [
@@ -182,6 +274,25 @@ mod tests {
     fn identity_map_covers_at_least_4g() {
         assert_eq!(mapped_gib(256 << 20), 4);
         assert_eq!(mapped_gib(5 * GIB + 1), 6);
+    }
+
+    #[test]
+    fn pvh_start_info_and_registers() {
+        let size = 64 << 20;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
+        write_pvh_boot(&mem, size).unwrap();
+        let magic: u32 = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).unwrap();
+        let version: u32 = mem.read_obj(GuestAddress(PVH_INFO_ADDR + 4)).unwrap();
+        assert_eq!((magic, version), (0x336e_c578, 1));
+        let memmap: u64 = mem.read_obj(GuestAddress(PVH_INFO_ADDR + 40)).unwrap();
+        let ram_size: u64 = mem.read_obj(GuestAddress(memmap + 24 + 8)).unwrap();
+        assert_eq!(ram_size, size - ELF_MIN_ADDR);
+        let regs = pvh_regs(0x20_0000, size, 0, 1);
+        assert_eq!((regs.rip, regs.rbx), (0x20_0000, PVH_INFO_ADDR));
+        let sregs = pvh_sregs(kvm_sregs::default());
+        assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE);
+        assert_eq!((sregs.cs.db, sregs.cs.l, sregs.cs.limit), (1, 0, 0xffff_ffff));
+        assert_eq!((sregs.cr4, sregs.efer), (0, 0));
     }
 
     #[test]

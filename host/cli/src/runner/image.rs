@@ -1,10 +1,13 @@
 //! Recognises and loads raw guest images: ELF64 executables at their
-//! physical addresses, anything else as a flat real-mode binary at 0x1000.
+//! physical addresses (started in long mode, or, when they carry a PVH
+//! entry note, in 32-bit protected mode at that entry), anything else as a
+//! flat real-mode binary at 0x1000.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr};
+use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{Elf, KernelLoader};
 use msrwasm::tools::ReadError;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
@@ -19,6 +22,14 @@ const EM_X86_64: u16 = 62;
 const PT_LOAD: u32 = 1;
 /// Linux boot protocol magic "HdrS" at offset 0x202 of a bzImage.
 const BZIMAGE_MAGIC_OFFSET: usize = 0x202;
+
+/// The built-in PVH guest (`host/cli/guests/pvh.pvh.S`, written by
+/// `msrwasm guests`): prints MSR 0x35 (a plugin's) and 0x1b (KVM's), then
+/// powers off.
+pub const PVH_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pvh.elf"));
+/// The built-in PVH reload guest (`host/cli/guests/pvh_reload.pvh.S`):
+/// reads MSR 0x35 until its value changes, prints both, then powers off.
+pub const PVH_RELOAD_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pvh_reload.elf"));
 
 /// Why a guest image cannot be run.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +60,10 @@ pub enum LoadedImage {
     /// 64-bit long mode at `entry`; `segments` are the `[start, end)` ranges
     /// the image occupies, which the host's stacks must stay clear of.
     Elf { entry: u64, segments: Vec<(u64, u64)> },
+    /// An ELF with a PVH entry note (`XEN_ELFNOTE_PHYS32_ENTRY`): 32-bit
+    /// protected mode, paging off, at `entry` (the note's address, not
+    /// `e_entry`); `segments` as for `Elf`.
+    Pvh { entry: u64, segments: Vec<(u64, u64)> },
     /// Real mode at 0x1000.
     Flat { len: u64 },
 }
@@ -98,11 +113,15 @@ pub fn load(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result<LoadedI
             path: path.to_owned(),
             reason,
         })?;
-        Elf::load(mem, None, &mut file, Some(GuestAddress(ELF_MIN_ADDR))).map_err(|e| ImageError::BadElf {
+        let loaded =
+            Elf::load(mem, None, &mut file, Some(GuestAddress(ELF_MIN_ADDR))).map_err(|e| ImageError::BadElf {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        return pvh_plan(plan, &loaded.pvh_boot_cap).map_err(|reason| ImageError::BadElf {
             path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-        return Ok(plan);
+            reason,
+        });
     }
     if bytes.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(b"HdrS") {
         return Err(ImageError::BzImage { path: path.to_owned() });
@@ -189,6 +208,23 @@ fn plan_elf(bytes: &[u8], mem_size: u64) -> Result<LoadedImage, String> {
     Ok(LoadedImage::Elf { entry, segments })
 }
 
+/// An ELF whose PT_NOTE segment carries a PVH entry becomes a PVH guest
+/// started there; the entry must lie inside a loaded segment.
+fn pvh_plan(plan: LoadedImage, pvh: &PvhBootCapability) -> Result<LoadedImage, String> {
+    match (plan, pvh) {
+        (LoadedImage::Elf { segments, .. }, PvhBootCapability::PvhEntryPresent(entry)) => {
+            let entry = entry.0;
+            if !segments.iter().any(|&(s, e)| (s..e).contains(&entry)) {
+                return Err(format!(
+                    "the PVH entry point {entry:#x} (Xen note XEN_ELFNOTE_PHYS32_ENTRY) is not inside a loaded segment"
+                ));
+            }
+            Ok(LoadedImage::Pvh { entry, segments })
+        }
+        (plan, _) => Ok(plan),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +282,49 @@ mod tests {
                 .unwrap_err()
                 .contains("entry point")
         );
+    }
+
+    #[test]
+    fn a_pvh_note_selects_the_pvh_entry() {
+        let plan = plan_elf(&elf(0x20_0000, 0x1000, 0x20_0010), 16 << 20).unwrap();
+        let pvh = |at| PvhBootCapability::PvhEntryPresent(GuestAddress(at));
+        assert_eq!(
+            pvh_plan(plan.clone(), &pvh(0x20_0040)).unwrap(),
+            LoadedImage::Pvh {
+                entry: 0x20_0040,
+                segments: vec![(0x20_0000, 0x20_1000)]
+            }
+        );
+        assert_eq!(
+            pvh_plan(plan.clone(), &PvhBootCapability::PvhEntryNotPresent).unwrap(),
+            plan
+        );
+        assert!(
+            pvh_plan(plan, &pvh(0x30_0000))
+                .unwrap_err()
+                .contains("PVH entry point 0x300000")
+        );
+    }
+
+    /// The built-in PVH guests carry the note linux-loader (and so
+    /// cloud-hypervisor and Firecracker) recognises, and load as PVH.
+    #[test]
+    fn the_built_in_pvh_guests_load_as_pvh() {
+        for (name, bytes) in [("pvh.elf", PVH_GUEST), ("pvh_reload.elf", PVH_RELOAD_GUEST)] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let size = 16 << 20;
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
+            let loaded = Elf::load(&mem, None, &mut std::fs::File::open(&path).unwrap(), None).unwrap();
+            let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
+                panic!("{name}: no PVH note: {:?}", loaded.pvh_boot_cap);
+            };
+            match load(&path, &mem, size).unwrap() {
+                LoadedImage::Pvh { entry: e, .. } => assert_eq!(e, entry.0, "{name}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
     }
 
     #[test]

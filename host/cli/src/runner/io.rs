@@ -1,4 +1,6 @@
-//! The guest's I/O ports: COM1 (a 16550 from vm-superio) and the exit port.
+//! The guest's I/O ports: COM1 (a 16550 from vm-superio), the exit port,
+//! and the two ways PVH guests end a VM on cloud-hypervisor and
+//! Firecracker: ACPI S5 on port 0x600 and an i8042 reset on port 0x64.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -12,6 +14,14 @@ use vm_superio::{Serial, Trigger};
 pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_LAST: u16 = 0x3ff;
 pub const EXIT_PORT: u16 = 0xf4;
+/// cloud-hypervisor's ACPI shutdown device (the PM1 control register).
+pub const ACPI_SLEEP_PORT: u16 = 0x600;
+/// Sleep type S5 (5 << 2) with SLP_EN (1 << 5): power off.
+pub const ACPI_S5: u8 = 0x34;
+/// The i8042 command port; Firecracker ends the VM on a reset command.
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// The i8042 command that pulses the CPU reset line.
+pub const I8042_RESET: u8 = 0xfe;
 
 /// Serial output sink (standard output for `msrwasm run`, a buffer in tests).
 pub type SerialOut = Box<dyn Write + Send>;
@@ -34,6 +44,11 @@ pub enum PortEffect {
     None,
     /// The guest wrote the exit port: end the VM with this status.
     Exit(u8),
+    /// The guest wrote ACPI S5 to port 0x600: power off (status 0).
+    PowerOff,
+    /// The guest wrote the i8042 reset command to port 0x64: the guest asks
+    /// to stop, which ends the VM (status 0).
+    Reset,
 }
 
 /// Bytes of serial output held while standard output is slow; past this,
@@ -146,6 +161,8 @@ impl IoBus {
     pub fn write(&self, port: u16, data: &[u8]) -> Option<PortEffect> {
         match port {
             EXIT_PORT => Some(PortEffect::Exit(data.first().copied().unwrap_or(0))),
+            ACPI_SLEEP_PORT if data.first() == Some(&ACPI_S5) => Some(PortEffect::PowerOff),
+            I8042_COMMAND_PORT if data.first() == Some(&I8042_RESET) => Some(PortEffect::Reset),
             COM1_BASE..=COM1_LAST => {
                 let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
                 for &byte in data {
@@ -295,6 +312,11 @@ mod tests {
         let bus = IoBus::new(Box::new(std::io::sink()));
         assert_eq!(bus.write(0xf4, &[7, 1, 0, 0]), Some(PortEffect::Exit(7)));
         assert_eq!(bus.write(0x80, &[1]), None);
+        assert_eq!(bus.write(0x600, &[0x34]), Some(PortEffect::PowerOff));
+        assert_eq!(bus.write(0x64, &[0xfe]), Some(PortEffect::Reset));
+        // Other values on those ports do nothing (and count as unknown).
+        assert_eq!(bus.write(0x600, &[0x01]), None);
+        assert_eq!(bus.write(0x64, &[0xad]), None);
         let mut d = [0u8; 2];
         assert!(!bus.read(0x60, &mut d));
         assert_eq!(d, [0xff, 0xff]);

@@ -68,6 +68,8 @@ pub struct VmConfig {
     pub time_calls: bool,
     /// Cache compiled plugins in this directory.
     pub cache_dir: Option<PathBuf>,
+    /// How plugin code runs.
+    pub mode: msrwasm::ExecMode,
     /// Serve the control API on this Unix socket.
     pub api_sock: Option<PathBuf>,
     /// Write the MSR footprint to this file at exit.
@@ -100,6 +102,7 @@ impl VmConfig {
             events: Vec::new(),
             time_calls: false,
             cache_dir: None,
+            mode: msrwasm::ExecMode::Jit,
             api_sock: None,
             footprint: None,
             oci: None,
@@ -194,6 +197,11 @@ impl std::fmt::Display for CrashReport {
 pub enum VmEnd {
     /// The guest wrote the exit port.
     ExitPort(u8),
+    /// The guest wrote ACPI S5 to port 0x600 (cloud-hypervisor's power off).
+    PowerOff,
+    /// The guest wrote the i8042 reset command (0xfe) to port 0x64
+    /// (Firecracker's way out): the guest asks to stop.
+    Reset,
     /// Every vCPU executed HLT.
     AllHalted,
     /// Triple fault, internal KVM error, failed entry or unexpected exit.
@@ -230,7 +238,7 @@ impl VmReport {
     pub fn exit_status(&self) -> i32 {
         match &self.end {
             VmEnd::ExitPort(v) => i32::from(*v),
-            VmEnd::AllHalted => 0,
+            VmEnd::AllHalted | VmEnd::PowerOff | VmEnd::Reset => 0,
             VmEnd::Crash(_) | VmEnd::Error(_) => STATUS_CRASH,
             VmEnd::Signal(sig) => 128 + sig,
         }
@@ -251,6 +259,8 @@ impl VmReport {
         let end = match &self.end {
             VmEnd::ExitPort(v) => format!("guest wrote exit port: status {v}"),
             VmEnd::AllHalted => "all vCPUs halted".into(),
+            VmEnd::PowerOff => "guest powered off (ACPI S5 on port 0x600)".into(),
+            VmEnd::Reset => "guest asked for a reset (0xfe on port 0x64), which ends the VM".into(),
             VmEnd::Crash(report) => format!("crashed: {report}"),
             VmEnd::Signal(sig) => format!("stopped by signal {sig} ({})", signals::name(*sig)),
             VmEnd::Error(e) => format!("host error: {e}"),
@@ -384,6 +394,7 @@ impl Vm {
             .then(|| (Arc::new(msrwasm::Footprint::new()), config.footprint.clone()));
         let mut builder = Engine::builder()
             .filter(KvmFilter::new(&kvm, &vm, Vec::new())?)
+            .mode(config.mode)
             .time_calls(config.time_calls || config.api_sock.is_some())
             .energy(config.energy.clone());
         if let Some(dir) = &config.cache_dir {
@@ -408,8 +419,18 @@ impl Vm {
         memory::register_guest_memory(&vm, &mem).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
 
         let image = image::load(&config.guest, &mem, mem_size)?;
-        if let LoadedImage::Elf { segments, .. } = &image {
-            boot::write_long_mode_tables(&mem, mem_size).map_err(VmError::Boot)?;
+        let segments = match &image {
+            LoadedImage::Elf { segments, .. } => {
+                boot::write_long_mode_tables(&mem, mem_size).map_err(VmError::Boot)?;
+                Some(segments)
+            }
+            LoadedImage::Pvh { segments, .. } => {
+                boot::write_pvh_boot(&mem, mem_size).map_err(VmError::Boot)?;
+                Some(segments)
+            }
+            LoadedImage::Flat { .. } => None,
+        };
+        if let Some(segments) = segments {
             let bottom = boot::stack_range(mem_size, u64::from(config.vcpus) - 1).0;
             if bottom < boot::ELF_MIN_ADDR || segments.iter().any(|&(_, end)| end > bottom) {
                 return Err(VmError::StackOverlap { bottom, top: mem_size });
@@ -436,6 +457,10 @@ impl Vm {
                 LoadedImage::Elf { entry, .. } => (
                     boot::long_mode_sregs(sregs),
                     boot::long_mode_regs(*entry, mem_size, u64::from(index), u64::from(config.vcpus)),
+                ),
+                LoadedImage::Pvh { entry, .. } => (
+                    boot::pvh_sregs(sregs),
+                    boot::pvh_regs(*entry, mem_size, u64::from(index), u64::from(config.vcpus)),
                 ),
                 LoadedImage::Flat { .. } => (boot::real_mode_sregs(sregs), boot::real_mode_regs()),
             };

@@ -60,6 +60,8 @@ pub(super) enum Action {
     Resume,
     Halt,
     Exit(u8),
+    PowerOff,
+    Reset,
     Crash(String),
 }
 
@@ -84,6 +86,8 @@ pub(super) fn decide(exit: Exit, io: &IoBus, stats: &mut ExitStats, vcpu: u32) -
             stats.port_io += 1;
             match io.write(port, &data) {
                 Some(PortEffect::Exit(status)) => Action::Exit(status),
+                Some(PortEffect::PowerOff) => Action::PowerOff,
+                Some(PortEffect::Reset) => Action::Reset,
                 Some(PortEffect::None) => Action::Resume,
                 None => {
                     stats.unknown_ports += 1;
@@ -202,6 +206,14 @@ impl VcpuThread {
                     self.end(VmEnd::ExitPort(status));
                     break;
                 }
+                Action::PowerOff => {
+                    self.end(VmEnd::PowerOff);
+                    break;
+                }
+                Action::Reset => {
+                    self.end(VmEnd::Reset);
+                    break;
+                }
                 Action::Crash(what) => {
                     let report = self.crash_report(what);
                     self.end(VmEnd::Crash(Box::new(report)));
@@ -270,6 +282,10 @@ mod tests {
             Action::Resume
         );
         assert_eq!((stats.exits, stats.port_io, stats.unknown_ports), (2, 2, 1));
+        let out = |port, byte| Exit::IoOut { port, data: vec![byte] };
+        assert_eq!(decide(out(0x600, 0x34), &io, &mut stats, 0), Action::PowerOff);
+        assert_eq!(decide(out(0x64, 0xfe), &io, &mut stats, 0), Action::Reset);
+        assert_eq!(decide(out(0x64, 0x20), &io, &mut stats, 0), Action::Resume);
     }
 
     #[test]

@@ -12,13 +12,11 @@
 //! precompiled artifact, so msrwasm only uses a cache nobody else can write.
 
 use std::collections::VecDeque;
-use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 
-use super::hex;
 use wasmtime::Engine;
 use wasmtime::Module;
 use wasmtime::component::Component;
@@ -41,6 +39,7 @@ impl Artifact {
         (range.end as usize).saturating_sub(range.start as usize)
     }
 
+    #[cfg_attr(not(feature = "cranelift"), allow(dead_code))]
     fn kind(&self) -> &'static str {
         match self {
             Artifact::Module(_) => "core",
@@ -102,8 +101,8 @@ impl ModuleCache {
 
     /// A cache that also keeps artifacts in `dir` (see the module docs);
     /// `None` with a warning when `dir` is not private or not usable.
-    pub fn with_disk(dir: &Path, engine: &Engine) -> Self {
-        let disk = match DiskCache::open(dir, engine) {
+    pub fn with_disk(dir: &Path, runtime: &super::Runtime) -> Self {
+        let disk = match DiskCache::open(dir, &runtime.code_key()) {
             Ok(disk) => Some(disk),
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), "compiled-plugin cache disabled: {e}");
@@ -181,6 +180,7 @@ impl ModuleCache {
 /// Header of a disk entry, before the SHA-256 of the payload.
 const MAGIC: &[u8; 16] = b"msrwasm-cwasm-1\n";
 /// Entries kept on disk at most (the oldest go first).
+#[cfg_attr(not(feature = "cranelift"), allow(dead_code))]
 pub const MAX_DISK_ENTRIES: usize = 64;
 /// Largest entry read back.
 const MAX_ENTRY_BYTES: u64 = 1 << 30;
@@ -190,28 +190,12 @@ struct DiskCache {
     engine_key: String,
 }
 
-/// Feeds `Hash` output into SHA-256: a hash stable across runs.
-struct ShaHasher(Sha256);
-
-impl Hasher for ShaHasher {
-    fn finish(&self) -> u64 {
-        0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
-    }
-}
-
 impl DiskCache {
-    fn open(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
+    fn open(dir: &Path, engine_key: &str) -> std::io::Result<Self> {
         crate::files::private_dir(dir)?;
-        let mut h = ShaHasher(Sha256::new());
-        std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut h);
-        let engine_key = hex(&h.0.finalize()[..8]);
         Ok(Self {
             dir: dir.to_owned(),
-            engine_key,
+            engine_key: engine_key.to_owned(),
         })
     }
 
@@ -253,6 +237,11 @@ impl DiskCache {
         }
     }
 
+    /// Without the compiler nothing is compiled here, so nothing is stored.
+    #[cfg(not(feature = "cranelift"))]
+    fn store(&self, _: &str, _: &Artifact) {}
+
+    #[cfg(feature = "cranelift")]
     fn store(&self, sha256: &str, artifact: &Artifact) {
         let payload = match artifact {
             Artifact::Module(m) => m.serialize(),
@@ -272,6 +261,7 @@ impl DiskCache {
     }
 
     /// Keeps at most [`MAX_DISK_ENTRIES`] entries, the newest.
+    #[cfg_attr(not(feature = "cranelift"), allow(dead_code))]
     fn evict(&self) {
         crate::files::keep_newest(&self.dir, MAX_DISK_ENTRIES, |p| {
             p.extension().is_some_and(|x| x == "cwasm")
@@ -294,6 +284,7 @@ pub fn default_dir() -> Option<PathBuf> {
 mod tests {
     use super::*;
     use crate::plugin::Runtime;
+    use crate::util::hex;
 
     fn compiled(engine: &Engine, n: usize) -> (String, Artifact) {
         let wat = format!("(module (func (export \"f{n}\")))");
@@ -312,8 +303,8 @@ mod tests {
         let engine = Runtime::shared().engine().clone();
         let dir = private_temp();
         let (sha, artifact) = compiled(&engine, 0);
-        ModuleCache::with_disk(dir.path(), &engine).insert(&sha, &artifact, Source::Compiled);
-        let fresh = || ModuleCache::with_disk(dir.path(), &engine);
+        ModuleCache::with_disk(dir.path(), &Runtime::shared()).insert(&sha, &artifact, Source::Compiled);
+        let fresh = || ModuleCache::with_disk(dir.path(), &Runtime::shared());
         assert!(matches!(fresh().get(&sha, &engine, false), Some((_, Source::Disk))));
         // A core entry is never taken for a component.
         assert!(fresh().get(&sha, &engine, true).is_none());
@@ -342,17 +333,20 @@ mod tests {
     #[test]
     fn a_directory_others_can_write_is_not_used() {
         use std::os::unix::fs::PermissionsExt;
-        let engine = Runtime::shared().engine().clone();
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(ModuleCache::with_disk(dir.path(), &engine).disk_dir().is_none());
+        assert!(
+            ModuleCache::with_disk(dir.path(), &Runtime::shared())
+                .disk_dir()
+                .is_none()
+        );
     }
 
     #[test]
     fn both_caches_keep_only_the_newest_entries() {
         let engine = Runtime::shared().engine().clone();
         let dir = private_temp();
-        let cache = ModuleCache::with_disk(dir.path(), &engine);
+        let cache = ModuleCache::with_disk(dir.path(), &Runtime::shared());
         let all: Vec<_> = (0..MAX_DISK_ENTRIES + 2).map(|n| compiled(&engine, n)).collect();
         for (sha, artifact) in &all {
             cache.insert(sha, artifact, Source::Compiled);

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+#[cfg(feature = "cranelift")]
 use wasmtime::component::Component;
 use wasmtime::{InstancePre, Module, Store, Trap, TypedFunc, UpdateDeadline};
 
@@ -26,7 +27,7 @@ pub use cache::ModuleCache;
 use cache::{Artifact, Source};
 pub use imports::sanitize;
 use imports::{Limits, PluginCtx};
-pub use runtime::{Runtime, RuntimeError, RuntimeOptions};
+pub use runtime::{ExecMode, Runtime, RuntimeError, RuntimeOptions};
 use state::{StateScope, StateStore};
 
 /// The boxed error source of failures that come from wasmtime.
@@ -165,6 +166,16 @@ impl PluginSettings {
 /// Why a plugin cannot be loaded. Every message names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// This build has no compiler (feature `cranelift` off) and the
+    /// engine's disk cache has no code compiled for this content.
+    #[error(
+        "plugin {}: not compiled for this engine, and this build has no compiler (feature `cranelift`): compile it with `msrwasm check --cache-dir DIR` (the same --mode) and build the engine with that cache_dir",
+        path.display()
+    )]
+    NoCompiler {
+        /// The file.
+        path: PathBuf,
+    },
     /// The file cannot be read.
     #[error("plugin {}: cannot read", path.display())]
     Read {
@@ -265,6 +276,29 @@ pub enum LoadError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// Why [`compile`] gave no code.
+enum Uncompiled {
+    #[cfg_attr(not(feature = "cranelift"), allow(dead_code))]
+    Wasm(wasmtime::Error),
+    #[cfg_attr(feature = "cranelift", allow(dead_code))]
+    NoCompiler,
+}
+
+/// Compiles a validated binary for `engine` (native or Pulley code).
+#[cfg(feature = "cranelift")]
+fn compile(engine: &wasmtime::Engine, binary: &[u8], component: bool, _: &Path) -> Result<Artifact, Uncompiled> {
+    Ok(match component {
+        true => Artifact::Component(Component::new(engine, binary).map_err(Uncompiled::Wasm)?),
+        false => Artifact::Module(Module::new(engine, binary).map_err(Uncompiled::Wasm)?),
+    })
+}
+
+/// Without the compiler, only the disk cache provides code.
+#[cfg(not(feature = "cranelift"))]
+fn compile(_: &wasmtime::Engine, _: &[u8], _: bool, _: &Path) -> Result<Artifact, Uncompiled> {
+    Err(Uncompiled::NoCompiler)
 }
 
 /// A compiled, validated plugin version, ready to be instantiated on every
@@ -411,12 +445,11 @@ impl Plugin {
         let engine = runtime.engine();
         let (artifact, source) = match cache.and_then(|c| c.get(&sha256, engine, is_component)) {
             Some(hit) => hit,
-            None if is_component => (
-                Artifact::Component(Component::new(engine, &binary[..]).map_err(not_wasm)?),
-                Source::Compiled,
-            ),
             None => (
-                Artifact::Module(Module::new(engine, &binary[..]).map_err(not_wasm)?),
+                compile(engine, &binary, is_component, &path).map_err(|e| match e {
+                    Uncompiled::Wasm(e) => not_wasm(e),
+                    Uncompiled::NoCompiler => LoadError::NoCompiler { path: path.clone() },
+                })?,
                 Source::Compiled,
             ),
         };

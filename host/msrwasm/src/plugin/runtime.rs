@@ -35,6 +35,52 @@ pub const MAX_WASM_STACK: usize = 256 * 1024;
 /// Default interval of the epoch ticker.
 pub const DEFAULT_TICK: Duration = Duration::from_micros(500);
 
+/// How plugin code runs: the choice a hardened VMM makes.
+///
+/// | | [`ExecMode::Jit`] (default) | [`ExecMode::NoJit`] |
+/// |---|---|---|
+/// | code | native machine code (Cranelift) | Pulley bytecode, run by wasmtime's interpreter |
+/// | executable memory | mapped at every load (`PROT_EXEC`) | never |
+/// | signal handlers | wasmtime's (unless [`EngineBuilder::signals_based_traps`](crate::EngineBuilder::signals_based_traps)`(false)`) | none |
+/// | linear memory | a reservation plus guard pages (`mmap`, `mprotect`) | the heap (`malloc`, `realloc`) |
+/// | compiler threads | rayon's pool, at the first compile | none |
+/// | per call | about 170 ns | several times more (`msrwasm bench` measures both) |
+///
+/// A plugin compiled for one mode does not load in the other; the disk
+/// cache keeps them apart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ExecMode {
+    /// Native code: the fastest, for VMMs that allow `PROT_EXEC` mappings.
+    #[default]
+    Jit,
+    /// No executable memory is ever mapped, no `mprotect` happens on a vCPU
+    /// thread and no thread is started after start-up: for seccomp profiles
+    /// such as Firecracker's. Bounds and traps are checked explicitly.
+    NoJit,
+}
+
+impl ExecMode {
+    /// The mode's name in flags and logs: `jit` or `no-jit`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExecMode::Jit => "jit",
+            ExecMode::NoJit => "no-jit",
+        }
+    }
+}
+
+impl std::str::FromStr for ExecMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "jit" => Ok(ExecMode::Jit),
+            "no-jit" => Ok(ExecMode::NoJit),
+            _ => Err(format!("unknown execution mode `{s}`: expected `jit` or `no-jit`")),
+        }
+    }
+}
+
 /// How a [`Runtime`] is made.
 #[derive(Clone, Debug)]
 pub struct RuntimeOptions {
@@ -47,6 +93,13 @@ pub struct RuntimeOptions {
     pub clock: Arc<dyn Clock>,
     /// How often the CPU-time bound is checked in running wasm.
     pub tick: Duration,
+    /// How plugin code runs.
+    pub mode: ExecMode,
+    /// Whether wasmtime may install SIGSEGV/SIGBUS/SIGILL/SIGFPE handlers
+    /// and rely on them for traps (guard pages, hardware traps). `false`
+    /// for VMMs that own those signals: every bound is then checked in the
+    /// code (slower). Always `false` in [`ExecMode::NoJit`].
+    pub signals_based_traps: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -55,6 +108,8 @@ impl Default for RuntimeOptions {
             config: None,
             clock: Arc::new(HostClock::new()),
             tick: DEFAULT_TICK,
+            mode: ExecMode::Jit,
+            signals_based_traps: true,
         }
     }
 }
@@ -82,6 +137,8 @@ pub struct Runtime {
     fuel_per_us: u64,
     clock: Arc<dyn Clock>,
     tick: Duration,
+    mode: ExecMode,
+    signals_based_traps: bool,
     limiter: Arc<imports::LogLimiter>,
     ticker: Option<Ticker>,
 }
@@ -101,7 +158,8 @@ impl Runtime {
     /// starts the epoch ticker (one thread, stopped when the runtime drops).
     pub fn new(options: RuntimeOptions) -> Result<Arc<Self>, RuntimeError> {
         let mut config = options.config.unwrap_or_default();
-        configure(&mut config);
+        let signals_based_traps = options.signals_based_traps && options.mode == ExecMode::Jit;
+        configure(&mut config, options.mode, signals_based_traps).map_err(RuntimeError::Engine)?;
         let engine = Engine::new(&config).map_err(RuntimeError::Engine)?;
         let linker = imports::core_linker(&engine).map_err(RuntimeError::Linker)?;
         let component_linker = super::component::linker(&engine).map_err(RuntimeError::Linker)?;
@@ -117,6 +175,8 @@ impl Runtime {
             fuel_per_us,
             clock: options.clock,
             tick,
+            mode: options.mode,
+            signals_based_traps,
             limiter: Arc::new(imports::LogLimiter::new()),
             ticker: Some(ticker),
         }))
@@ -125,10 +185,60 @@ impl Runtime {
     /// A process-wide runtime with default options, for tools that load
     /// plugins outside an engine (`msrwasm check`, `msrwasm test`).
     pub fn shared() -> Arc<Self> {
-        static SHARED: OnceLock<Arc<Runtime>> = OnceLock::new();
-        SHARED
-            .get_or_init(|| Runtime::new(RuntimeOptions::default()).expect("the default wasm runtime starts"))
+        Self::shared_for(ExecMode::Jit)
+    }
+
+    /// As [`Runtime::shared`], in `mode`.
+    pub fn shared_for(mode: ExecMode) -> Arc<Self> {
+        static SHARED: [OnceLock<Arc<Runtime>>; 2] = [OnceLock::new(), OnceLock::new()];
+        SHARED[mode as usize]
+            .get_or_init(|| {
+                Runtime::new(RuntimeOptions {
+                    mode,
+                    ..RuntimeOptions::default()
+                })
+                .expect("the default wasm runtime starts")
+            })
             .clone()
+    }
+
+    /// How plugin code runs.
+    pub fn mode(&self) -> ExecMode {
+        self.mode
+    }
+
+    /// Whether wasmtime's signal handlers are in use.
+    pub fn signals_based_traps(&self) -> bool {
+        self.signals_based_traps
+    }
+
+    /// What compiled code of this runtime is tied to, as a short hex key:
+    /// the versions and the code settings. Builds with and without the
+    /// compiler give the same key, so a plugin compiled by `msrwasm check
+    /// --cache-dir` loads in an engine without Cranelift. (wasmtime checks
+    /// every artifact's real compatibility again when it loads.)
+    pub fn code_key(&self) -> String {
+        let text = format!(
+            "msrwasm {} wasmtime 48 {} {} signals={} pulley={}",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::ARCH,
+            self.mode.name(),
+            self.signals_based_traps,
+            self.engine.is_pulley(),
+        );
+        super::hex(&<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())[..8])
+    }
+
+    /// Does on the calling thread, now, what wasmtime otherwise does the
+    /// first time the thread runs wasm: allocate its signal stack (an
+    /// `mmap` and an `mprotect`). A VMM whose seccomp filter forbids those
+    /// calls runs this on each such thread before applying the filter.
+    pub fn prepare_thread(&self) {
+        let mut store = wasmtime::Store::new(&self.engine, ());
+        let noop = wasmtime::Func::wrap(&mut store, || {});
+        if let Err(e) = noop.call(&mut store, &[], &mut []) {
+            tracing::warn!("preparing this thread for wasm: {e}");
+        }
     }
 
     /// The wasmtime engine.
@@ -195,17 +305,44 @@ pub(crate) struct Budget {
 
 /// What msrwasm needs of a wasmtime configuration, applied over `config`:
 /// fuel and epoch interruption for the CPU budget, a bounded wasm stack,
-/// the component model.
-pub fn configure(config: &mut Config) {
+/// the component model, and what `mode` and `signals_based_traps` ask.
+pub fn configure(config: &mut Config, mode: ExecMode, signals_based_traps: bool) -> wasmtime::Result<()> {
     config.consume_fuel(true);
     config.epoch_interruption(true);
     config.max_wasm_stack(MAX_WASM_STACK);
     config.wasm_component_model(true);
+    if !signals_based_traps {
+        config.signals_based_traps(false);
+        // Explicit bounds checks instead of guard pages: no reservation,
+        // no guard, no copy-on-write image, so that linear memory is plain
+        // heap memory wasmtime grows with `realloc`.
+        config.memory_reservation(0);
+        config.memory_guard_size(0);
+        config.memory_reservation_for_growth(0);
+        config.memory_init_cow(false);
+        #[cfg(feature = "cranelift")]
+        crate::sys::no_spectre_guard_loads(config);
+    }
+    if mode == ExecMode::NoJit {
+        config.target("pulley64")?;
+        #[cfg(feature = "cranelift")]
+        config.parallel_compilation(false);
+    }
+    Ok(())
 }
 
 /// Measures fuel per microsecond of thread CPU time on a busy loop: five
 /// samples, the fastest kept (bounded so a disturbed machine cannot make
 /// budgets absurd).
+#[cfg(not(feature = "cranelift"))]
+fn calibrate(_: &Engine) -> u64 {
+    // Nothing to measure with: no compiler. The highest rate leaves the
+    // bound to thread CPU time (checked every tick), never stops cheap code
+    // early.
+    50_000
+}
+
+#[cfg(feature = "cranelift")]
 fn calibrate(engine: &Engine) -> u64 {
     const PROBE_FUEL: u64 = 2_000_000;
     let Ok(module) = wasmtime::Module::new(engine, "(module (func (export \"spin\") (loop $l (br $l))))") else {
