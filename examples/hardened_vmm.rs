@@ -3,9 +3,10 @@
 //! profiles of cloud-hypervisor (JIT mode) or Firecracker (no-JIT mode: no
 //! `PROT_EXEC`, no `mprotect` on the vCPU thread, read/write anonymous
 //! `mmap` only there, no thread created after start). On a real guest it
-//! shows a plugin answer, a KVM fallback, a firewall refusal and a hot
+//! shows a plugin answer, a plugin error (after a `memory.grow`: the vCPU
+//! makes a fresh instance), a KVM fallback, a firewall refusal and a hot
 //! reload, all under the filters; any syscall outside them kills the
-//! process with SIGSYS. It exits non-zero unless all four were seen.
+//! process with SIGSYS. It exits non-zero unless all five were seen.
 //!
 //! ```sh
 //! # JIT mode, cloud-hypervisor's profile:
@@ -35,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_msr_filter, kvm_msrs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use msrwasm::{Engine, ExecMode, PolicySpec, Reply, kvm};
+use msrwasm::{Engine, ExecMode, PolicySpec, Reload, Reply, kvm};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompFilter,
     SeccompRule, TargetArch,
@@ -51,16 +52,24 @@ const PLUGIN_MSR: u32 = 0x4d53_0042;
 const FALLBACK_MSR: u32 = 0x174; // IA32_SYSENTER_CS
 /// Not in the firewall's `allow` list: refused with #GP.
 const DENIED_MSR: u32 = 0x1b; // IA32_APIC_BASE
+/// The plugin grows its memory, then traps: #GP (`on_error = "fault"`).
+const TRAP_MSR: u32 = 0x4d53_0043;
 
-/// Real-mode guest at 0x1000: RDMSR the three MSRs, forever.
-const GUEST: [u8; 26] = [
+/// Real-mode guest at 0x1000: RDMSR the three MSRs forever, and the
+/// trapping one once (a flag at 0x2000).
+const GUEST: [u8; 46] = [
     0x66, 0xb9, 0x42, 0x00, 0x53, 0x4d, // mov ecx, 0x4d530042
     0x0f, 0x32, // rdmsr
     0x66, 0xb9, 0x74, 0x01, 0x00, 0x00, // mov ecx, 0x174
     0x0f, 0x32, // rdmsr
     0x66, 0xb9, 0x1b, 0x00, 0x00, 0x00, // mov ecx, 0x1b
     0x0f, 0x32, // rdmsr: #GP
-    0xeb, 0xe6, // jmp 0x1000
+    0x80, 0x3e, 0x00, 0x20, 0x00, // cmp byte [0x2000], 0
+    0x75, 0x0d, // jne +13
+    0xc6, 0x06, 0x00, 0x20, 0x01, // mov byte [0x2000], 1
+    0x66, 0xb9, 0x43, 0x00, 0x53, 0x4d, // mov ecx, 0x4d530043
+    0x0f, 0x32, // rdmsr: #GP
+    0xeb, 0xd2, // jmp 0x1000
 ];
 /// The #GP handler at 0x1100 (IVT vector 13): skip the 2-byte RDMSR.
 const GP_HANDLER: [u8; 9] = [
@@ -78,6 +87,8 @@ fn plugin(version: u64) -> String {
   (memory (export "memory") 1)
   (func (export "msrwasm_abi_version") (result i32) (i32.const 1))
   (func (export "rdmsr") (param $i i32) (result i32)
+    (if (i32.eq (local.get $i) (i32.const {TRAP_MSR}))
+      (then (drop (memory.grow (i32.const 16))) (unreachable)))
     (if (i32.ne (local.get $i) (i32.const {PLUGIN_MSR})) (then (return (i32.const 2))))
     (call $reply (i64.const {}))
     (i32.const 0)))"#,
@@ -87,7 +98,7 @@ fn plugin(version: u64) -> String {
 
 fn manifest() -> String {
     format!(
-        "filter_default = \"deny\"\nallow = [\"{FALLBACK_MSR:#x}\"]\nunhandled = \"gp\"\n\n[[plugin]]\nname = \"answer\"\npath = \"answer.wat\"\nmsrs = [\"{PLUGIN_MSR:#x}\", \"{FALLBACK_MSR:#x}\"]\n"
+        "filter_default = \"deny\"\nallow = [\"{FALLBACK_MSR:#x}\"]\nunhandled = \"gp\"\n\n[[plugin]]\nname = \"answer\"\npath = \"answer.wat\"\nmsrs = [\"{PLUGIN_MSR:#x}\", \"{FALLBACK_MSR:#x}\", \"{TRAP_MSR:#x}\"]\n"
     )
 }
 
@@ -103,7 +114,16 @@ fn write_plugins(dir: &Path) -> Result<()> {
 /// What the vCPU thread saw: (MSR, value, who answered).
 type Seen = (u32, u64, &'static str);
 
-fn main() -> Result<()> {
+fn main() {
+    // Errors are printed without a backtrace: resolving one maps the
+    // executable's debug info, which the filters (rightly) forbid.
+    if let Err(e) = run() {
+        eprintln!("hardened_vmm: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mode, dir) = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["write-plugins", dir] => return write_plugins(Path::new(dir)),
@@ -114,20 +134,30 @@ fn main() -> Result<()> {
         ),
         _ => bail!("usage: hardened_vmm jit|no-jit [DIR]  |  hardened_vmm write-plugins DIR"),
     };
+    // The files live in a temporary directory (an absolute path: a
+    // relative one would make every reload call `getcwd`). Given a DIR,
+    // they come from there and their code from DIR/cache, compiled
+    // elsewhere; else this process compiles them and keeps the code in
+    // memory only (a disk cache write needs `rename`, which neither
+    // profile allows).
     let temp = tempfile::tempdir()?;
-    // Given a DIR, its plugins were compiled elsewhere into DIR/cache; else
-    // this process compiles them (and keeps the code in memory only: a
-    // disk cache write would need `rename`, which neither profile allows).
-    let (dir, cache) = match dir {
-        Some(dir) => (dir.clone(), Some(dir.join("cache"))),
+    let cache = match dir {
+        Some(dir) => {
+            for file in ["answer.wat", "answer-v2.wat", "vm.toml"] {
+                std::fs::copy(dir.join(file), temp.path().join(file))
+                    .with_context(|| format!("{}", dir.join(file).display()))?;
+            }
+            Some(std::path::absolute(dir.join("cache"))?)
+        }
         None => {
             write_plugins(temp.path())?;
-            (temp.path().to_owned(), None)
+            None
         }
     };
+    let dir = temp.path().to_owned();
     let profile = match mode {
         ExecMode::Jit => Profile::CloudHypervisor,
-        ExecMode::NoJit => Profile::Firecracker,
+        _ => Profile::Firecracker, // no-JIT
     };
     println!("mode {}, filters mirroring {profile:?}", mode.name());
     one_malloc_arena();
@@ -214,7 +244,15 @@ fn main() -> Result<()> {
     println!("filters applied: vCPU and VMM threads; no new thread from here on");
 
     // The VMM thread's event loop: reloads, and what the guest saw.
-    let mut todo: BTreeSet<&str> = ["plugin answer", "KVM fallback", "firewall refusal", "hot reload"].into();
+    let mut todo: BTreeSet<&str> = [
+        "plugin answer",
+        "plugin error",
+        "KVM fallback",
+        "firewall refusal",
+        "hot reload",
+    ]
+    .into();
+    let mut reloaded = false;
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut swapped = false;
     let mut events = [EpollEvent::default(); 4];
@@ -222,12 +260,14 @@ fn main() -> Result<()> {
         if epoll.wait(10, &mut events)? > 0 {
             for reload in watcher.process() {
                 println!("reload: {reload:?}");
+                reloaded |= matches!(reload, Reload::Applied { .. });
             }
         }
         for (msr, value, by) in rx.try_iter() {
             let seen = match (msr, by) {
                 (PLUGIN_MSR, "plugin") if value == 1042 => "plugin answer",
-                (PLUGIN_MSR, "plugin") if value == 2042 => "hot reload",
+                (PLUGIN_MSR, "plugin") if value == 2042 && reloaded => "hot reload",
+                (TRAP_MSR, "plugin") if value == u64::MAX => "plugin error",
                 (FALLBACK_MSR, "kvm") => "KVM fallback",
                 (DENIED_MSR, "firewall") => "firewall refusal",
                 _ => continue,

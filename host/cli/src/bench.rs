@@ -195,12 +195,12 @@ impl BenchReport {
         );
         s += &format!("  chain of 2 plugins    {:>8.1} ns/exit\n", self.dispatch_chain_ns);
         s += &format!(
-            "  one plugin, no signal traps {:>8.1} ns/exit   plugin call = {:.1} ns   (JIT, signals_based_traps(false))\n",
+            "  no signal traps       {:>8.1} ns/exit   plugin call = {:.1} ns   (one plugin, JIT, signals_based_traps(false))\n",
             self.dispatch_nosignals_ns,
             self.dispatch_nosignals_ns - self.dispatch_nobody_ns
         );
         s += &format!(
-            "  one plugin, no-JIT    {:>8.1} ns/exit   plugin call = {:.1} ns   (Pulley interpreter)\n",
+            "  no-JIT                {:>8.1} ns/exit   plugin call = {:.1} ns   (one plugin, Pulley interpreter)\n",
             self.dispatch_nojit_ns,
             self.dispatch_nojit_ns - self.dispatch_nobody_ns
         );

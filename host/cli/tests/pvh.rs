@@ -170,31 +170,33 @@ fn pvh_guest_prints_a_plugin_msr_and_a_kvm_msr_and_powers_off() {
     let p = dir.path().join("answer.wat");
     std::fs::write(&p, plugin(0x1234_5678_9abc)).unwrap();
     let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
-    let child = msrwasm()
-        .arg("run")
-        .arg("--plugin")
-        .arg(&p)
-        .arg(g.join("pvh.elf"))
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .map(Running)
-        .unwrap();
-    let status = wait(child, "pvh.elf");
-    let out = std::fs::read_to_string(&out_path).unwrap();
-    let err = std::fs::read_to_string(&err_path).unwrap();
-    assert_eq!(status.code(), Some(0), "{out}\n{err}");
-    assert!(
-        out.contains("pvh: MSR 0x35 (plugin) = 0x0000123456789abc\n"),
-        "the plugin's value:\n{out}"
-    );
-    // KVM's own IA32_APIC_BASE: the local APIC's default base, enabled
-    // (bit 11), the bootstrap processor (bit 8).
-    assert!(
-        out.contains("pvh: MSR 0x1b (KVM) = 0x00000000fee00900\n"),
-        "KVM's value:\n{out}"
-    );
-    assert!(err.contains("powered off"), "{err}");
+    // Native code and Pulley bytecode (the no-JIT mode) answer alike.
+    for mode in ["jit", "no-jit"] {
+        let child = msrwasm()
+            .args(["run", "--mode", mode, "--plugin"])
+            .arg(&p)
+            .arg(g.join("pvh.elf"))
+            .stdout(std::fs::File::create(&out_path).unwrap())
+            .stderr(std::fs::File::create(&err_path).unwrap())
+            .spawn()
+            .map(Running)
+            .unwrap();
+        let status = wait(child, "pvh.elf");
+        let out = std::fs::read_to_string(&out_path).unwrap();
+        let err = std::fs::read_to_string(&err_path).unwrap();
+        assert_eq!(status.code(), Some(0), "{mode}: {out}\n{err}");
+        assert!(
+            out.contains("pvh: MSR 0x35 (plugin) = 0x0000123456789abc\n"),
+            "{mode}: the plugin's value:\n{out}"
+        );
+        // KVM's own IA32_APIC_BASE: the local APIC's default base, enabled
+        // (bit 11), the bootstrap processor (bit 8).
+        assert!(
+            out.contains("pvh: MSR 0x1b (KVM) = 0x00000000fee00900\n"),
+            "{mode}: KVM's value:\n{out}"
+        );
+        assert!(err.contains("powered off"), "{mode}: {err}");
+    }
 
     // Without a plugin the read of 0x35 faults: the guest says so and
     // fails (status 1 on msrwasm's exit port) instead of dying.

@@ -128,7 +128,8 @@ impl EngineBuilder {
     /// How plugin code runs: native code ([`ExecMode::Jit`], the default)
     /// or Pulley bytecode with no executable memory ever mapped
     /// ([`ExecMode::NoJit`]). `docs/embedding.md` lists what each mode
-    /// needs of a seccomp profile.
+    /// needs of a seccomp profile. With [`EngineBuilder::runtime`], the
+    /// given runtime's mode applies instead.
     pub fn mode(mut self, mode: ExecMode) -> Self {
         self.options.mode = mode;
         self

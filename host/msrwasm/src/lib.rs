@@ -74,6 +74,11 @@
 //! - [`oci`]: `oci://` plugins and following tags; the registry client
 //!   (push, pull, cache) with feature `oci`.
 //!
+//! Feature `cranelift` (default) is the compiler: without it the engine
+//! runs only plugins compiled beforehand into its disk cache (`msrwasm
+//! check --mode no-jit --cache-dir DIR`) and links no code generator
+//! (`docs/embedding.md`, section 9: hardened VMMs).
+//!
 //! Feature `tools` adds a `tools` module: the building blocks of the
 //! `msrwasm` command (`check`, `test`, `meta`, `bench`) and of the test
 //! suite. It is not part of the stable API.

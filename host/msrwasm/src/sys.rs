@@ -129,23 +129,3 @@ pub fn dup_vm(kvm: &kvm_ioctls::Kvm, vm: &kvm_ioctls::VmFd) -> std::io::Result<k
         std::io::Error::from_raw_os_error(e.errno())
     })
 }
-
-/// Turns off Cranelift's Spectre guards on heap and table accesses, as
-/// wasmtime requires when signals-based traps are off (those guards fault
-/// on purpose; without a signal handler a fault would kill the process).
-/// Bounds are still checked: explicitly, by a compare and a branch.
-#[cfg(feature = "cranelift")]
-pub fn no_spectre_guard_loads(config: &mut wasmtime::Config) {
-    for flag in [
-        "enable_heap_access_spectre_mitigation",
-        "enable_table_access_spectre_mitigation",
-    ] {
-        // SAFETY: both are boolean settings Cranelift knows; wasmtime's
-        // documentation of `signals_based_traps(false)` asks for exactly
-        // these two to be off, and the code it then generates checks every
-        // bound explicitly.
-        unsafe {
-            config.cranelift_flag_set(flag, "false");
-        }
-    }
-}

@@ -4,10 +4,12 @@
 //! of compiling for seconds).
 //!
 //! Only validated versions enter either cache. The disk cache keys entries
-//! by the source's SHA-256 and the engine's compatibility hash (wasmtime
-//! version and compiler settings); each entry carries a SHA-256 of its own
-//! bytes, checked before use: a corrupt or truncated entry is deleted and
-//! the plugin compiled again, never loaded. The directory must be private
+//! by the source's SHA-256 and the runtime's code key (versions, execution
+//! mode, signals-based traps: the same in builds with and without the
+//! compiler, [`super::Runtime::code_key`]); wasmtime checks each entry's
+//! real compatibility again when it loads it. Each entry carries a SHA-256
+//! of its own bytes, checked before use: a corrupt or truncated entry is
+//! deleted and the plugin compiled again, never loaded. The directory must be private
 //! (owned by this user, not writable by others): wasmtime trusts a
 //! precompiled artifact, so msrwasm only uses a cache nobody else can write.
 
@@ -230,7 +232,10 @@ impl DiskCache {
         match artifact {
             Ok(a) => Some(a),
             Err(e) => {
-                tracing::warn!(file = %path.display(), "compiled-plugin cache entry refused by wasmtime, compiling instead: {e}");
+                tracing::warn!(file = %path.display(), "compiled-plugin cache entry refused by wasmtime: {e}");
+                // Without a compiler this entry may be the only code there
+                // is (another engine's settings): left for that engine.
+                #[cfg(feature = "cranelift")]
                 let _ = std::fs::remove_file(&path);
                 None
             }

@@ -169,7 +169,7 @@ pub enum LoadError {
     /// This build has no compiler (feature `cranelift` off) and the
     /// engine's disk cache has no code compiled for this content.
     #[error(
-        "plugin {}: not compiled for this engine, and this build has no compiler (feature `cranelift`): compile it with `msrwasm check --cache-dir DIR` (the same --mode) and build the engine with that cache_dir",
+        "plugin {}: not compiled for this engine, and this build has no compiler (feature `cranelift`): compile it with `msrwasm --cache-dir DIR check --mode no-jit` and build the engine with that cache_dir (a private directory; the log says why an entry there was not used)",
         path.display()
     )]
     NoCompiler {
@@ -278,27 +278,23 @@ pub enum LoadError {
     },
 }
 
-/// Why [`compile`] gave no code.
-enum Uncompiled {
-    #[cfg_attr(not(feature = "cranelift"), allow(dead_code))]
-    Wasm(wasmtime::Error),
-    #[cfg_attr(feature = "cranelift", allow(dead_code))]
-    NoCompiler,
-}
-
 /// Compiles a validated binary for `engine` (native or Pulley code).
 #[cfg(feature = "cranelift")]
-fn compile(engine: &wasmtime::Engine, binary: &[u8], component: bool, _: &Path) -> Result<Artifact, Uncompiled> {
+fn compile(engine: &wasmtime::Engine, binary: &[u8], component: bool, path: &Path) -> Result<Artifact, LoadError> {
+    let not_wasm = |e: wasmtime::Error| LoadError::NotWasm {
+        path: path.to_owned(),
+        source: one_line_error(e),
+    };
     Ok(match component {
-        true => Artifact::Component(Component::new(engine, binary).map_err(Uncompiled::Wasm)?),
-        false => Artifact::Module(Module::new(engine, binary).map_err(Uncompiled::Wasm)?),
+        true => Artifact::Component(Component::new(engine, binary).map_err(not_wasm)?),
+        false => Artifact::Module(Module::new(engine, binary).map_err(not_wasm)?),
     })
 }
 
 /// Without the compiler, only the disk cache provides code.
 #[cfg(not(feature = "cranelift"))]
-fn compile(_: &wasmtime::Engine, _: &[u8], _: bool, _: &Path) -> Result<Artifact, Uncompiled> {
-    Err(Uncompiled::NoCompiler)
+fn compile(_: &wasmtime::Engine, _: &[u8], _: bool, path: &Path) -> Result<Artifact, LoadError> {
+    Err(LoadError::NoCompiler { path: path.to_owned() })
 }
 
 /// A compiled, validated plugin version, ready to be instantiated on every
@@ -438,20 +434,10 @@ impl Plugin {
             path: path.clone(),
             reason,
         };
-        let not_wasm = |e: wasmtime::Error| LoadError::NotWasm {
-            path: path.clone(),
-            source: one_line_error(e),
-        };
         let engine = runtime.engine();
         let (artifact, source) = match cache.and_then(|c| c.get(&sha256, engine, is_component)) {
             Some(hit) => hit,
-            None => (
-                compile(engine, &binary, is_component, &path).map_err(|e| match e {
-                    Uncompiled::Wasm(e) => not_wasm(e),
-                    Uncompiled::NoCompiler => LoadError::NoCompiler { path: path.clone() },
-                })?,
-                Source::Compiled,
-            ),
+            None => (compile(engine, &binary, is_component, &path)?, Source::Compiled),
         };
         let meta = meta::read(&binary).map_err(abi_err)?;
         let templates = meta::templates(meta.as_ref()).map_err(abi_err)?;

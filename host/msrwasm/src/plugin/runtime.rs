@@ -49,13 +49,16 @@ pub const DEFAULT_TICK: Duration = Duration::from_micros(500);
 /// A plugin compiled for one mode does not load in the other; the disk
 /// cache keeps them apart.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ExecMode {
     /// Native code: the fastest, for VMMs that allow `PROT_EXEC` mappings.
     #[default]
     Jit,
-    /// No executable memory is ever mapped, no `mprotect` happens on a vCPU
-    /// thread and no thread is started after start-up: for seccomp profiles
-    /// such as Firecracker's. Bounds and traps are checked explicitly.
+    /// No executable memory is ever mapped, msrwasm does no `mprotect` on a
+    /// vCPU thread (on glibc, one malloc arena, `mallopt(M_ARENA_MAX, 1)`,
+    /// keeps malloc from doing one) and no thread is started after
+    /// start-up: for seccomp profiles such as Firecracker's. Bounds and
+    /// traps are checked explicitly.
     NoJit,
 }
 
@@ -191,7 +194,11 @@ impl Runtime {
     /// As [`Runtime::shared`], in `mode`.
     pub fn shared_for(mode: ExecMode) -> Arc<Self> {
         static SHARED: [OnceLock<Arc<Runtime>>; 2] = [OnceLock::new(), OnceLock::new()];
-        SHARED[mode as usize]
+        let slot = match mode {
+            ExecMode::Jit => 0,
+            ExecMode::NoJit => 1,
+        };
+        SHARED[slot]
             .get_or_init(|| {
                 Runtime::new(RuntimeOptions {
                     mode,
@@ -234,11 +241,7 @@ impl Runtime {
     /// `mmap` and an `mprotect`). A VMM whose seccomp filter forbids those
     /// calls runs this on each such thread before applying the filter.
     pub fn prepare_thread(&self) {
-        let mut store = wasmtime::Store::new(&self.engine, ());
-        let noop = wasmtime::Func::wrap(&mut store, || {});
-        if let Err(e) = noop.call(&mut store, &[], &mut []) {
-            tracing::warn!("preparing this thread for wasm: {e}");
-        }
+        Engine::tls_eager_initialize();
     }
 
     /// The wasmtime engine.
@@ -320,8 +323,8 @@ pub fn configure(config: &mut Config, mode: ExecMode, signals_based_traps: bool)
         config.memory_guard_size(0);
         config.memory_reservation_for_growth(0);
         config.memory_init_cow(false);
-        #[cfg(feature = "cranelift")]
-        crate::sys::no_spectre_guard_loads(config);
+        // wasmtime turns off Cranelift's Spectre guards with it: they fault
+        // on purpose, and bounds are then checked by compare and branch.
     }
     if mode == ExecMode::NoJit {
         config.target("pulley64")?;
@@ -331,9 +334,6 @@ pub fn configure(config: &mut Config, mode: ExecMode, signals_based_traps: bool)
     Ok(())
 }
 
-/// Measures fuel per microsecond of thread CPU time on a busy loop: five
-/// samples, the fastest kept (bounded so a disturbed machine cannot make
-/// budgets absurd).
 #[cfg(not(feature = "cranelift"))]
 fn calibrate(_: &Engine) -> u64 {
     // Nothing to measure with: no compiler. The highest rate leaves the
@@ -342,6 +342,9 @@ fn calibrate(_: &Engine) -> u64 {
     50_000
 }
 
+/// Measures fuel per microsecond of thread CPU time on a busy loop: five
+/// samples, the fastest kept (bounded so a disturbed machine cannot make
+/// budgets absurd).
 #[cfg(feature = "cranelift")]
 fn calibrate(engine: &Engine) -> u64 {
     const PROBE_FUEL: u64 = 2_000_000;

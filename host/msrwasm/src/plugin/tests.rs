@@ -379,3 +379,66 @@ fn a_components_wasi_handle_table_is_bounded() {
     }
     assert!(table.push(0usize).is_err(), "one handle over the bound");
 }
+
+/// The hardened modes: Pulley (no JIT) and JIT without signal handlers run
+/// the same plugins with the same answers, and every bound still holds
+/// (out-of-bounds memory, a trap, an endless loop), checked by the code
+/// instead of guard pages and signal handlers.
+#[test]
+fn hardened_modes_answer_alike_and_keep_every_bound() {
+    let nojit = Runtime::shared_for(ExecMode::NoJit);
+    assert!(nojit.engine().is_pulley(), "no-JIT runs Pulley bytecode");
+    assert!(!nojit.signals_based_traps());
+    let nosignals = Runtime::new(RuntimeOptions {
+        signals_based_traps: false,
+        ..RuntimeOptions::default()
+    })
+    .unwrap();
+    assert!(!nosignals.engine().is_pulley());
+    let keys = [Runtime::shared().code_key(), nojit.code_key(), nosignals.code_key()];
+    assert!(
+        keys[0] != keys[1] && keys[1] != keys[2] && keys[0] != keys[2],
+        "{keys:?}"
+    );
+
+    let body = r#"(memory 1)
+        (func (export "rdmsr") (param $i i32) (result i32)
+          (if (i32.eq (local.get $i) (i32.const 1)) (then (drop (i32.load (i32.const 70000)))))
+          (if (i32.eq (local.get $i) (i32.const 2)) (then (drop (i32.div_u (i32.const 1) (i32.const 0)))))
+          (if (i32.eq (local.get $i) (i32.const 3)) (then (loop $l (br $l))))
+          (if (i32.eq (local.get $i) (i32.const 4)) (then (memory.grow (i32.const 3)) (drop)
+            (i32.store (i32.const 200000) (i32.const 7))
+            (call $reply (i64.extend_i32_u (i32.load (i32.const 200000)))) (return (i32.const 0))))
+          (call $reply (i64.extend_i32_u (local.get $i)))
+          (i32.const 0))"#;
+    for runtime in [nojit, nosignals] {
+        let settings = PluginSettings::new("t", "t.wat");
+        let plugin =
+            Arc::new(Plugin::from_bytes(&runtime, settings, module(body).as_bytes(), &StateStore::default()).unwrap());
+        let mut i = plugin.instantiate(0).unwrap();
+        assert_eq!(i.rdmsr(0x10, 2), Ok(Answer::Handled(0x10)));
+        for index in [1, 2] {
+            let e = i.rdmsr(index, 2);
+            assert!(matches!(e, Err(CallError::Trap(_))), "{index}: {e:?}");
+        }
+        let t = std::time::Instant::now();
+        assert_eq!(i.rdmsr(3, 2), Err(CallError::Timeout));
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(
+            i.rdmsr(4, 2),
+            Ok(Answer::Handled(7)),
+            "memory.grow, then a store past the first page"
+        );
+        // The thread is already prepared; doing it again is harmless.
+        runtime.prepare_thread();
+    }
+}
+
+#[test]
+fn execution_modes_parse_by_name() {
+    assert_eq!("jit".parse(), Ok(ExecMode::Jit));
+    assert_eq!("no-jit".parse(), Ok(ExecMode::NoJit));
+    let e = "nojit".parse::<ExecMode>().unwrap_err();
+    assert!(e.contains("`nojit`") && e.contains("`no-jit`"), "{e}");
+    assert_eq!(ExecMode::NoJit.name(), "no-jit");
+}
