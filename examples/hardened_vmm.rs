@@ -387,6 +387,18 @@ fn compile(rules: Rules) -> Result<BpfProgram> {
     Ok(filter.try_into()?)
 }
 
+/// cloud-hypervisor's rules common to all its threads.
+const CH_COMMON: [i64; 8] = [
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_read,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_tgkill,
+    libc::SYS_tkill,
+    libc::SYS_write,
+];
+
 /// Futex operations Firecracker allows: WAIT, WAKE, WAIT_PRIVATE,
 /// WAIT_BITSET_PRIVATE, WAKE_PRIVATE.
 const FC_FUTEX_OPS: [u64; 5] = [0, 1, 128, 137, 129];
@@ -397,17 +409,10 @@ impl Profile {
         let mut r = Rules::new();
         match self {
             Profile::CloudHypervisor => {
+                allow(&mut r, &CH_COMMON);
                 allow(
                     &mut r,
                     &[
-                        SYS_getpid,
-                        SYS_gettid,
-                        SYS_read,
-                        SYS_rt_sigaction,
-                        SYS_rt_sigprocmask,
-                        SYS_tgkill,
-                        SYS_tkill,
-                        SYS_write,
                         SYS_brk,
                         SYS_clock_gettime,
                         SYS_clock_nanosleep,
@@ -526,17 +531,10 @@ impl Profile {
         let mut r = Rules::new();
         match self {
             Profile::CloudHypervisor => {
+                allow(&mut r, &CH_COMMON);
                 allow(
                     &mut r,
                     &[
-                        SYS_getpid,
-                        SYS_gettid,
-                        SYS_read,
-                        SYS_rt_sigaction,
-                        SYS_rt_sigprocmask,
-                        SYS_tgkill,
-                        SYS_tkill,
-                        SYS_write,
                         SYS_accept4,
                         SYS_access,
                         SYS_arch_prctl,

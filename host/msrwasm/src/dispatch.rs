@@ -36,8 +36,6 @@ pub(crate) struct Live {
     time_calls: bool,
     /// Where each dispatcher records its thread (host energy attribution).
     threads: Arc<crate::energy::VcpuThreads>,
-    /// The wasm runtime (to prepare vCPU threads for it).
-    runtime: Arc<crate::plugin::Runtime>,
 }
 
 impl Live {
@@ -47,7 +45,6 @@ impl Live {
         stats: Arc<Stats>,
         time_calls: bool,
         threads: Arc<crate::energy::VcpuThreads>,
-        runtime: Arc<crate::plugin::Runtime>,
     ) -> Self {
         Self {
             generation: AtomicU64::new(policy.generation()),
@@ -58,7 +55,6 @@ impl Live {
             stats,
             time_calls,
             threads,
-            runtime,
         }
     }
 
@@ -241,7 +237,7 @@ impl Dispatcher {
     /// thread for wasm (its signal stack): call it on the vCPU thread
     /// before applying a seccomp filter (`docs/embedding.md`).
     pub fn warm_up(&mut self) -> Result<(), crate::plugin::LoadError> {
-        self.live.runtime.prepare_thread();
+        crate::plugin::Runtime::prepare_thread();
         if self.live.generation() != self.policy.generation() {
             self.switch();
         }

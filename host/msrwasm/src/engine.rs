@@ -229,14 +229,7 @@ impl EngineBuilder {
                 Some(dir) => ModuleCache::with_disk(dir, &runtime),
                 None => ModuleCache::new(),
             },
-            live: Arc::new(Live::new(
-                empty,
-                events,
-                stats,
-                self.time_calls,
-                energy.threads.clone(),
-                runtime.clone(),
-            )),
+            live: Arc::new(Live::new(empty, events, stats, self.time_calls, energy.threads.clone())),
             energy,
             owner: Mutex::new(Owner {
                 spec: PolicySpec::default(),
@@ -465,7 +458,7 @@ impl Engine {
     /// that forbids those calls; [`Dispatcher::warm_up`] does it on vCPU
     /// threads.
     pub fn prepare_thread(&self) {
-        self.shared.runtime.prepare_thread();
+        Runtime::prepare_thread();
     }
 
     /// The wasm runtime.

@@ -143,9 +143,10 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     }
 }
 
-/// Special registers of a vCPU entering an ELF guest in 64-bit long mode.
-pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    sregs.cs = segment(CODE64_SELECTOR, 0xb, true);
+/// Flat segments from the GDT at [`GDT_ADDR`] (`gdt_entries` of them):
+/// code segment `cs`, flat data everywhere else, a busy TSS, no IDT.
+fn flat(mut sregs: kvm_sregs, cs: kvm_segment, gdt_entries: u16) -> kvm_sregs {
+    sregs.cs = cs;
     let data = segment(DATA_SELECTOR, 0x3, false);
     sregs.ds = data;
     sregs.es = data;
@@ -161,9 +162,15 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
         ..segment(TSS_SELECTOR, 0xb, false)
     };
     sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = 5 * 8 - 1;
+    sregs.gdt.limit = gdt_entries * 8 - 1;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
+    sregs
+}
+
+/// Special registers of a vCPU entering an ELF guest in 64-bit long mode.
+pub fn long_mode_sregs(sregs: kvm_sregs) -> kvm_sregs {
+    let mut sregs = flat(sregs, segment(CODE64_SELECTOR, 0xb, true), 5);
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
     sregs.cr3 = PML4_ADDR;
     sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
@@ -187,26 +194,8 @@ pub fn long_mode_regs(entry: u64, mem_size: u64, index: u64, count: u64) -> kvm_
 /// asks: CR0.PE (paging off), CR4 and EFER clear, CS a flat 32-bit code
 /// segment, DS/ES/SS/FS/GS flat data, TR a busy 32-bit TSS (base 0, limit
 /// 0x67), no IDT.
-pub fn pvh_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    sregs.cs = segment(CODE32_SELECTOR, 0xb, false);
-    let data = segment(DATA_SELECTOR, 0x3, false);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.ss = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.tr = kvm_segment {
-        limit: 0x67,
-        type_: 0xb,
-        s: 0,
-        db: 0,
-        g: 0,
-        ..segment(TSS_SELECTOR, 0xb, false)
-    };
-    sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = 4 * 8 - 1;
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
+pub fn pvh_sregs(sregs: kvm_sregs) -> kvm_sregs {
+    let mut sregs = flat(sregs, segment(CODE32_SELECTOR, 0xb, false), 4);
     sregs.cr0 = CR0_PE | CR0_ET;
     sregs.cr3 = 0;
     sregs.cr4 = 0;

@@ -201,15 +201,16 @@ fn plan_elf(bytes: &[u8], mem_size: u64) -> Result<LoadedImage, String> {
     if segments.is_empty() {
         return Err("no loadable segment".into());
     }
-    let entry = ehdr.e_entry;
-    if !segments.iter().any(|&(s, e)| (s..e).contains(&entry)) {
-        return Err(format!("entry point {entry:#x} is not inside a loaded segment"));
-    }
-    Ok(LoadedImage::Elf { entry, segments })
+    // `e_entry` is checked by `pvh_plan`: a PVH guest does not use it.
+    Ok(LoadedImage::Elf {
+        entry: ehdr.e_entry,
+        segments,
+    })
 }
 
 /// An ELF whose PT_NOTE segment carries a PVH entry becomes a PVH guest
-/// started there; the entry must lie inside a loaded segment.
+/// started there (its `e_entry` is not used); otherwise it starts at
+/// `e_entry`. The entry used must lie inside a loaded segment.
 fn pvh_plan(plan: LoadedImage, pvh: &PvhBootCapability) -> Result<LoadedImage, String> {
     match (plan, pvh) {
         (LoadedImage::Elf { segments, .. }, PvhBootCapability::PvhEntryPresent(entry)) => {
@@ -220,6 +221,12 @@ fn pvh_plan(plan: LoadedImage, pvh: &PvhBootCapability) -> Result<LoadedImage, S
                 ));
             }
             Ok(LoadedImage::Pvh { entry, segments })
+        }
+        (LoadedImage::Elf { entry, segments }, _) => {
+            if !segments.iter().any(|&(s, e)| (s..e).contains(&entry)) {
+                return Err(format!("entry point {entry:#x} is not inside a loaded segment"));
+            }
+            Ok(LoadedImage::Elf { entry, segments })
         }
         (plan, _) => Ok(plan),
     }
@@ -277,11 +284,18 @@ mod tests {
                 .unwrap_err()
                 .contains("outside guest memory")
         );
+        let outside = plan_elf(&elf(0x20_0000, 0x1000, 0x40_0000), 16 << 20).unwrap();
         assert!(
-            plan_elf(&elf(0x20_0000, 0x1000, 0x40_0000), 16 << 20)
+            pvh_plan(outside.clone(), &PvhBootCapability::PvhEntryNotPresent)
                 .unwrap_err()
-                .contains("entry point")
+                .contains("entry point 0x400000")
         );
+        // A PVH guest starts at its note's entry; `e_entry` is not used.
+        let pvh = PvhBootCapability::PvhEntryPresent(GuestAddress(0x20_0040));
+        assert!(matches!(
+            pvh_plan(outside, &pvh),
+            Ok(LoadedImage::Pvh { entry: 0x20_0040, .. })
+        ));
     }
 
     #[test]

@@ -43,8 +43,8 @@ pub const DEFAULT_TICK: Duration = Duration::from_micros(500);
 /// | executable memory | mapped at every load (`PROT_EXEC`) | never |
 /// | signal handlers | wasmtime's (unless [`EngineBuilder::signals_based_traps`](crate::EngineBuilder::signals_based_traps)`(false)`) | none |
 /// | linear memory | a reservation plus guard pages (`mmap`, `mprotect`) | the heap (`malloc`, `realloc`) |
-/// | compiler threads | rayon's pool, at the first compile | none |
-/// | per call | about 170 ns | several times more (`msrwasm bench` measures both) |
+/// | compiler threads | rayon's pool, started with the runtime | none |
+/// | a trivial plugin call | about 50 ns | about 10 times that (`msrwasm bench` measures both) |
 ///
 /// A plugin compiled for one mode does not load in the other; the disk
 /// cache keeps them apart.
@@ -240,7 +240,7 @@ impl Runtime {
     /// first time the thread runs wasm: allocate its signal stack (an
     /// `mmap` and an `mprotect`). A VMM whose seccomp filter forbids those
     /// calls runs this on each such thread before applying the filter.
-    pub fn prepare_thread(&self) {
+    pub fn prepare_thread() {
         Engine::tls_eager_initialize();
     }
 

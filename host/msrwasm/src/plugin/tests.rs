@@ -429,8 +429,6 @@ fn hardened_modes_answer_alike_and_keep_every_bound() {
             Ok(Answer::Handled(7)),
             "memory.grow, then a store past the first page"
         );
-        // The thread is already prepared; doing it again is harmless.
-        runtime.prepare_thread();
     }
 }
 
