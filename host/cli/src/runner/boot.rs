@@ -209,13 +209,8 @@ pub fn pvh_sregs(sregs: kvm_sregs) -> kvm_sregs {
 /// this vCPU's stack, EDI = its index, ESI = the vCPU count.
 pub fn pvh_regs(entry: u64, mem_size: u64, index: u64, count: u64) -> kvm_regs {
     kvm_regs {
-        rip: entry,
         rbx: PVH_INFO_ADDR,
-        rsp: stack_range(mem_size, index).1,
-        rdi: index,
-        rsi: count,
-        rflags: 0x2,
-        ..Default::default()
+        ..long_mode_regs(entry, mem_size, index, count)
     }
 }
 

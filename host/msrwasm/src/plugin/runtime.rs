@@ -209,11 +209,6 @@ impl Runtime {
             .clone()
     }
 
-    /// How plugin code runs.
-    pub fn mode(&self) -> ExecMode {
-        self.mode
-    }
-
     /// Whether wasmtime's signal handlers are in use.
     pub fn signals_based_traps(&self) -> bool {
         self.signals_based_traps
